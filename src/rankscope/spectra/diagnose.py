@@ -1,0 +1,159 @@
+"""``diagnose``: one spectrum, its null, its outliers and its rank metrics, as a flat record.
+
+The outlier test (DESIGN.md §5): fit the null's scale to the observed spectrum by its median (robust to
+spikes), put the bulk edge at the null's (1 − fpr) quantile of λ_max, and call every eigenvalue above
+the edge an outlier. Under the null, a spectrum has any outlier with probability ≈ fpr.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from rankscope.errors import InputError
+from rankscope.spectra import metrics
+from rankscope.spectra.kernels import (
+    Form,
+    as_form,
+    block_norms,
+    chain_dims,
+    form_shape,
+    spectrum,
+    structural_rank,
+)
+from rankscope.spectra.nulls import NaiveMPNull, TracyWidomNull, median, product_null, sum_null
+from rankscope.spectra.tail import power_law_fit
+
+NULLS = ("product", "mp", "tw")
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """The diagnosis of one spectrum. Field names are the store's row schema (see ``as_dict``)."""
+
+    eigenvalues: torch.Tensor = field(repr=False)  # (r,) float64, descending
+    n: int  # rows of the form
+    m: int  # columns of the form
+    rank: int  # structural rank r: the length of the spectrum
+    null: str  # "product" (structure-matched), "mp" (naive mean fit) or "tw" (analytic Tracy–Widom edge)
+    fpr: float  # false-positive rate of the outlier test
+    lambda_max: float
+    scale: float  # fitted null's mean eigenvalue (σ² of an MP law)
+    bulk_edge: float  # eigenvalues above it are outliers
+    outliers: int
+    outlier_energy: float  # Σ outlier λ / Σ λ
+    spike_strength: float  # λ_max / bulk_edge
+    mp_soft_rank: float  # bulk_edge / λ_max
+    stable_rank: float  # Σλ / λ_max
+    effective_rank: float  # exp(entropy of σ/Σσ)
+    participation_ratio: float  # (Σλ)² / Σλ²
+    spectral_entropy: float  # −Σ p log p, p = λ/Σλ
+    ks: float  # KS distance between the bulk's empirical CDF and the fitted null
+    pl_alpha: float  # power-law tail exponent (NaN when too few eigenvalues)
+    pl_xmin: float  # where the power-law tail starts
+
+    def as_dict(self) -> dict:
+        """Flat dict of every field but the eigenvalues: one row of the store."""
+        return {k: v for k, v in self.__dict__.items() if k != "eigenvalues"}
+
+
+def _null_for(form: Form, null: str, draws: int | None, norms: list[float] | None = None):
+    n, m = form_shape(form)
+    dims = [chain_dims(c) for c in form]
+    if null == "mp":
+        return NaiveMPNull(q=structural_rank(dims) / max(n, m))
+    if null == "tw":
+        if not (len(form) == 1 and len(form[0]) == 1):
+            raise InputError('null="tw" (Tracy–Widom edge) is defined for a single matrix, not a chain')
+        return TracyWidomNull(n, m)
+    if len(form) > 1:
+        return sum_null(dims, norms, draws)
+    return product_null(dims, None, draws)
+
+
+def _ks(bulk_ratio: np.ndarray, null) -> float:
+    """sup |ECDF(bulk) − F_null| over the bulk's points (both sides of every step)."""
+    if bulk_ratio.size == 0:
+        return 0.0
+    x = np.sort(bulk_ratio)
+    F = null.cdf(x)
+    i = np.arange(1, x.size + 1)
+    return float(max(np.max(i / x.size - F), np.max(F - (i - 1) / x.size)))
+
+
+def _diagnose_spectra(lam: torch.Tensor, n: int, m: int, null_objs: list, null: str, fpr: float) -> list[Diagnosis]:
+    """Diagnoses of a batch of spectra (B, r), each with its null."""
+    lam = lam.to("cpu")
+    ref = median(lam) if null_objs[0].reference == "median" else lam.mean(-1)  # (B,)
+    edge = ref * torch.tensor([x.edge_ratio(fpr) for x in null_objs], dtype=torch.float64)  # (B,)
+    scale = ref * torch.tensor([x.mean_ratio for x in null_objs], dtype=torch.float64)
+    cols = {
+        "outliers": metrics.outlier_count(lam, edge),
+        "outlier_energy": metrics.outlier_energy(lam, edge),
+        "spike_strength": metrics.spike_strength(lam, edge),
+        "mp_soft_rank": metrics.mp_soft_rank(lam, edge),
+        "stable_rank": metrics.stable_rank(lam),
+        "effective_rank": metrics.effective_rank(lam),
+        "participation_ratio": metrics.participation_ratio(lam),
+        "spectral_entropy": metrics.spectral_entropy(lam),
+    }
+    out = []
+    for b in range(lam.shape[0]):
+        ev = lam[b]
+        r0 = float(ref[b])
+        bulk = ev[ev <= edge[b]].numpy()
+        ks = _ks(bulk / r0, null_objs[b]) if r0 > 0 else 0.0
+        tail = power_law_fit(ev)
+        out.append(Diagnosis(
+            eigenvalues=ev, n=n, m=m, rank=ev.numel(), null=null, fpr=fpr,
+            lambda_max=float(ev[0]), scale=float(scale[b]), bulk_edge=float(edge[b]),
+            **{k: (int(v[b]) if k == "outliers" else float(v[b])) for k, v in cols.items()},
+            ks=ks, pl_alpha=tail.alpha, pl_xmin=tail.xmin,
+        ))
+    return out
+
+
+def _check_options(null: str, fpr: float) -> None:
+    if null not in NULLS:
+        raise InputError(f"null must be one of {NULLS}, got {null!r}")
+    if not 0 < fpr < 1:
+        raise InputError(f"fpr must lie in (0, 1), got {fpr}")
+
+
+def _diagnose_form(form: Form, null: str, fpr: float, draws: int | None) -> list[Diagnosis]:
+    n, m = form_shape(form)
+    lam = spectrum(form)  # (B, r)
+    if len(form) == 1 or null == "mp":
+        null_objs = [_null_for(form, null, draws)] * lam.shape[0]
+    else:  # a sum of chains: the null depends on each spectrum's block-norm ratios
+        norms = block_norms(form).to("cpu").expand(lam.shape[0], len(form))  # (B, C)
+        null_objs = [_null_for(form, null, draws, row.tolist()) for row in norms]
+    return _diagnose_spectra(lam, n, m, null_objs, null, fpr)
+
+
+def diagnose_batch(form, *, null: str = "product", fpr: float = 0.01, name: str = "form",
+                   draws: int | None = None) -> list[Diagnosis]:
+    """Diagnoses of a batch of forms of one shape: factors carry a leading batch axis (e.g. heads).
+
+    A 2-D factor is shared by the whole batch (e.g. the decoupled rope key of DeepSeek-V2).
+    """
+    _check_options(null, fpr)
+    form = as_form(form, name=name, batched=True)
+    if all(f.ndim == 2 for chain in form for f in chain):
+        form = tuple(tuple(f[None] for f in chain) for chain in form)
+    return _diagnose_form(form, null, fpr, draws)
+
+
+def diagnose(form, *, null: str = "product", fpr: float = 0.01, name: str = "form",
+             draws: int | None = None) -> Diagnosis:
+    """Diagnosis of a matrix W, a chain [A, C] (= A @ C) or a sum of chains [[A1, C1], [A2, C2]].
+
+    ``null="product"`` (default): the structure-matched null (for a single matrix the MP law, with the
+    exact finite-size law of λ_max/median). ``null="mp"``: the naive MP fit of papers (σ² = mean λ).
+    ``null="tw"``: a single matrix's MP fit with Johnstone's Tracy–Widom edge.
+    """
+    _check_options(null, fpr)
+    form = as_form(form, name=name)
+    return _diagnose_form(tuple(tuple(f[None] for f in chain) for chain in form), null, fpr, draws)[0]

@@ -1,0 +1,336 @@
+"""Null spectra: what a form's eigenvalues look like when it holds no learned structure.
+
+Every null here is *scale-free*: it describes ``λ / ref(λ)`` where ``ref`` is the median (or, for the
+naive fit, the mean) of the same spectrum. Fitting a null to an observed spectrum is then just
+``edge = ref(λ_obs) × edge_ratio(fpr)``, with no variance to estimate separately.
+
+- ``product_null`` of a single n×m matrix: the MP law (median matching, σ² = median(λ)/median MP(q, 1))
+  with the edge at the exact finite-size (1 − fpr) quantile of t = λ_max/median, simulated by the
+  Dumitriu–Edelman bidiagonal model in O(p) a draw. The median's own noise is part of t, so the
+  false-positive rate holds even for small matrices.
+- ``TracyWidomNull``: the same MP fit with Johnstone's Tracy–Widom edge (analytic; over-flags on small
+  matrices because it ignores the median's noise).
+- ``NaiveMPNull``: what papers usually do, σ² = mean(λ) and edge σ²(1 + √q)², with q = rank / max(n, m).
+  Wrong for products of matrices; kept for comparison.
+- ``ProductNull``: the structure-matched null of a chain or a sum of chains (DESIGN.md §5). Every factor
+  is an independent Gaussian of the same shape, each block of a sum gets the observed block's Frobenius
+  norm, and the edge is the (1 − fpr) quantile of ``t = λ_max / median(λ)`` over the draws.
+
+Simulation is exact in distribution and cheap: a Gaussian G (N×k, N ≥ k) enters a spectrum only through
+the R of its QR, which has the Bartlett law (R_ii ~ χ_{N−i}, R_ij ~ N(0, 1) above the diagonal), so the
+tall outer factors of every chain are drawn as k×k triangles and never as N×k matrices.
+Simulated nulls are cached per shape (and block-norm ratio on a 0.1-decade grid, interpolated between),
+in memory and under the user cache dir (override with ``RANKSCOPE_CACHE_DIR``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import os
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import linalg
+
+from rankscope.spectra.kernels import clamp_numerical_zeros, squared_singular_values, structural_rank
+from rankscope.spectra.laws import mp_cdf, mp_edges, mp_median, mp_quantile, mp_tracy_widom_edge
+
+NULL_VERSION = 1
+RATIO_GRID = 0.1  # block-norm ratios are rounded to this step in log10
+QUANTILE_POINTS = 1025  # resolution of the stored λ/median distribution (for the KS distance)
+
+
+def median(lam: torch.Tensor) -> torch.Tensor:
+    """Median along the last axis, the mean of the two middle values for an even count."""
+    return torch.quantile(lam, 0.5, dim=-1)
+
+
+# ----------------------------------------------------------------------------- analytic nulls
+
+
+@dataclass(frozen=True)
+class TracyWidomNull:
+    """MP(q, σ²) for a single n×m matrix, σ² by median matching, Johnstone's Tracy–Widom edge.
+
+    The classical analytic test. Exact for a known σ², but the median's own noise makes it over-flag on
+    small matrices (≈3.5 % at 100×100 for a nominal 1 %), hence ``marchenko_pastur_null`` by default.
+    """
+
+    n: int
+    m: int
+    name: str = "tw"
+    reference: str = "median"
+
+    @property
+    def q(self) -> float:
+        return min(self.n, self.m) / max(self.n, self.m)
+
+    def edge_ratio(self, fpr: float) -> float:
+        return mp_tracy_widom_edge(self.n, self.m, fpr) / mp_median(self.q)
+
+    @property
+    def mean_ratio(self) -> float:
+        return 1.0 / mp_median(self.q)  # MP(q, 1) has mean 1
+
+    def cdf(self, ratio: np.ndarray) -> np.ndarray:
+        return mp_cdf(np.asarray(ratio) * mp_median(self.q), self.q)
+
+
+@dataclass(frozen=True)
+class NaiveMPNull:
+    """The naive MP fit: σ² = mean(λ), edge σ²(1+√q)² with q = rank/max(n, m). For comparison only."""
+
+    q: float
+    name: str = "mp"
+    reference: str = "mean"
+
+    def edge_ratio(self, fpr: float) -> float:  # the naive fit has no false-positive control
+        return mp_edges(self.q)[1]
+
+    mean_ratio: float = 1.0
+
+    def cdf(self, ratio: np.ndarray) -> np.ndarray:
+        return mp_cdf(ratio, self.q)
+
+
+# ----------------------------------------------------------------------------- the product null
+
+
+@dataclass(frozen=True)
+class ProductNull:
+    """Simulated null of a form: sorted t = λ_max/median per draw and the pooled law of λ/median."""
+
+    t: np.ndarray  # (draws,) sorted ascending
+    ratio_quantiles: np.ndarray  # (QUANTILE_POINTS,) quantiles of λ/median, pooled over draws
+    mean_ratio: float  # E[λ / median]
+    name: str = "product"
+    reference: str = "median"
+
+    def edge_ratio(self, fpr: float) -> float:
+        return float(np.quantile(self.t, 1 - fpr))
+
+    def cdf(self, ratio: np.ndarray) -> np.ndarray:
+        probs = np.linspace(0, 1, len(self.ratio_quantiles))
+        return np.interp(ratio, self.ratio_quantiles, probs, left=0.0, right=1.0)
+
+
+def _gaussian(rng: np.random.Generator, *shape: int) -> torch.Tensor:
+    return torch.from_numpy(rng.standard_normal(shape))
+
+
+def _bartlett(k: int, dof: int, draws: int, rng: np.random.Generator) -> torch.Tensor:
+    """R of the QR of a dof×k standard Gaussian (dof ≥ k): (draws, k, k), R_ii ~ χ_{dof−i}, N(0, 1) above."""
+    upper = _gaussian(rng, draws, k, k).triu(1)
+    diag = np.sqrt(rng.chisquare(np.arange(dof, dof - k, -1), size=(draws, k)))
+    return upper + torch.diag_embed(torch.from_numpy(diag))
+
+
+def _stack_side(n: int, widths: Sequence[int], draws: int, rng: np.random.Generator) -> torch.Tensor:
+    """The outer factors of all chains on one side, n × Σwidths Gaussian, reduced to Bartlett R if tall."""
+    k = sum(widths)
+    if n > k:
+        return _bartlett(k, n, draws, rng)  # (draws, k, k)
+    return _gaussian(rng, draws, n, k)  # (draws, n, k)
+
+
+def simulate_spectra(dims: Sequence[Sequence[int]], ratios: Sequence[float], draws: int, seed: int):
+    """Spectra (draws, r) of random forms with the given chain dims (n, k1, …, m) and block-norm ratios."""
+    rng = np.random.default_rng(seed)
+    n, m = dims[0][0], dims[0][-1]
+    r = structural_rank(dims)
+    if any(len(d) == 2 for d in dims):  # a plain matrix inside a sum: simulate it whole
+        factor_sides = None
+    else:
+        factor_sides = (
+            _stack_side(n, [d[1] for d in dims], draws, rng),  # (draws, ·, K_left)
+            _stack_side(m, [d[-2] for d in dims], draws, rng),  # (draws, ·, K_right)
+        )
+    core = 0
+    col_l = col_r = 0
+    for d, ratio in zip(dims, ratios, strict=True):
+        if factor_sides is None:
+            factors = [_gaussian(rng, draws, a, b) for a, b in itertools.pairwise(d)]
+        else:
+            left = factor_sides[0][..., col_l : col_l + d[1]]  # (draws, ·, k1)
+            right = factor_sides[1][..., col_r : col_r + d[-2]].mT  # (draws, k_last, ·)
+            col_l, col_r = col_l + d[1], col_r + d[-2]
+            mids = [_gaussian(rng, draws, a, b) for a, b in itertools.pairwise(d[1:-1])]
+            factors = [left, *mids, right]
+        block = factors[0]
+        for f in factors[1:]:
+            block = block @ f
+        norm = block.square().sum(dim=(-2, -1), keepdim=True).sqrt()
+        core = core + block * (ratio / norm)
+    return clamp_numerical_zeros(squared_singular_values(core)[..., :r])
+
+
+def default_draws(dims: Sequence[Sequence[int]]) -> int:
+    """2000 draws (the 99 % quantile of t then rests on 20 exceedances); fewer, down to 200, for forms
+    of rank above 128, whose simulation costs O(r³) a draw and whose t varies less. A single matrix
+    costs O(r) a draw by the bidiagonal model and always gets 2000."""
+    if len(dims) == 1 and len(dims[0]) == 2:
+        return 2000
+    r = structural_rank(dims)
+    return int(max(200, min(2000, 2000 * (128 / max(r, 1)) ** 2)))
+
+
+@dataclass(frozen=True)
+class InterpolatedNull:
+    """A sum-of-chains null between grid points of block-norm ratio: log-linear in the edge.
+
+    The edge of a sum moves like ratio² once one block dominates, so rounding the ratio to a grid would
+    shift it by a quarter per 0.1 decade; interpolating between the bracketing grid nulls (simulated
+    with common random numbers, so t varies smoothly from one to the next) removes that error.
+    """
+
+    parts: tuple[tuple[ProductNull, float], ...]  # (null at a grid corner, multilinear weight)
+    name: str = "product"
+    reference: str = "median"
+
+    def edge_ratio(self, fpr: float) -> float:
+        return math.exp(sum(w * math.log(p.edge_ratio(fpr)) for p, w in self.parts))
+
+    @property
+    def mean_ratio(self) -> float:
+        return sum(w * p.mean_ratio for p, w in self.parts)
+
+    def cdf(self, ratio: np.ndarray) -> np.ndarray:
+        return sum(w * p.cdf(ratio) for p, w in self.parts)
+
+
+def ratio_grid_corners(norms: Sequence[float]) -> list[tuple[tuple[float, ...], float]]:
+    """Grid points (0.1 decade) of block-norm ratio (to the largest block) around the observed ones,
+    with their multilinear interpolation weights. Ratios below 1e-6 count as 1e-6."""
+    top = max(norms)
+    if top <= 0:
+        return [((1.0,) * len(norms), 1.0)]
+    steps = [max(-6.0, math.log10(max(x, 1e-300) / top)) / RATIO_GRID for x in norms]
+    low = [math.floor(v) for v in steps]
+    frac = [v - lo for v, lo in zip(steps, low, strict=True)]
+    corners = []
+    for bits in itertools.product((0, 1), repeat=len(norms)):
+        weight = math.prod(f if b else 1 - f for f, b in zip(frac, bits, strict=True))
+        if weight > 0:
+            corners.append((tuple(10 ** ((lo + b) * RATIO_GRID) for lo, b in zip(low, bits, strict=True)), weight))
+    return corners
+
+
+def sum_null(dims: Sequence[Sequence[int]], norms: Sequence[float], draws: int | None = None) -> InterpolatedNull:
+    """The structure-matched null of a sum of chains whose blocks have the given Frobenius norms."""
+    return InterpolatedNull(tuple((product_null(dims, r, draws), w) for r, w in ratio_grid_corners(norms)))
+
+
+def cache_dir() -> Path:
+    """Where simulated nulls live on disk: $RANKSCOPE_CACHE_DIR, else the user cache dir."""
+    env = os.environ.get("RANKSCOPE_CACHE_DIR")
+    if env:
+        return Path(env)
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("rankscope")) / "nulls"
+
+
+_MEMORY: dict[str, ProductNull] = {}
+
+
+def _key(dims, ratios, draws) -> str:
+    payload = {"v": NULL_VERSION, "dims": [list(d) for d in dims], "ratios": [round(x, 8) for x in ratios],
+               "draws": draws}
+    return json.dumps(payload, sort_keys=True)
+
+
+def _seed(dims, draws) -> int:
+    """One seed per shape, whatever the ratios: common random numbers across the ratio grid."""
+    return int(hashlib.sha256(_key(dims, [], draws).encode()).hexdigest()[:8], 16)
+
+
+def _load(path: Path, key: str) -> ProductNull | None:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["key"]) != key:
+                return None
+            return ProductNull(t=z["t"], ratio_quantiles=z["ratio_quantiles"], mean_ratio=float(z["mean_ratio"]))
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # missing, truncated, foreign: redo
+        return None
+
+
+def _save(path: Path, key: str, null: ProductNull) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez(tmp, key=np.array(key), t=null.t, ratio_quantiles=null.ratio_quantiles,
+                 mean_ratio=np.array(null.mean_ratio))
+        os.replace(tmp, path)  # a reader never sees half a file
+    except OSError:
+        pass  # a read-only cache costs time, not correctness
+
+
+def product_null(dims: Sequence[Sequence[int]], ratios: Sequence[float] | None = None,
+                 draws: int | None = None) -> ProductNull:
+    """The structure-matched null of a form with chain dims (n, k1, …, m) and block-norm ratios, cached."""
+    dims = tuple(tuple(int(x) for x in d) for d in dims)
+    ratios = tuple(ratios) if ratios is not None else (1.0,) * len(dims)
+    draws = draws or default_draws(dims)
+    key = _key(dims, ratios, draws)
+    if key in _MEMORY:
+        return _MEMORY[key]
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    path = cache_dir() / f"{digest[:32]}.npz"
+    null = _load(path, key)
+    if null is None:
+        null = _simulate(dims, ratios, draws, seed=_seed(dims, draws))
+        _save(path, key, null)
+    _MEMORY[key] = null
+    return null
+
+
+def wishart_t(n: int, m: int, draws: int, seed: int) -> np.ndarray:
+    """t = λ_max / median(λ) of WᵀW for Gaussian W (n×m), exact at any size in O(p) per eigenvalue.
+
+    Dumitriu & Edelman (2002): the eigenvalues of B Bᵀ, B lower bidiagonal with diagonal
+    χ_N, χ_{N−1}, …, χ_{N−p+1} and subdiagonal χ_{p−1}, …, χ_1, are those of a real Wishart(N, p).
+    """
+    N, p = max(n, m), min(n, m)
+    rng = np.random.default_rng(seed)
+    a = np.sqrt(rng.chisquare(np.arange(N, N - p, -1), size=(draws, p)))  # (draws, p) diagonal of B
+    b = np.sqrt(rng.chisquare(np.arange(p - 1, 0, -1), size=(draws, p - 1))) if p > 1 else np.zeros((draws, 0))
+    diag = a**2 + np.pad(b**2, ((0, 0), (1, 0)))  # (draws, p) of B Bᵀ
+    off = a[:, :-1] * b  # (draws, p − 1)
+    t = np.empty(draws)
+    for i in range(draws):
+        top = linalg.eigvalsh_tridiagonal(diag[i], off[i], select="i", select_range=(p - 1, p - 1))[0]
+        mid = linalg.eigvalsh_tridiagonal(diag[i], off[i], select="i", select_range=((p - 1) // 2, p // 2))
+        t[i] = top / mid.mean()
+    return np.sort(t)
+
+
+def _simulate(dims, ratios, draws: int, seed: int, chunk_bytes: float = 2**28) -> ProductNull:
+    probs = np.linspace(0, 1, QUANTILE_POINTS)
+    if len(dims) == 1 and len(dims[0]) == 2:  # a single matrix: the MP law and the exact law of t
+        n, m = dims[0]
+        q = min(n, m) / max(n, m)
+        return ProductNull(t=wishart_t(n, m, draws, seed), ratio_quantiles=mp_quantile(probs, q) / mp_median(q),
+                           mean_ratio=1 / mp_median(q))
+    k_left = sum(d[1] for d in dims)
+    chunk = max(1, int(chunk_bytes // (8 * 4 * k_left * max(k_left, min(dims[0][0], dims[0][-1])))))
+    lam = torch.cat([
+        simulate_spectra(dims, ratios, min(chunk, draws - start), seed + start)
+        for start in range(0, draws, chunk)
+    ])  # (draws, r)
+    med = median(lam).clamp_min(torch.finfo(torch.float64).tiny)
+    ratio = lam / med[:, None]  # (draws, r)
+    pooled = ratio.flatten()
+    if pooled.numel() > 2**24:  # torch.quantile's input limit
+        pooled = pooled[:: math.ceil(pooled.numel() / 2**24)]
+    return ProductNull(
+        t=np.sort(ratio[:, 0].numpy()),
+        ratio_quantiles=torch.quantile(pooled, torch.from_numpy(probs)).numpy(),
+        mean_ratio=float(ratio.mean()),
+    )

@@ -1,0 +1,11 @@
+import os
+from pathlib import Path
+
+# Simulated nulls go to a cache inside the repo (ignored by git), shared by the test workers.
+os.environ.setdefault("RANKSCOPE_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "nulls"))
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers on two cores: one intra-op thread each, or torch's spinning threads fight over the cores.
+    import torch
+
+    torch.set_num_threads(1)

@@ -1,0 +1,156 @@
+"""The nulls keep their false-positive rate on pure noise; the naive MP fit and a wrong-structure null do not.
+
+Every noise spectrum here is computed from full Gaussian factors through the chain kernel (checked against
+dense SVDs in test_kernels); the nulls are simulated by a different route (Bartlett triangles, the
+Dumitriu–Edelman bidiagonal model), so agreement is a real check.
+"""
+
+import itertools
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+import rankscope.spectra.nulls as nulls
+from rankscope.spectra import diagnose_batch
+from rankscope.spectra.kernels import as_form, spectrum
+
+D, DH, DC, DR = 768, 64, 256, 32  # GPT-2-small width and head dim; an MLA latent; a decoupled rope dim
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def any_outlier_rate(diagnoses):
+    return float(np.mean([d.outliers > 0 for d in diagnoses]))
+
+
+def assert_rate_near(count, trials, fpr, null_draws):
+    """Binomial sampling error of the trials plus the error of the null's own (1−fpr) quantile."""
+    sd = math.sqrt(fpr * (1 - fpr) * (1 / trials + 1 / null_draws))
+    lo, hi = fpr - 3.5 * sd, fpr + 3.5 * sd
+    assert lo <= count / trials <= hi, f"rate {count / trials:.4f} outside [{lo:.4f}, {hi:.4f}] at fpr={fpr}"
+
+
+@pytest.mark.parametrize(("n", "m"), [(100, 100), (300, 100), (40, 30), (50, 2000), (1, 50)])
+@pytest.mark.parametrize("fpr", [0.01, 0.05])
+def test_gaussian_matrices_have_outliers_at_the_nominal_rate(n, m, fpr):
+    trials = 1500
+    W = torch.randn(trials, n, m, generator=gen(n * m), dtype=torch.float64)
+    ds = diagnose_batch(W, fpr=fpr)
+    count = sum(d.outliers > 0 for d in ds)
+    if min(n, m) == 1:  # one eigenvalue is its own median: never an outlier
+        assert count == 0
+    else:
+        assert_rate_near(count, trials, fpr, nulls.default_draws([(n, m)]))
+
+
+def test_wishart_bidiagonal_model_matches_direct_simulation():
+    n, m, draws = 60, 25, 3000
+    G = torch.randn(draws, n, m, generator=gen(3), dtype=torch.float64)
+    lam = torch.linalg.eigvalsh(G.mT @ G).flip(-1)
+    t_direct = (lam[:, 0] / torch.quantile(lam, 0.5, dim=-1)).numpy()
+    assert stats.ks_2samp(nulls.wishart_t(n, m, draws, seed=4), t_direct).pvalue > 1e-3
+
+
+@pytest.mark.parametrize(
+    ("dims", "ratios"),
+    [([(120, 16, 90)], [1.0]), ([(100, 12, 30, 100)], [1.0]), ([(80, 10, 20, 80), (80, 4, 80)], [1.0, 0.3])],
+)
+def test_bartlett_reduced_simulation_matches_full_factors(dims, ratios):
+    draws = 2000
+    reduced = nulls.simulate_spectra(dims, ratios, draws, seed=5)
+    g = gen(6)
+    blocks = []
+    for d, ratio in zip(dims, ratios, strict=True):
+        P = torch.randn(draws, d[0], d[1], generator=g, dtype=torch.float64)
+        for a, b in itertools.pairwise(d[1:]):
+            P = P @ torch.randn(draws, a, b, generator=g, dtype=torch.float64)
+        blocks.append(P * ratio / torch.linalg.matrix_norm(P)[:, None, None])
+    B = sum(blocks)  # (draws, n, m), dense
+    full = torch.linalg.eigvalsh(B.mT @ B).flip(-1)[:, : reduced.shape[1]]
+    for stat in (lambda x: x[:, 0] / torch.quantile(x, 0.5, dim=-1), lambda x: x[:, -1] / x[:, 0]):
+        assert stats.ks_2samp(stat(reduced).numpy(), stat(full).numpy()).pvalue > 1e-3
+
+
+def head_factors(trials, seed):
+    g = gen(seed)
+    return [torch.randn(trials, D, DH, generator=g), torch.randn(trials, DH, D, generator=g)]
+
+
+def mla_factors(trials, seed):
+    g = gen(seed)
+    return [torch.randn(trials, D, DH, generator=g), torch.randn(trials, DH, DC, generator=g),
+            torch.randn(trials, DC, D, generator=g)]
+
+
+def decoupled_factors(trials, seed, rope_scale=30.0):
+    g = gen(seed)
+    rope = [rope_scale * torch.randn(trials, D, DR, generator=g), torch.randn(trials, DR, D, generator=g)]
+    return [mla_factors(trials, seed + 1), rope]
+
+
+def two_factor_rate(form, fpr):
+    """Share of spectra flagged by a plain two-factor (d×k)(k×d) null of the form's rank k."""
+    lam = spectrum(as_form(form, batched=True))
+    null = nulls.product_null([(D, lam.shape[-1], D)])
+    t = lam[:, 0] / nulls.median(lam)
+    return float((t.numpy() > null.edge_ratio(fpr)).mean())
+
+
+CASES = {"mha_head": head_factors, "mla_head": mla_factors, "decoupled_sum": decoupled_factors}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_structure_matched_null_keeps_fpr_where_naive_mp_flags_every_head(case):
+    trials, fpr = 400, 0.01
+    form = CASES[case](trials, seed=len(case))
+    product = diagnose_batch(form, fpr=fpr)
+    dims = [(*(f.shape[-2] for f in chain), D) for chain in as_form(form, batched=True)]
+    assert_rate_near(sum(d.outliers > 0 for d in product), trials, fpr, nulls.default_draws(dims))
+
+    naive = diagnose_batch([f[:100] for f in form] if case != "decoupled_sum" else
+                           [[f[:100] for f in c] for c in form], null="mp")
+    assert any_outlier_rate(naive) == 1.0
+    assert np.mean([d.outliers for d in naive]) >= 3  # "several outliers per head" in pure noise
+    if case != "mha_head":  # a plain two-factor null ignores the bottleneck / the block structure
+        assert two_factor_rate(form, fpr) > 0.2
+
+
+def test_naive_mp_flags_a_whole_untrained_layer():
+    # the layer's form Wqᵀ Wk of a d=256 model at init: a product of two square Gaussians (Fuss–Catalan)
+    g = gen(11)
+    d = 256
+    form = [torch.randn(4, d, d, generator=g), torch.randn(4, d, d, generator=g)]
+    assert all(x.outliers >= 5 for x in diagnose_batch(form, null="mp"))
+    assert sum(x.outliers for x in diagnose_batch(form)) <= 1
+
+
+def test_null_is_cached_on_disk_for_the_next_process(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANKSCOPE_CACHE_DIR", str(tmp_path))
+    code = ("from rankscope.spectra.nulls import product_null; import sys; "
+            "sys.stdout.write(repr(product_null([(300, 24, 300)]).edge_ratio(0.01)))")
+    first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert len(list(tmp_path.glob("*.npz"))) == 1
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the null was simulated again instead of read from disk")
+
+    monkeypatch.setattr(nulls, "_simulate", refuse)
+    monkeypatch.setattr(nulls, "_MEMORY", {})
+    assert repr(nulls.product_null([(300, 24, 300)]).edge_ratio(0.01)) == first
+
+
+def test_corrupt_cache_file_is_simulated_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANKSCOPE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(nulls, "_MEMORY", {})
+    good = nulls.product_null([(200, 16, 200)]).edge_ratio(0.01)
+    (path,) = tmp_path.glob("*.npz")
+    path.write_bytes(path.read_bytes()[:100])  # truncated
+    monkeypatch.setattr(nulls, "_MEMORY", {})
+    assert nulls.product_null([(200, 16, 200)]).edge_ratio(0.01) == good
