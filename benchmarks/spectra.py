@@ -6,7 +6,8 @@ Measures, side by side in one run on this machine (single-threaded torch by defa
    (a) chain spectra of all 144 per-head QK forms, 12 batched calls (one per layer);
    (b) the full ``diagnose_batch`` of all 144 heads, with the product null already cached (warmed untimed);
    (c) the dense path: form each 768×768 ``Wq_h.T @ Wk_h`` and ``torch.linalg.svdvals`` it, head by head;
-   plus the agreement of the top-64 eigenvalues between the two paths.
+   plus the agreement of the top-64 eigenvalues between the two paths, and (for reference only) the dense
+   path in float32 on one layer, since a naive tool might not work in float64 as rankscope does.
 2. One LLaMA-7B-like layer (d=4096, 32 heads, dh=128): chain spectra and diagnosis of all 32 heads; dense
    for 2 heads only, extrapolated to 32 (skip with ``--quick``).
 3. Product-null calibration for (768, 64, 768) and (4096, 128, 4096): first call (simulation), second call
@@ -71,7 +72,7 @@ def chain_diagnosis(model):
 
 
 def dense_spectra(model, heads: int | None = None, dtype=torch.float64):  # naive: d×d product, full SVD, per head
-    return [torch.linalg.svdvals((wq[h].mT @ wk[h]).to(dtype)).square()
+    return [torch.linalg.svdvals(wq[h].mT.to(dtype) @ wk[h].to(dtype)).square()
             for wq, wk in model for h in range(heads or len(wq))]
 
 
@@ -107,8 +108,8 @@ def bench_model(name, layers, heads, d, dh, args, dense_heads=None) -> dict:
     print(f"  (null for {(d, dh, d)} warmed untimed first: {time.perf_counter() - t0:.2f} s)")
     t_spec, lam = best(lambda: chain_spectra(model), args.repeats)
     t_diag, _ = best(lambda: chain_diagnosis(model), args.repeats)
-    row(f"chain spectra, {n} heads ({layers} batched call(s))", t_spec, f"{t_spec / n * 1e3:.2f} ms/head")
-    row(f"chain diagnose_batch, {n} heads (null cached)", t_diag, f"{t_diag / n * 1e3:.2f} ms/head")
+    row(f"chain spectra, {n} heads ({layers} batched call(s))", t_spec, f"{fmt(t_spec / n).strip()}/head")
+    row(f"chain diagnose_batch, {n} heads (null cached)", t_diag, f"{fmt(t_diag / n).strip()}/head")
     res = {"n": n, "spec": t_spec, "diag": t_diag}
     if dense_heads == 0:
         print("  dense path skipped (--quick)")
@@ -116,14 +117,14 @@ def bench_model(name, layers, heads, d, dh, args, dense_heads=None) -> dict:
     t_dense, ev = best(lambda: dense_spectra(model, dense_heads), args.repeats)
     if dense_heads:
         per = t_dense / dense_heads
-        row(f"dense svdvals, {dense_heads} heads measured", t_dense, f"{per * 1e3:.1f} ms/head")
+        row(f"dense svdvals, {dense_heads} heads measured", t_dense, f"{fmt(per).strip()}/head")
         t_dense = per * n
         row(f"dense svdvals, {n} heads EXTRAPOLATED ({dense_heads} × {n // dense_heads})", t_dense)
     else:
-        row(f"dense svdvals, {n} heads (one {d}×{d} at a time)", t_dense, f"{t_dense / n * 1e3:.2f} ms/head")
+        row(f"dense svdvals, {n} heads (one {d}×{d} at a time)", t_dense, f"{fmt(t_dense / n).strip()}/head")
         t32, _ = best(lambda: dense_spectra(model[:1], dtype=torch.float32), args.repeats)
         row(f"  for reference: dense in float32, {heads} heads", t32,
-            f"{t32 / heads * 1e3:.2f} ms/head; ×{layers} layers = {t32 * layers / t_diag:.1f}× the chain diagnosis")
+            f"{fmt(t32 / heads).strip()}/head; ×{layers} layers = {t32 * layers / t_diag:.1f}× chain diagnosis")
     res["dense"] = t_dense
     tag = " (extrapolated)" if dense_heads else ""
     print(f"  ratio dense / chain spectra   : {t_dense / t_spec:8.1f}×{tag}")

@@ -87,8 +87,11 @@ def _diagnose_spectra(lam: torch.Tensor, n: int, m: int, null_objs: list, null: 
     """Diagnoses of a batch of spectra (B, r), each with its null."""
     lam = lam.to("cpu")
     ref = median(lam) if null_objs[0].reference == "median" else lam.mean(-1)  # (B,)
-    edge = ref * torch.tensor([x.edge_ratio(fpr) for x in null_objs], dtype=torch.float64)  # (B,)
-    scale = ref * torch.tensor([x.mean_ratio for x in null_objs], dtype=torch.float64)
+    unique = {id(x): x for x in null_objs}  # heads of one shape share one null: compute its edge once
+    edge_of = {k: x.edge_ratio(fpr) for k, x in unique.items()}
+    mean_of = {k: x.mean_ratio for k, x in unique.items()}
+    edge = ref * torch.tensor([edge_of[id(x)] for x in null_objs], dtype=torch.float64)  # (B,)
+    scale = ref * torch.tensor([mean_of[id(x)] for x in null_objs], dtype=torch.float64)
     cols = {
         "outliers": metrics.outlier_count(lam, edge),
         "outlier_energy": metrics.outlier_energy(lam, edge),

@@ -117,10 +117,8 @@ def structural_rank(dims_per_chain: Sequence[Sequence[int]]) -> int:
     return min(n, m, sum(min(d) for d in dims_per_chain))
 
 
-def _product(factors: Sequence[torch.Tensor], size: int) -> torch.Tensor:
-    """F1 @ … @ Fk; the identity of the given size for an empty list."""
-    if not factors:
-        return torch.eye(size, dtype=torch.float64)
+def _product(factors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """F1 @ … @ Fk, left to right."""
     out = factors[0]
     for f in factors[1:]:
         out = out @ f
@@ -134,7 +132,7 @@ def split_at_bottleneck(chain: Chain) -> tuple[torch.Tensor, torch.Tensor]:
         m = dims[-1]
         return chain[0], torch.eye(m, dtype=chain[0].dtype, device=chain[0].device)
     j = 1 + int(np.argmin(dims[1:-1]))  # split after factor j-1
-    return _product(chain[:j], dims[0]), _product(chain[j:], dims[-1])
+    return _product(chain[:j]), _product(chain[j:])
 
 
 def _stack(form: Form) -> tuple[torch.Tensor, torch.Tensor]:
