@@ -44,14 +44,14 @@ class Diagnosis:
     bulk_edge: float  # eigenvalues above it are outliers
     outliers: int
     outlier_energy: float  # Σ outlier λ / Σ λ
-    spike_strength: float  # λ_max / bulk_edge
+    spike_strength: float  # λ_max / bulk_edge (inf when the median, hence the bulk, is zero: low rank)
     mp_soft_rank: float  # bulk_edge / λ_max
     stable_rank: float  # Σλ / λ_max
     effective_rank: float  # exp(entropy of σ/Σσ)
     participation_ratio: float  # (Σλ)² / Σλ²
     spectral_entropy: float  # −Σ p log p, p = λ/Σλ
     ks: float  # KS distance between the bulk's empirical CDF and the fitted null
-    pl_alpha: float  # power-law tail exponent (NaN when too few eigenvalues)
+    pl_alpha: float  # power-law tail exponent (NaN below 10 positive or 4 distinct eigenvalues)
     pl_xmin: float  # where the power-law tail starts
 
     def as_dict(self) -> dict:
