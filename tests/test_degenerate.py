@@ -37,7 +37,7 @@ def test_random_small_shapes_and_dtypes_give_well_defined_diagnoses(n, k, m, see
     g = torch.Generator().manual_seed(seed)
     make = lambda a, b: (torch.randn(a, b, generator=g) * 3).to(dtype)  # noqa: E731
     form = [make(n, k), make(k, m)] if chain else make(n, m)
-    d = rs.diagnose(form, draws=200)
+    d = rs.diagnose(form, draws=400)
     check_well_defined(d)
     assert d.rank == (min(n, k, m) if chain else min(n, m))
 
@@ -108,3 +108,21 @@ def test_bad_shapes_and_options_raise_clear_errors():
         rs.diagnose(torch.randn(4, 4), fpr=1.5)
     with pytest.raises(rs.InputError, match="expected a matrix"):
         rs.diagnose("not a matrix")
+    with pytest.raises(rs.InputError, match="cannot resolve fpr"):
+        rs.diagnose([torch.randn(9, 3), torch.randn(3, 9)], fpr=0.001, draws=500)
+    with pytest.raises(rs.InputError, match="overflows"):
+        rs.diagnose(torch.full((4, 3), 1e200, dtype=torch.float64))
+
+
+def test_model_parameters_are_read_without_their_autograd_graph():
+    lin_q, lin_k = torch.nn.Linear(30, 8, bias=False), torch.nn.Linear(30, 8, bias=False)
+    d = rs.diagnose([lin_q.weight.T, lin_k.weight])
+    ref = torch.linalg.svdvals(lin_q.weight.detach().double().T @ lin_k.weight.detach().double())[:8].square()
+    torch.testing.assert_close(d.eigenvalues, ref, rtol=1e-9, atol=1e-12)
+    assert rs.diagnose(lin_q.weight).rank == 8
+
+
+def test_empty_batch_and_size_one_batch_broadcast():
+    assert rs.diagnose_batch(torch.randn(0, 5, 4)) == []
+    ds = rs.diagnose_batch([torch.randn(3, 20, 4), torch.randn(1, 4, 20)])
+    assert len(ds) == 3

@@ -89,10 +89,14 @@ def test_tracy_widom_null_uses_median_matching_and_johnstone():
     W = torch.randn(150, 60, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     d = rs.diagnose(W, null="tw", fpr=0.05)
     lam = torch.linalg.svdvals(W).square().numpy()
-    q = 60 / 150
-    sigma2 = np.median(lam) / float(laws.mp_quantile(0.5, q))
-    mu, sd = laws.johnstone_center_scale(150, 60)
-    assert d.bulk_edge == pytest.approx(sigma2 * (mu + sd * 0.9793) / 150, rel=1e-3)
+    # MP(0.4, 1) median by numerical inversion of the integrated density (independent of laws.mp_cdf)
+    from scipy import integrate, optimize
+    a, b = (1 - 0.4**0.5) ** 2, (1 + 0.4**0.5) ** 2
+    dens = lambda x: np.sqrt((b - x) * (x - a)) / (2 * np.pi * 0.4 * x)  # noqa: E731
+    med = optimize.brentq(lambda x: integrate.quad(dens, a, x)[0] - 0.5, a, b)
+    root = np.sqrt(149) + np.sqrt(60)  # Johnstone (2001): μ = (√(n−1)+√p)², σ = (√(n−1)+√p)(1/√(n−1)+1/√p)^⅓
+    mu, sd = root**2, root * (1 / np.sqrt(149) + 1 / np.sqrt(60)) ** (1 / 3)
+    assert d.bulk_edge == pytest.approx(np.median(lam) / med * (mu + sd * 0.9793) / 150, rel=1e-3)
     with pytest.raises(rs.InputError, match="single matrix"):
         rs.diagnose([W, W.T], null="tw")
 

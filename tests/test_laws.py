@@ -40,6 +40,15 @@ def test_mp_law_matches_a_large_gaussian_matrix(n, m):
     assert lam.mean() == pytest.approx(1.0, rel=0.01)  # the MP(q, σ²) mean is σ²
 
 
+def test_mp_law_for_ratio_above_one_is_the_nonzero_part():
+    # X is N×p with p = 3N: the N nonzero eigenvalues of XᵀX/N follow the q = 3 law, with mean q
+    N, p = 400, 1200
+    X = torch.randn(N, p, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    lam = torch.linalg.svdvals(X).square().numpy() / N
+    assert stats.kstest(lam, lambda x: laws.mp_cdf(x, 3.0)).statistic < 0.03
+    assert lam.mean() == pytest.approx(3.0, rel=0.01)
+
+
 def test_tracy_widom_quantiles_match_published_tables():
     # Johnstone (2001), Table 1 / Bejan (2005): TW1 quantiles and moments
     assert laws.tracy_widom1_quantile(0.95) == pytest.approx(0.9793, abs=2e-4)

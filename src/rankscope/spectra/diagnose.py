@@ -7,6 +7,7 @@ the edge an outlier. Under the null, a spectrum has any outlier with probability
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,10 +24,11 @@ from rankscope.spectra.kernels import (
     spectrum,
     structural_rank,
 )
-from rankscope.spectra.nulls import NaiveMPNull, TracyWidomNull, median, product_null, sum_null
+from rankscope.spectra.nulls import NaiveMPNull, TracyWidomNull, default_draws, median, product_null, sum_null
 from rankscope.spectra.tail import power_law_fit
 
 NULLS = ("product", "mp", "tw")
+MIN_EXCEEDANCES = 4  # simulated draws above the edge needed to place it
 
 
 @dataclass(frozen=True)
@@ -59,9 +61,10 @@ class Diagnosis:
         return {k: v for k, v in self.__dict__.items() if k != "eigenvalues"}
 
 
-def _null_for(form: Form, null: str, draws: int | None, norms: list[float] | None = None):
+def _null_for(form: Form, null: str, fpr: float, draws: int | None, norms: list[float] | None = None):
     n, m = form_shape(form)
     dims = [chain_dims(c) for c in form]
+    draws = draws or max(default_draws(dims), math.ceil(MIN_EXCEEDANCES / fpr))
     if null == "mp":
         return NaiveMPNull(q=structural_rank(dims) / max(n, m))
     if null == "tw":
@@ -118,21 +121,33 @@ def _diagnose_spectra(lam: torch.Tensor, n: int, m: int, null_objs: list, null: 
     return out
 
 
-def _check_options(null: str, fpr: float) -> None:
+def _check_options(null: str, fpr: float, draws: int | None) -> None:
     if null not in NULLS:
         raise InputError(f"null must be one of {NULLS}, got {null!r}")
     if not 0 < fpr < 1:
         raise InputError(f"fpr must lie in (0, 1), got {fpr}")
+    if draws is not None and draws < MIN_EXCEEDANCES / fpr:
+        raise InputError(f"draws={draws} cannot resolve fpr={fpr}: the null's (1 − fpr) quantile needs "
+                         f"draws ≥ {MIN_EXCEEDANCES}/fpr = {math.ceil(MIN_EXCEEDANCES / fpr)}")
 
 
-def _diagnose_form(form: Form, null: str, fpr: float, draws: int | None) -> list[Diagnosis]:
+@torch.no_grad()
+def _diagnose_form(form: Form, null: str, fpr: float, draws: int | None, name: str) -> list[Diagnosis]:
     n, m = form_shape(form)
-    lam = spectrum(form)  # (B, r)
+    overflow = InputError(f"{name}: the spectrum overflows float64 (entries too large); rescale the factors")
+    try:
+        lam = spectrum(form)  # (B, r)
+    except torch.linalg.LinAlgError as exc:  # the eigensolver met inf
+        raise overflow from exc
+    if lam.shape[0] == 0:
+        return []
+    if not torch.isfinite(lam).all():
+        raise overflow
     if len(form) == 1 or null == "mp":
-        null_objs = [_null_for(form, null, draws)] * lam.shape[0]
+        null_objs = [_null_for(form, null, fpr, draws)] * lam.shape[0]
     else:  # a sum of chains: the null depends on each spectrum's block-norm ratios
         norms = block_norms(form).to("cpu").expand(lam.shape[0], len(form))  # (B, C)
-        null_objs = [_null_for(form, null, draws, row.tolist()) for row in norms]
+        null_objs = [_null_for(form, null, fpr, draws, row.tolist()) for row in norms]
     return _diagnose_spectra(lam, n, m, null_objs, null, fpr)
 
 
@@ -142,11 +157,11 @@ def diagnose_batch(form, *, null: str = "product", fpr: float = 0.01, name: str 
 
     A 2-D factor is shared by the whole batch (e.g. the decoupled rope key of DeepSeek-V2).
     """
-    _check_options(null, fpr)
+    _check_options(null, fpr, draws)
     form = as_form(form, name=name, batched=True)
     if all(f.ndim == 2 for chain in form for f in chain):
         form = tuple(tuple(f[None] for f in chain) for chain in form)
-    return _diagnose_form(form, null, fpr, draws)
+    return _diagnose_form(form, null, fpr, draws, name)
 
 
 def diagnose(form, *, null: str = "product", fpr: float = 0.01, name: str = "form",
@@ -157,6 +172,6 @@ def diagnose(form, *, null: str = "product", fpr: float = 0.01, name: str = "for
     exact finite-size law of λ_max/median). ``null="mp"``: the naive MP fit of papers (σ² = mean λ).
     ``null="tw"``: a single matrix's MP fit with Johnstone's Tracy–Widom edge.
     """
-    _check_options(null, fpr)
+    _check_options(null, fpr, draws)
     form = as_form(form, name=name)
-    return _diagnose_form(tuple(tuple(f[None] for f in chain) for chain in form), null, fpr, draws)[0]
+    return _diagnose_form(tuple(tuple(f[None] for f in chain) for chain in form), null, fpr, draws, name)[0]

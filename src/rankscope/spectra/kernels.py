@@ -32,7 +32,9 @@ def _is_matrix_like(x) -> bool:
 
 def _as_float64(x, where: str, batched: bool) -> torch.Tensor:
     """One factor as a float64 tensor on its own device; refuses NaN/Inf, complex, wrong rank."""
-    t = torch.as_tensor(x)
+    t = torch.as_tensor(x).detach()  # model parameters: read their values, never their autograd graph
+    if t.device.type == "mps":  # Apple GPUs have no float64
+        t = t.cpu()
     if t.is_complex():
         raise InputError(f"{where} is complex ({t.dtype}); rankscope reads real matrices only")
     if t.dtype == torch.bool:
@@ -78,6 +80,8 @@ def as_form(x, name: str = "matrix", batched: bool = False) -> Form:
         for i, f in enumerate(chain):
             where = name if len(chains_in) == 1 and len(chain) == 1 else f"{name} (chain {c}, factor {i})"
             t = _as_float64(f, where, batched)
+            if factors and t.device != factors[0].device:
+                t = t.to(factors[0].device)  # e.g. a numpy array beside CUDA tensors
             if factors and factors[-1].shape[-1] != t.shape[-2]:
                 raise InputError(
                     f"{name}: chain {c} does not multiply: factor {i - 1} has {factors[-1].shape[-1]} columns "
@@ -93,7 +97,7 @@ def as_form(x, name: str = "matrix", batched: bool = False) -> Form:
                 "the chains of a sum must have one shape"
             )
     if batched:
-        sizes = {f.shape[0] for chain in form for f in chain if f.ndim == 3}
+        sizes = {f.shape[0] for chain in form for f in chain if f.ndim == 3} - {1}  # size 1 broadcasts
         if len(sizes) > 1:
             raise InputError(f"{name}: factors have different batch sizes {sorted(sizes)}")
     return tuple(form)

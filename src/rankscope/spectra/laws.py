@@ -2,8 +2,9 @@
 
 Conventions. A noise matrix W (n×m) with iid entries of variance s² has, with N = max(n, m),
 p = min(n, m) and aspect ratio q = p / N, nonzero eigenvalues of WᵀW that follow the Marchenko–Pastur
-law MP(q, σ²) with σ² = N s²: support ``σ²(1 ± √q)²`` and mean σ². Functions also take q > 1 (the
-nonzero part of the law for the transposed ratio), so any aspect ratio works.
+law MP(q, σ²) with σ² = N s²: support ``σ²(1 ± √q)²`` and mean σ². Functions also take q > 1: the law
+of the nonzero eigenvalues of XᵀX/N for X of N×p with p = qN (support σ²(1 ± √q)², mean qσ²), so any
+aspect ratio works.
 """
 
 from __future__ import annotations
@@ -131,7 +132,9 @@ def bbp_threshold(q: float) -> float:
 
 
 def bbp_outlier(theta, q: float, sigma2: float = 1.0):
-    """Eigenvalue an above-threshold spike θ produces: σ²(1 + θ²)(q + θ²)/θ² (the bulk edge below θ_c)."""
+    """Eigenvalue an above-threshold spike θ produces: σ²(1 + θ²)(q + θ²)/θ² (the bulk edge below θ_c).
+
+    θ is the spike's singular value in units of the noise scale √σ² (W = √σ²·(θ u vᵀ + X))."""
     q = min(q, 1 / q)
     theta = np.asarray(theta, dtype=np.float64)
     above = theta > bbp_threshold(q)

@@ -173,13 +173,13 @@ def simulate_spectra(dims: Sequence[Sequence[int]], ratios: Sequence[float], dra
 
 
 def default_draws(dims: Sequence[Sequence[int]]) -> int:
-    """2000 draws (the 99 % quantile of t then rests on 20 exceedances); fewer, down to 200, for forms
+    """2000 draws (the 99 % quantile of t then rests on 20 exceedances); fewer, down to 400, for forms
     of rank above 128, whose simulation costs O(r³) a draw and whose t varies less. A single matrix
     costs O(r) a draw by the bidiagonal model and always gets 2000."""
     if len(dims) == 1 and len(dims[0]) == 2:
         return 2000
     r = structural_rank(dims)
-    return int(max(200, min(2000, 2000 * (128 / max(r, 1)) ** 2)))
+    return int(max(400, min(2000, 2000 * (128 / max(r, 1)) ** 2)))
 
 
 @dataclass(frozen=True)
@@ -241,9 +241,14 @@ def cache_dir() -> Path:
 _MEMORY: dict[str, ProductNull] = {}
 
 
+# The simulation code itself is part of the cache key: editing it can never reuse a stale null.
+_CODE = hashlib.sha256(b"".join(Path(__file__).with_name(f).read_bytes() for f in ("nulls.py", "kernels.py")))
+_CODE_HASH = _CODE.hexdigest()[:16]
+
+
 def _key(dims, ratios, draws) -> str:
-    payload = {"v": NULL_VERSION, "dims": [list(d) for d in dims], "ratios": [round(x, 8) for x in ratios],
-               "draws": draws}
+    payload = {"v": NULL_VERSION, "code": _CODE_HASH, "dims": [list(d) for d in dims],
+               "ratios": [round(x, 8) for x in ratios], "draws": draws}
     return json.dumps(payload, sort_keys=True)
 
 
