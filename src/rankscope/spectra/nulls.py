@@ -253,8 +253,9 @@ def _key(dims, ratios, draws) -> str:
 
 
 def _seed(dims, draws) -> int:
-    """One seed per shape, whatever the ratios: common random numbers across the ratio grid."""
-    return int(hashlib.sha256(_key(dims, [], draws).encode()).hexdigest()[:8], 16)
+    """One seed per shape, whatever the ratios (common random numbers across the ratio grid) or the code."""
+    payload = json.dumps({"dims": [list(d) for d in dims], "draws": draws}, sort_keys=True)
+    return int(hashlib.sha256(payload.encode()).hexdigest()[:8], 16)
 
 
 def _load(path: Path, key: str) -> ProductNull | None:
