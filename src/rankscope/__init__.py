@@ -4,4 +4,12 @@ from rankscope.errors import CheckpointError, InputError, RankscopeError
 from rankscope.spectra import Diagnosis, diagnose, diagnose_batch
 
 __version__ = "0.1.0"
-__all__ = ["CheckpointError", "Diagnosis", "InputError", "RankscopeError", "diagnose", "diagnose_batch"]
+__all__ = ["CheckpointError", "Diagnosis", "InputError", "RankscopeError", "analyze", "diagnose", "diagnose_batch"]
+
+
+def __getattr__(name: str):
+    if name == "analyze":  # imported on first use: it brings pandas
+        from rankscope.analyze import analyze
+
+        return analyze
+    raise AttributeError(f"module 'rankscope' has no attribute {name!r}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -91,6 +92,112 @@ def demo(
     except InputError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
+
+
+FORMATS = ("table", "csv", "parquet", "json")
+
+
+def _write_rows(df, out: Path, fmt: str) -> Path:
+    """Write the rows as csv, parquet (through DuckDB) or json lines; returns the file written."""
+    out.mkdir(parents=True, exist_ok=True)
+    if fmt == "csv":
+        path = out / "analysis.csv"
+        df.to_csv(path, index=False)
+    elif fmt == "json":
+        path = out / "analysis.jsonl"
+        df.to_json(path, orient="records", lines=True)
+    else:
+        import duckdb
+
+        path = out / "analysis.parquet"
+        duckdb.from_df(df).write_parquet(str(path))
+    return path
+
+
+def _summary(df) -> Table:
+    """Per layer: the worst head of each attention kind (most outliers, then spike strength)."""
+    table = Table(title="Per layer: the spikiest head")
+    for col in ("layer", "kind", "worst head", "outliers", "spike strength", "stable rank", "KV floats/token"):
+        table.add_column(col, justify="right")
+    heads = df[(df["head"] >= 0) & df["error"].eq("")] if "outliers" in df else df.iloc[0:0]
+    for (layer, kind), g in heads.groupby(["layer", "kind"], sort=True):
+        w = g.sort_values(["outliers", "spike_strength"], ascending=False).iloc[0]
+        kv = w["kv_cache_floats"]
+        kv = "" if kv is None or kv != kv else str(int(kv))  # None or NaN: no KV cache for this row
+        table.add_row(str(layer), kind, str(int(w["head"])), str(int(w["outliers"])), f"{w['spike_strength']:.2f}",
+                      f"{w['stable_rank']:.1f}", kv)
+    return table
+
+
+@app.command()
+def analyze(
+    path: str = typer.Argument(..., help="HF model dir, .safetensors (or sharded index), .pt/.bin, or hub id"),
+    per_head: bool = typer.Option(True, "--per-head/--per-layer", help="also diagnose every head, not only layers"),
+    kinds: str = typer.Option("qk,ov,mlp,weights", help="comma-separated: qk, ov, mlp, weights"),
+    null: str = typer.Option("product", help="product (structure-matched) | mp (naive fit) | tw"),
+    fpr: float = typer.Option(0.01, help="false-positive rate of the outlier test, per spectrum"),
+    out: Path | None = typer.Option(None, help="directory for the rows file and the ESD figure"),
+    fmt: str = typer.Option("table", "--format", help="table | csv | parquet | json"),
+) -> None:
+    """Diagnose every attention head, layer and weight matrix of a checkpoint."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from rankscope.analyze import analyze_full
+    from rankscope.errors import CheckpointError
+
+    if fmt not in FORMATS:
+        console.print(f"[red]error:[/red] --format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        raise typer.Exit(2)
+    t0 = time.perf_counter()
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, transient=True) as bar:
+            task = bar.add_task("analysing", total=None)
+
+            def progress(done: int, total: int, what: str) -> None:
+                bar.update(task, completed=done, total=total, description=f"analysing {what}")
+
+            result = analyze_full(path, per_head=per_head, kinds=[k.strip() for k in kinds.split(",") if k.strip()],
+                                  null=null, fpr=fpr, progress=progress)
+    except (CheckpointError, InputError) as exc:
+        console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+        raise typer.Exit(2) from exc
+    df = result.table
+    if result.not_understood:
+        console.print(f"[yellow]note:[/yellow] architecture not recognised; {len(result.not_understood)} weight names "
+                      f"analysed as plain matrices: {', '.join(result.not_understood[:8])}"
+                      + (" ..." if len(result.not_understood) > 8 else ""), soft_wrap=True)
+    console.print(_summary(df))
+    errors = df[df["error"].ne("")] if len(df) else df
+    for _, row in errors.iterrows():
+        console.print(f"[yellow]{row['name']}:[/yellow] {row['error']}", soft_wrap=True)
+    if out is not None:
+        if fmt != "table":
+            console.print(f"rows: {_write_rows(df, out, fmt)}")
+        figure = _esd(result, out)
+        if figure:
+            console.print(f"figure: {figure}")
+    elif fmt != "table":
+        console.print("[yellow]note:[/yellow] --format needs --out DIR; printed the summary only")
+    console.print(f"[dim]{len(df)} rows ({result.architecture or 'unknown architecture'}) in "
+                  f"{time.perf_counter() - t0:.1f} s[/dim]")
+
+
+def _esd(result, out: Path) -> Path | None:
+    """ESD figure of the spikiest head and the spikiest layer-level form."""
+    from rankscope.report.figures import esd_figure
+
+    df = result.table
+    if "spike_strength" not in df or df["spike_strength"].isna().all():
+        return None
+    panels = []
+    qk = df["kind"].eq("qk")
+    for label, mask in (("head", qk & (df["head"] >= 0)), ("layer", qk & (df["head"] < 0))):
+        sub = df[mask & df["spike_strength"].notna() & df.index.isin(list(result.diagnoses))]
+        if len(sub):
+            i = sub["spike_strength"].idxmax()
+            panels.append((f"spikiest {label}: {df.loc[i, 'name']} ({df.loc[i, 'kind']})", result.diagnoses[i]))
+    return esd_figure(panels, out / "esd.png") if panels else None
 
 
 if __name__ == "__main__":

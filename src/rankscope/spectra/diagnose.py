@@ -55,10 +55,11 @@ class Diagnosis:
     ks: float  # KS distance between the bulk's empirical CDF and the fitted null
     pl_alpha: float  # power-law tail exponent (NaN below 10 positive or 4 distinct eigenvalues)
     pl_xmin: float  # where the power-law tail starts
+    null_quantiles: np.ndarray | None = field(default=None, repr=False, compare=False)  # fitted null's λ quantiles
 
     def as_dict(self) -> dict:
         """Flat dict of every field but the eigenvalues: one row of the store."""
-        return {k: v for k, v in self.__dict__.items() if k != "eigenvalues"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("eigenvalues", "null_quantiles")}
 
 
 def _null_for(form: Form, null: str, fpr: float, draws: int | None, norms: list[float] | None = None):
@@ -116,7 +117,7 @@ def _diagnose_spectra(lam: torch.Tensor, n: int, m: int, null_objs: list, null: 
             eigenvalues=ev, n=n, m=m, rank=ev.numel(), null=null, fpr=fpr,
             lambda_max=float(ev[0]), scale=float(scale[b]), bulk_edge=float(edge[b]),
             **{k: (int(v[b]) if k == "outliers" else float(v[b])) for k, v in cols.items()},
-            ks=ks, pl_alpha=tail.alpha, pl_xmin=tail.xmin,
+            ks=ks, pl_alpha=tail.alpha, pl_xmin=tail.xmin, null_quantiles=r0 * null_objs[b].ratio_quantiles,
         ))
     return out
 

@@ -83,6 +83,10 @@ class TracyWidomNull:
     def cdf(self, ratio: np.ndarray) -> np.ndarray:
         return mp_cdf(np.asarray(ratio) * mp_median(self.q), self.q)
 
+    @property
+    def ratio_quantiles(self) -> np.ndarray:
+        return mp_quantile(np.linspace(0, 1, QUANTILE_POINTS), self.q) / mp_median(self.q)
+
 
 @dataclass(frozen=True)
 class NaiveMPNull:
@@ -99,6 +103,10 @@ class NaiveMPNull:
 
     def cdf(self, ratio: np.ndarray) -> np.ndarray:
         return mp_cdf(ratio, self.q)
+
+    @property
+    def ratio_quantiles(self) -> np.ndarray:
+        return mp_quantile(np.linspace(0, 1, QUANTILE_POINTS), self.q)
 
 
 # ----------------------------------------------------------------------------- the product null
@@ -204,6 +212,10 @@ class InterpolatedNull:
 
     def cdf(self, ratio: np.ndarray) -> np.ndarray:
         return sum(w * p.cdf(ratio) for p, w in self.parts)
+
+    @property
+    def ratio_quantiles(self) -> np.ndarray:
+        return sum(w * p.ratio_quantiles for p, w in self.parts)
 
 
 def ratio_grid_corners(norms: Sequence[float]) -> list[tuple[tuple[float, ...], float]]:

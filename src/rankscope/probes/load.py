@@ -1,0 +1,374 @@
+"""Read model weights from disk safely and lazily: safetensors, Hugging Face model dirs, weights-only torch files.
+
+Accepted inputs to :func:`open_checkpoint`:
+
+- a Hugging Face model directory: ``model.safetensors.index.json``, ``model.safetensors``,
+  ``pytorch_model.bin.index.json`` or ``pytorch_model.bin`` (first found wins, so safetensors is preferred),
+  else the directory's only ``*.safetensors`` file; ``config.json`` is parsed when present;
+- a single ``.safetensors`` file;
+- a sharded index ``*.index.json`` (``{"weight_map": {tensor name: shard file}}``), shards beside it, read in
+  file-name order;
+- a ``.pt`` / ``.pth`` / ``.bin`` state dict: a dict of tensors, or a dict whose ``"state_dict"`` or ``"model"``
+  entry is one; always read with ``torch.load(weights_only=True)`` (memory-mapped when the file is in the zip
+  format), so pickled code is refused, never executed;
+- a hub id ``org/name`` that is not a local path: downloaded with ``huggingface_hub.snapshot_download``
+  (``*.json`` and ``*.safetensors`` only) unless ``HF_HUB_OFFLINE`` is set.
+
+Laziness and memory. Safetensors headers are read and checked at open (the file must be as long as the
+header says, so truncation is reported at open, not mid-analysis); each shard keeps one ``safe_open``
+handle (a read-only memory map), and :meth:`Checkpoint.tensor` copies out one tensor at a time, so
+resident memory stays near the largest tensor the caller holds. Torch files are unpickled at open (to
+validate them and learn names, shapes and dtypes); zip-format files are memory-mapped and kept, legacy
+(non-zip) files are read into memory, and of those only the most recently used shard is kept.
+
+Every failure raises :class:`~rankscope.errors.CheckpointError` with one line naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import re
+import struct
+import warnings
+import zipfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from rankscope.errors import CheckpointError
+
+# Looked for in a model directory, in this order (safetensors first).
+DIR_WEIGHTS = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
+TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+ACCEPTED = (
+    "a Hugging Face model directory, .safetensors, a sharded .index.json, "
+    ".pt / .pth / .bin state dict, or a hub id org/name"
+)
+# Safetensors header dtype strings → torch dtypes (those this torch build has).
+_ST_DTYPES = {
+    key: getattr(torch, name)
+    for key, name in {
+        "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+        "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+        "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
+        "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
+        "C64": "complex64",
+    }.items()
+    if hasattr(torch, name)
+}  # fmt: skip
+_MAX_HEADER = 100_000_000  # bytes; safetensors itself refuses larger headers
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _one_line(err: BaseException, limit: int = 200) -> str:
+    """The first non-empty line of an error's text, shortened: no traceback noise inside our messages."""
+    line = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+# --------------------------------------------------------------------------------------------- safetensors
+
+
+class _SafetensorsFile:
+    """One safetensors file: header checked at open, one ``safe_open`` handle kept for reads."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.header = _read_safetensors_header(path)  # name → {"dtype", "shape", "data_offsets"}, file order
+        try:
+            self.handle = safe_open(str(path), framework="pt", device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({_one_line(e)})") from None
+
+    def names(self) -> list[str]:
+        return list(self.header)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(n) for n in self.header[name]["shape"])
+
+    def dtype(self, name: str) -> torch.dtype:
+        key = self.header[name]["dtype"]
+        return _ST_DTYPES[key] if key in _ST_DTYPES else self.tensor(name).dtype
+
+    def tensor(self, name: str) -> torch.Tensor:
+        try:
+            return self.handle.get_tensor(name)
+        except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
+            raise CheckpointError(f"{self.path}: cannot read tensor '{name}' ({_one_line(e)})") from None
+
+
+def _read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
+    """Parse and check a safetensors header (u64 little-endian length, then JSON); tensors in data order."""
+
+    def bad(problem: str) -> CheckpointError:
+        return CheckpointError(f"{path}: corrupt or truncated safetensors file ({problem})")
+
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise bad(f"{size} bytes, shorter than the 8-byte header length")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, _MAX_HEADER):
+            raise bad(f"header length says {n} bytes, the file has {size - 8} after it")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise bad(f"header is not valid JSON: {_one_line(e)}") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    header.pop("__metadata__", None)
+    data_size, end_max = size - 8 - n, 0
+    for name, entry in header.items():
+        try:
+            begin, end = (int(v) for v in entry["data_offsets"])
+            shape = [int(v) for v in entry["shape"]]
+            dtype = str(entry["dtype"])
+        except (KeyError, TypeError, ValueError):
+            raise bad(f"header entry '{name}' lacks dtype, shape or data_offsets") from None
+        if not 0 <= begin <= end or any(v < 0 for v in shape):
+            raise bad(f"header entry '{name}' has invalid offsets or shape")
+        item = _ST_DTYPES[dtype].itemsize if dtype in _ST_DTYPES else None
+        if item is not None and math.prod(shape) * item != end - begin:
+            raise bad(f"tensor '{name}' {dtype}{shape} needs {math.prod(shape) * item} bytes, not {end - begin}")
+        end_max = max(end_max, end)
+    if end_max > data_size:
+        raise bad(f"data is {data_size} bytes, the header needs {end_max}")
+    return dict(sorted(header.items(), key=lambda kv: (int(kv[1]["data_offsets"][0]), kv[0])))
+
+
+# --------------------------------------------------------------------------------------------- torch files
+
+
+class _TorchFile:
+    """One weights-only torch state dict; names/shapes/dtypes learnt at open, the dict kept if memory-mapped."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        state = self._load()
+        self.meta = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
+        self.mmapped = zipfile.is_zipfile(path)
+        self.state: dict[str, torch.Tensor] | None = state
+
+    def names(self) -> list[str]:
+        return list(self.meta)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.meta[name][0]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.meta[name][1]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        if self.state is None:
+            self.state = self._load()
+        return self.state[name]
+
+    def release(self) -> None:
+        """Drop an in-memory (non-mmapped) state dict; it is re-read on the next access."""
+        if not self.mmapped:
+            self.state = None
+
+    def _load(self) -> dict[str, torch.Tensor]:
+        path = self.path
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": not the user's concern here
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        except pickle.UnpicklingError as e:
+            text = str(e)
+            found = re.search(r"GLOBAL ([\w.]+)", text)
+            if found:
+                raise CheckpointError(
+                    f"{path}: refused: the file contains pickled code, which rankscope never executes "
+                    f"(it imports {found.group(1)}; torch.load(weights_only=True) blocked it)"
+                ) from None
+            reason = re.search(r"(Unsupported operand \d+|Unsupported [^.\n]*)", text)
+            raise CheckpointError(
+                f"{path}: corrupt or not a torch file (the weights-only unpickler stopped at: "
+                f"{reason.group(1) if reason else _one_line(e)})"
+            ) from None
+        except Exception as e:  # corrupt zip, EOF, bad magic number, …: all one message
+            problem = f"{type(e).__name__}: {_one_line(e)}"
+            raise CheckpointError(f"{path}: corrupt or truncated torch file ({problem})") from None
+        return _state_dict(path, obj)
+
+
+def _state_dict(path: Path, obj: Any) -> dict[str, torch.Tensor]:
+    """The tensors of a loaded torch object: a dict of tensors, or its "state_dict" / "model" entry."""
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: not a state dict (holds a {type(obj).__name__}, expected a dict of tensors)")
+    for key, value in obj.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise CheckpointError(
+                f"{path}: not a state dict (entry {key!r} is a {type(value).__name__}; expected a dict of tensors, "
+                "or a dict with a 'state_dict' or 'model' entry holding one)"
+            )
+    return dict(obj)
+
+
+# --------------------------------------------------------------------------------------------- checkpoint
+
+
+_Source = _SafetensorsFile | _TorchFile
+
+
+@dataclass
+class Checkpoint:
+    """Weights on disk: tensor names in file/shard order, shapes and dtypes without loading, tensors one by one."""
+
+    path: Path
+    config: dict | None
+    names: list[str]
+    _where: dict[str, _Source] = field(repr=False, compare=False, default_factory=dict)
+    _held: _TorchFile | None = field(default=None, repr=False, compare=False)  # the in-memory torch shard
+
+    def _source(self, name: str) -> _Source:
+        try:
+            return self._where[name]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: no tensor named '{name}'") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The tensor's shape, read from the header / state dict, without loading its data."""
+        return self._source(name).shape(name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        """The tensor's stored dtype."""
+        return self._source(name).dtype(name)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """One tensor on CPU in its stored dtype (never cast); torch-file tensors may share the mmapped storage."""
+        src = self._source(name)
+        if isinstance(src, _TorchFile) and src is not self._held:
+            if self._held is not None:
+                self._held.release()  # keep at most one in-memory (non-mmapped) torch shard
+            self._held = src
+        return src.tensor(name)
+
+    def tensors(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """The named tensors, in the order asked."""
+        return {name: self.tensor(name) for name in names}
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """A lazily read Checkpoint for a model dir, safetensors file, sharded index, torch state dict or hub id."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        if _HUB_ID.match(str(path)):
+            p = _download(str(path))
+        else:
+            raise CheckpointError(f"{path}: no such file or directory")
+    config = None
+    if p.is_dir():
+        config = _read_config(p / "config.json")
+        weights = _find_weights(p)
+    else:
+        weights = p
+        if p.name in DIR_WEIGHTS or p.name.endswith(".index.json"):
+            config = _read_config(p.parent / "config.json")
+    names, where = _open_weights(weights)
+    return Checkpoint(path=p, config=config, names=names, _where=where)
+
+
+def _find_weights(d: Path) -> Path:
+    for name in DIR_WEIGHTS:
+        if (d / name).is_file():
+            return d / name
+    singles = sorted(d.glob("*.safetensors"))
+    if len(singles) == 1:
+        return singles[0]
+    extra = f"; {len(singles)} other .safetensors files, which is ambiguous" if singles else ""
+    raise CheckpointError(f"{d}: no weights found (looked for {', '.join(DIR_WEIGHTS)}{extra})")
+
+
+def _read_config(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({_one_line(e)})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    return config
+
+
+def _open_file(path: Path) -> _Source:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if path.name.endswith(".safetensors"):
+        return _SafetensorsFile(path)
+    if path.name.endswith(TORCH_SUFFIXES):
+        return _TorchFile(path)
+    raise CheckpointError(f"{path}: unknown file type '{path.suffix}' (accepted: {ACCEPTED})")
+
+
+def _open_weights(path: Path) -> tuple[list[str], dict[str, _Source]]:
+    if path.name.endswith(".json"):
+        return _open_index(path)
+    src = _open_file(path)
+    names = src.names()
+    return names, dict.fromkeys(names, src)
+
+
+def _open_index(path: Path) -> tuple[list[str], dict[str, _Source]]:
+    """A sharded index: shards in file-name order (model-00001-of-…, model-00002-of-…), each in its file order."""
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({_one_line(e)})") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{path}: not a sharded index (no 'weight_map' of tensor name → shard file)")
+    wanted: dict[str, set[str]] = {}
+    for name, shard in weight_map.items():
+        wanted.setdefault(shard, set()).add(name)
+    names: list[str] = []
+    where: dict[str, _Source] = {}
+    for shard, listed in sorted(wanted.items()):
+        shard_path = path.parent / shard
+        if not shard_path.is_file():
+            raise CheckpointError(f"{path}: shard '{shard}' is missing ({shard_path}: no such file or directory)")
+        src = _open_file(shard_path)
+        present = src.names()
+        missing = listed.difference(present)
+        if missing:
+            raise CheckpointError(f"{shard_path}: lacks tensor '{min(missing)}' that {path.name} places there")
+        for name in present:
+            if name in listed:
+                names.append(name)
+                where[name] = src
+        if isinstance(src, _TorchFile):
+            src.release()
+    return names, where
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _download(repo_id: str) -> Path:
+    """A local snapshot of a hub model (json + safetensors only), or a CheckpointError saying why not."""
+    prefix = f"{repo_id}: not a local path, and the Hugging Face hub could not be reached"
+    if _hub_offline():
+        raise CheckpointError(f"{prefix} (HF_HUB_OFFLINE is set)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"]))
+    except Exception as e:
+        raise CheckpointError(f"{prefix} ({type(e).__name__}: {_one_line(e)})") from None

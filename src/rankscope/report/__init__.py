@@ -1,0 +1,1 @@
+"""Figures and reports: read rows and diagnoses, draw them."""

