@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import rankscope as rs
-from rankscope.analyze import analyze_full
+from rankscope.analysis import analyze_full
 from rankscope.cli import app
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

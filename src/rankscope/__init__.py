@@ -9,7 +9,7 @@ __all__ = ["CheckpointError", "Diagnosis", "InputError", "RankscopeError", "anal
 
 def __getattr__(name: str):
     if name == "analyze":  # imported on first use: it brings pandas
-        from rankscope.analyze import analyze
+        from rankscope.analysis import analyze
 
         return analyze
     raise AttributeError(f"module 'rankscope' has no attribute {name!r}")

@@ -142,7 +142,7 @@ def analyze(
     """Diagnose every attention head, layer and weight matrix of a checkpoint."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from rankscope.analyze import analyze_full
+    from rankscope.analysis import analyze_full
     from rankscope.errors import CheckpointError
 
     if fmt not in FORMATS:
