@@ -139,3 +139,14 @@ def test_cli_analyze_writes_rows_and_a_figure(tmp_path):
     assert (tmp_path / "esd.png").stat().st_size > 10_000
     d = rs.diagnose(torch.randn(5, 5))  # the public API still answers after the CLI ran
     assert d.rank == 5
+
+
+def test_a_matrix_too_large_is_reported_as_skipped_by_name(monkeypatch):
+    import rankscope.analysis as analysis
+
+    monkeypatch.setattr(analysis, "MAX_ELEMENTS", 500)
+    model = torch.nn.Sequential(torch.nn.Linear(20, 30), torch.nn.Linear(30, 10))  # 600 and 300 elements
+    df = analyze(model)
+    big = df[df["name"].eq("0.weight")].iloc[0]
+    assert big["error"].startswith("skipped: 30×20") and np.isnan(big["lambda_max"])
+    assert df[df["name"].eq("1.weight")].iloc[0]["error"] == ""
