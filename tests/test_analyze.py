@@ -30,7 +30,7 @@ def dense_eigenvalues(B: torch.Tensor, r: int) -> np.ndarray:
 
 
 def test_minilm_per_head_spectra_equal_dense_svds_of_the_same_forms():
-    result = analyze_full(minilm_dir(), kinds=["qk", "ov"])
+    result = analyze_full(minilm_dir(), kinds=["qk", "ov", "weights"])
     df = result.table
     sd = load_file(minilm_dir() / "model.safetensors")  # read independently of rankscope's loader
     dh = 32  # 12 heads of 32 in a 384-wide model
@@ -50,6 +50,8 @@ def test_minilm_per_head_spectra_equal_dense_svds_of_the_same_forms():
     layers = df[(df["head"] < 0) & df["kind"].eq("qk")]
     assert len(layers) == 6 and (layers["rank"] == 384).all()
     assert (df["kv_cache_floats"].dropna() == 2 * 384).all()
+    ids = df[df["name"].eq("embeddings.position_ids")].iloc[0]  # an int64 buffer: reported, not diagnosed
+    assert ids["error"].startswith("skipped: torch.int64") and np.isnan(ids["lambda_max"])
 
 
 def test_checkpoint_on_disk_and_model_in_memory_give_the_same_rows(tmp_path):

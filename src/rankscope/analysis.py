@@ -73,8 +73,9 @@ class Analysis:
 class _Weights(Mapping):
     """A read-only name → tensor mapping over a model's state dict or a lazily read checkpoint."""
 
-    def __init__(self, names: list[str], get: Callable[[str], torch.Tensor], shape: Callable[[str], tuple]):
-        self._names, self._get, self.shape = names, get, shape
+    def __init__(self, names: list[str], get: Callable[[str], torch.Tensor], shape: Callable[[str], tuple],
+                 dtype: Callable[[str], torch.dtype]):
+        self._names, self._get, self.shape, self.dtype = names, get, shape, dtype
         self._set = set(names)
 
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -99,12 +100,12 @@ def _source(model_or_path) -> tuple[dict | None, _Weights, list[NamedForm]]:
         mhas = [m for m in model_or_path.modules() if isinstance(m, nn.MultiheadAttention)]
         for i, module in enumerate(mhas):  # layer = the module's position in module order
             extra.extend(multihead_attention_forms(module, layer=i))
-        weights = _Weights(list(state), state.__getitem__, lambda n: tuple(state[n].shape))
+        weights = _Weights(list(state), state.__getitem__, lambda n: tuple(state[n].shape), lambda n: state[n].dtype)
         return config, weights, extra
     from rankscope.probes.load import open_checkpoint
 
     ckpt = open_checkpoint(Path(model_or_path) if not isinstance(model_or_path, Path) else model_or_path)
-    return ckpt.config, _Weights(list(ckpt.names), ckpt.tensor, ckpt.shape), []
+    return ckpt.config, _Weights(list(ckpt.names), ckpt.tensor, ckpt.shape, ckpt.dtype), []
 
 
 def analyze_full(model_or_path, *, per_head: bool = True, kinds=("qk", "ov", "mlp", "weights"),
@@ -160,7 +161,10 @@ def analyze_full(model_or_path, *, per_head: bool = True, kinds=("qk", "ov", "ml
     for name in matrices:
         shape = weights.shape(name)
         kind = matrix_kind(name)
-        if shape[0] * shape[1] > MAX_ELEMENTS:
+        if not weights.dtype(name).is_floating_point:  # e.g. BERT's position_ids buffer
+            add(None, name, layer_of(name), -1, kind, "", None, f"skipped: {weights.dtype(name)} buffer, "
+                "not a weight", shape=shape)
+        elif shape[0] * shape[1] > MAX_ELEMENTS:
             add(None, name, layer_of(name), -1, kind, "", None, f"skipped: {shape[0]}×{shape[1]} is larger "
                 f"than {MAX_ELEMENTS} elements", shape=shape)
         else:

