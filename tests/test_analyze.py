@@ -150,5 +150,5 @@ def test_a_matrix_too_large_is_reported_as_skipped_by_name(monkeypatch):
     model = torch.nn.Sequential(torch.nn.Linear(20, 30), torch.nn.Linear(30, 10))  # 600 and 300 elements
     df = analyze(model)
     big = df[df["name"].eq("0.weight")].iloc[0]
-    assert big["error"].startswith("skipped: 30×20") and np.isnan(big["lambda_max"])
+    assert big["error"].startswith("skipped: 30×20") and big["shapes"] == "30·20" and np.isnan(big["lambda_max"])
     assert df[df["name"].eq("1.weight")].iloc[0]["error"] == ""

@@ -130,7 +130,7 @@ def analyze_full(model_or_path, *, per_head: bool = True, kinds=("qk", "ov", "ml
             d: Diagnosis | None, error: str = "", form_obj=None, shape=None) -> None:
         row = {"name": name, "layer": layer, "head": head, "kind": kind, "variant": variant,
                "kv_cache_floats": form.kv_cache_floats if form else None,
-               "shapes": _dims_text(form_obj) if form_obj is not None else "×".join(map(str, shape or ())),
+               "shapes": _dims_text(form_obj) if form_obj is not None else "·".join(map(str, shape or ())),
                "error": error}
         if d is not None:
             row.update(d.as_dict())
