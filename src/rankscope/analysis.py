@@ -65,7 +65,6 @@ class Analysis:
 
     table: pd.DataFrame
     diagnoses: dict[int, Diagnosis] = field(default_factory=dict)
-    forms: dict[int, object] = field(default_factory=dict)
     not_understood: list[str] = field(default_factory=list)
     architecture: str | None = None
 
@@ -135,7 +134,6 @@ def analyze_full(model_or_path, *, per_head: bool = True, kinds=("qk", "ov", "ml
         if d is not None:
             row.update(d.as_dict())
             out.diagnoses[len(rows)] = d
-            out.forms[len(rows)] = form_obj
         rows.append(row)
 
     def tick(what: str) -> None:
