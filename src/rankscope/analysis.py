@@ -184,12 +184,13 @@ def _diagnose_rows(add, forms: list[NamedForm], null: str, fpr: float, batched: 
     name = f"layer {forms[0].layer} {forms[0].kind}"
     if batched:
         try:
-            stacked = stack_heads(forms)
-            for f, d in zip(forms, diagnose_batch(stacked, null=null, fpr=fpr, name=name), strict=True):
+            diagnoses = diagnose_batch(stack_heads(forms), null=null, fpr=fpr, name=name)
+        except InputError:
+            diagnoses = None  # one head is bad: diagnose them one by one below, so the others still get rows
+        if diagnoses is not None:
+            for f, d in zip(forms, diagnoses, strict=True):
                 add(f, f"{name} head {f.head}", f.layer, f.head, f.kind, f.variant, d, form_obj=f.form)
             return
-        except InputError:
-            pass  # one head is bad: diagnose them one by one so the others still get their rows
     for f in forms:
         where = f"{name} head {f.head}" if f.head >= 0 else name
         try:
