@@ -152,3 +152,13 @@ def test_a_matrix_too_large_is_reported_as_skipped_by_name(monkeypatch):
     big = df[df["name"].eq("0.weight")].iloc[0]
     assert big["error"].startswith("skipped: 30×20") and big["shapes"] == "30·20" and np.isnan(big["lambda_max"])
     assert df[df["name"].eq("1.weight")].iloc[0]["error"] == ""
+
+
+def test_a_nan_head_gets_an_error_row_and_the_other_heads_are_analysed():
+    mha = torch.nn.MultiheadAttention(32, 4)
+    with torch.no_grad():
+        mha.in_proj_weight[8 + 2, 5] = float("nan")  # query rows of head 1 (dh = 8)
+    df = analyze(torch.nn.ModuleList([mha]), kinds=["qk"])
+    heads = df[df["head"] >= 0].set_index("head")
+    assert "non-finite" in heads.loc[1, "error"] and heads.drop(index=1)["error"].eq("").all()
+    assert heads.drop(index=1)["lambda_max"].gt(0).all()
