@@ -1,0 +1,172 @@
+"""Training configuration, presets, and ``--key value`` overrides with checked types.
+
+A run is fully described by a ``RunConfig``: the model's ``ModelConfig`` and the loop's ``TrainConfig``
+(both frozen dataclasses, field names disjoint). ``resolve`` starts from a preset, applies overrides, and
+the result is saved as the run's ``config.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rankscope.errors import InputError
+from rankscope.nn import ModelConfig
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training loop: data, optimiser, schedule, checkpoints, diagnostics."""
+
+    data: str = "stdlib"  # "stdlib", a local text file or folder, or "hf:NAME[:CONFIG]"
+    max_bytes: int | None = 12_000_000  # cap on the training split's UTF-8 bytes (None = all)
+    val_percent: float = 5.0
+    batch_size: int = 16  # sequences per step (per process under DDP)
+    steps: int = 1200  # optimizer updates
+    lr: float = 2e-3  # peak learning rate (AdamW)
+    min_lr: float = 2e-4  # end of the cosine
+    warmup_steps: int = 100  # linear warmup from 0
+    weight_decay: float = 0.1  # on 2-D weights only
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global gradient norm (0 = off)
+    seed: int = 0  # model init, data order
+    eval_every: int = 100  # validation loss every N steps (and at the end)
+    eval_batches: int = 8
+    ckpt_every: int = 200  # checkpoint every N steps (and at the end, and on Ctrl-C)
+    keep_checkpoints: int = 2  # older periodic checkpoints are deleted; the final one is always kept
+    monitor_every: int = 50  # spectral diagnostics every N steps (0 = off)
+    monitor_per_head: bool = True
+    monitor_weights: bool = True  # also diagnose MLP and embedding matrices
+    fpr: float = 0.01  # false-positive rate of the outlier test
+    repr_every: int = 0  # representation-collapse metrics every N steps (0 = off)
+    threads: int = 0  # torch intra-op threads; 0 = the cores actually free now
+    device: str = "auto"  # "auto" (cuda when present), "cpu", "cuda", "cuda:1", ...
+    amp: str = "auto"  # "auto" (bf16 autocast on CUDA), "bf16", "off"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    preset: str = "custom"
+
+    def to_dict(self) -> dict:
+        return {"preset": self.preset, "model": dataclasses.asdict(self.model), "train": dataclasses.asdict(self.train)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunConfig:
+        try:
+            return cls(model=ModelConfig(**d["model"]), train=TrainConfig(**d["train"]), preset=d.get("preset", "custom"))
+        except (KeyError, TypeError) as exc:
+            raise InputError(f"run config: {exc}") from None
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> RunConfig:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise InputError(f"{path}: not a readable run config ({exc})") from None
+
+
+PRESETS: dict[str, dict] = {
+    # Under a minute on 2 cores, tokenizer included: a plumbing check, not a study.
+    "smoke": dict(vocab_size=512, n_layer=2, d_model=64, n_head=4, kv_lora_rank=32, qk_rope_dim=8, max_seq_len=64,
+                  max_bytes=2_000_000, batch_size=8, steps=100, lr=2e-3, min_lr=2e-4, warmup_steps=10, eval_every=50,
+                  eval_batches=4, ckpt_every=50, monitor_every=25),
+    # The CPU-scale study: about 5 minutes per run on 2 cores (4 layers, d=128, 4 heads of 32).
+    "cpu": dict(vocab_size=1024, n_layer=4, d_model=128, n_head=4, kv_lora_rank=64, qk_rope_dim=16, max_seq_len=128,
+                max_bytes=12_000_000, batch_size=16, steps=1200, lr=2e-3, min_lr=2e-4, warmup_steps=100,
+                eval_every=100, eval_batches=8, ckpt_every=200, monitor_every=50),
+    # GPT-2-small scale, for a GPU (bf16 autocast; torchrun for several GPUs). Not run in tests.
+    "paper": dict(vocab_size=32768, n_layer=12, d_model=768, n_head=12, kv_lora_rank=256, qk_rope_dim=32,
+                  max_seq_len=1024, max_bytes=None, batch_size=32, steps=20_000, lr=6e-4, min_lr=6e-5,
+                  warmup_steps=1000, eval_every=500, eval_batches=20, ckpt_every=1000, monitor_every=250),
+}
+
+_MODEL_FIELDS = {f.name: f for f in dataclasses.fields(ModelConfig)}
+_TRAIN_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _convert(name: str, raw, hint) -> object:
+    """``raw`` (a CLI string or a Python value) as the field's type; an InputError names the field."""
+    origin = typing.get_origin(hint)
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    optional = origin in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
+    target = args[0] if optional else hint
+    if not isinstance(raw, str):
+        if raw is None and optional:
+            return None
+        if target is float and isinstance(raw, int) and not isinstance(raw, bool):
+            return float(raw)
+        if isinstance(raw, target) and not (target is int and isinstance(raw, bool)):
+            return raw
+        raise InputError(f"--{name}: expected {target.__name__}, got {raw!r}")
+    if optional and raw.lower() in ("none", "null", ""):
+        return None
+    try:
+        if target is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if target is int:  # "1200", "12_000_000" or "1.2e7"
+            try:
+                return int(raw)
+            except ValueError:
+                value = float(raw)
+                if not value.is_integer():
+                    raise
+                return int(value)
+        return target(raw)
+    except ValueError:
+        raise InputError(f"--{name}: {raw!r} is not a valid {target.__name__}") from None
+
+
+def resolve(preset: str = "smoke", overrides: dict | None = None, base: RunConfig | None = None) -> RunConfig:
+    """The preset (or ``base``) with ``overrides`` (field → value or CLI string) applied, types checked."""
+    if base is None and preset not in PRESETS:
+        raise InputError(f"unknown preset {preset!r}; choose from {list(PRESETS)}")
+    values = {} if base is not None else dict(PRESETS[preset])
+    for key, raw in (overrides or {}).items():
+        name = key.replace("-", "_")
+        if name not in _MODEL_FIELDS and name not in _TRAIN_FIELDS:
+            raise InputError(f"--{key}: no such setting; model settings: {sorted(_MODEL_FIELDS)}; "
+                             f"training settings: {sorted(_TRAIN_FIELDS)}")
+        values[name] = raw
+    model_hints = typing.get_type_hints(ModelConfig)
+    train_hints = typing.get_type_hints(TrainConfig)
+    model_kw = {k: _convert(k, v, model_hints[k]) for k, v in values.items() if k in _MODEL_FIELDS}
+    train_kw = {k: _convert(k, v, train_hints[k]) for k, v in values.items() if k in _TRAIN_FIELDS}
+    if base is not None:
+        return RunConfig(dataclasses.replace(base.model, **model_kw), dataclasses.replace(base.train, **train_kw),
+                         base.preset)
+    return RunConfig(ModelConfig(**model_kw), TrainConfig(**train_kw), preset)
+
+
+def parse_pairs(args: list[str]) -> dict[str, str]:
+    """``["--lr", "1e-3", "--attention=mha"]`` → ``{"lr": "1e-3", "attention": "mha"}``."""
+    out, i = {}, 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise InputError(f"unexpected argument {arg!r}; overrides are --key value pairs")
+        key = arg[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+            i += 1
+        elif i + 1 < len(args):
+            value = args[i + 1]
+            i += 2
+        else:
+            raise InputError(f"--{key} needs a value")
+        out[key] = value
+    return out

@@ -1,0 +1,130 @@
+"""``Monitor``: spectral diagnostics of a model while it trains, written to the run store.
+
+Every ``every`` steps it diagnoses each layer's and each head's attention forms (query–key, and OV) under
+both nulls (the structure-matched product null and the naive MP fit, side by side), and the other weight
+matrices, under ``torch.no_grad``; rows go to the store's ``qk``/``weights`` tables, eigenvalues and the
+fitted null's quantiles to ``spectra``. It records its own wall time, so its overhead is measured.
+
+    mon = rs.Monitor(model, "runs/x", every=50)
+    for step in range(steps): ...; mon.step(step)
+    mon.close()
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from rankscope.analysis import ATTENTION_KINDS, analyze_full
+from rankscope.store import RunStore
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DistributedDataParallel / torch.compile wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner
+
+
+class Monitor:
+    """Training-time diagnostics; ``step(step)`` in any loop, ``log(step, loss=…)`` for scalars."""
+
+    def __init__(self, model: torch.nn.Module, run_dir: str | Path, every: int = 50, *,
+                 nulls: tuple[str, ...] = ("product", "mp"), per_head: bool = True,
+                 kinds: tuple[str, ...] = ("qk", "ov", "mlp", "weights"), fpr: float = 0.01,
+                 run: str | None = None, store: RunStore | None = None, flush_every: int = 1,
+                 tensorboard: bool = True):
+        self.model = model
+        self.every, self.nulls, self.per_head, self.kinds, self.fpr = every, tuple(nulls), per_head, tuple(kinds), fpr
+        self.store = store or RunStore(run_dir, run=run)
+        self.flush_every = flush_every  # flush after this many diagnosed steps (1: every one)
+        self.seconds = 0.0  # wall time spent in diagnostics and writing
+        self.calls = 0
+        self._done = self.store.steps("qk") | self.store.steps("weights")  # resumed runs skip these steps
+        self._logged = self.store.steps("train")
+        self._unflushed = 0
+        self._tb = _tensorboard(Path(run_dir) / "events") if tensorboard else None
+
+    def due(self, step: int) -> bool:
+        return self.every > 0 and step % self.every == 0 and step not in self._done
+
+    def step(self, step: int, force: bool = False) -> bool:
+        """Diagnose the model now if ``step`` is a multiple of ``every`` (or ``force``); True if it did."""
+        if not (self.due(step) or (force and step not in self._done)):
+            return False
+        start = time.perf_counter()
+        self.diagnose(step)
+        self._unflushed += 1
+        if self._unflushed >= self.flush_every:
+            self.flush()
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+        return True
+
+    @torch.no_grad()
+    def diagnose(self, step: int) -> None:
+        model = _unwrap(self.model)
+        variant = getattr(getattr(model, "config", None), "attention", None)
+        for null in self.nulls:
+            found = analyze_full(model, per_head=self.per_head, kinds=self.kinds, null=null, fpr=self.fpr)
+            table = found.table
+            if table.empty:
+                continue
+            table = table.assign(step=step)
+            if variant is not None:
+                table["variant"] = table["variant"].where(table["variant"].astype(bool), variant)
+            attention = table["kind"].isin(ATTENTION_KINDS)
+            self.store.append("qk", table[attention])
+            self.store.append("weights", table[~attention])
+            spectra = []
+            for i, d in found.diagnoses.items():
+                row = table.iloc[i]
+                if row["kind"] in ATTENTION_KINDS:
+                    spectra.append({"step": step, "layer": int(row["layer"]), "head": int(row["head"]),
+                                    "kind": row["kind"], "null": null, "bulk_edge": d.bulk_edge,
+                                    "eigenvalues": d.eigenvalues.tolist(),
+                                    "null_quantiles": None if d.null_quantiles is None else
+                                    [float(x) for x in d.null_quantiles]})
+            self.store.append("spectra", spectra)
+            if self._tb is not None:
+                for layer, rows in table[attention & (table["head"] < 0) & (table["kind"] == "qk")].groupby("layer"):
+                    r = rows.iloc[0]
+                    for key in ("outliers", "spike_strength", "stable_rank", "effective_rank"):
+                        self._tb.add_scalar(f"qk_{null}/layer{layer}/{key}", float(r[key]), step)
+        self._done.add(step)
+
+    def log(self, step: int, **scalars: float) -> None:
+        """Scalars for the ``train`` table (loss, val_loss, lr, …); a step already stored is not written again."""
+        if step in self._logged:
+            return
+        self._logged.add(step)
+        self.store.append("train", [{"step": step, **{k: float(v) for k, v in scalars.items()}}])
+        if self._tb is not None:
+            for key, value in scalars.items():
+                self._tb.add_scalar(f"train/{key}", float(value), step)
+
+    def flush(self) -> None:
+        self.store.flush()
+        self._unflushed = 0
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        start = time.perf_counter()
+        self.flush()
+        self.seconds += time.perf_counter() - start
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _tensorboard(path: Path):
+    """A TensorBoard writer when ``tensorboard`` is installed, else None (it is optional)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(path))
