@@ -2,6 +2,7 @@
 
 from rankscope.probes.chain import KINDS, NamedForm, latent_rms_isotropic, mha_forms, mla_forms, stack_heads
 from rankscope.probes.hf import FAMILIES, detect_architecture, hf_forms, hf_model_forms, multihead_attention_forms
+from rankscope.probes.native import native_forms
 
 __all__ = [
     "FAMILIES",
@@ -14,5 +15,6 @@ __all__ = [
     "mha_forms",
     "mla_forms",
     "multihead_attention_forms",
+    "native_forms",
     "stack_heads",
 ]

@@ -37,7 +37,7 @@ class NamedForm:
     head: int  # query head, or -1 for the layer's sum over heads
     kind: str  # "qk", "qk_content", "qk_rope" or "ov"
     form: list = field(repr=False)  # a chain [F1, F2, …] or a sum of chains [[…], […]]
-    variant: str  # "mha", "gqa", "mqa" or "mla_decoupled"
+    variant: str  # "mha", "gqa", "mqa", "mla_prerope" or "mla_decoupled"
     kv_cache_floats: int | None  # floats cached per token in this layer (keys + values, or MLA's latent + rope key)
 
     @property
@@ -124,8 +124,9 @@ def mha_forms(layer: int, wq, wk, wv, wo, n_heads: int, n_kv_heads: int | None =
 def mla_forms(layer: int, *, n_heads: int, qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int,
               kv_a, kv_a_norm, kv_b, wo=None, q_a=None, q_a_norm=None, q_b=None, wq=None,
               rho_q: float | None = None, rho_kv: float | None = None,
-              heads: bool = True, kinds: Sequence[str] | None = None) -> Iterator[NamedForm]:
-    """NamedForms (qk, qk_content, qk_rope, ov) of one decoupled-MLA layer (DeepSeek-V2/V3 layout, DESIGN §4).
+              heads: bool = True, kinds: Sequence[str] | None = None,
+              variant: str = "mla_decoupled", kv_cache_floats: int | None = None) -> Iterator[NamedForm]:
+    """NamedForms (qk, qk_content, qk_rope, ov) of one MLA layer (DeepSeek-V2/V3 layout, DESIGN §4).
 
     ``kv_a`` (dc+dr, d) = [Wdkv; Wkr], ``kv_a_norm`` (dc,) = Dkv, ``kv_b`` (H·(dn+dv), dc) with rows per head
     [Wuk_h; Wuv_h], ``wo`` (d, H·dv). Queries: ``q_a`` (dq, d) = Wdq, ``q_a_norm`` (dq,) = Dq, ``q_b``
@@ -136,13 +137,17 @@ def mla_forms(layer: int, *, n_heads: int, qk_nope_head_dim: int, qk_rope_head_d
     content ``[Wdqᵀ/ρq, Dq·Wuq_hᵀ, Wuk_h·Dkv, Wdkv/ρkv]`` (d, dq, dn, dc, d), rope ``[Wdqᵀ/ρq, Dq·Wqr_hᵀ, Wkr]``
     (d, dq, dr, d), qk = content + rope (a sum of two chains), ov ``[Wo_h, Wuv_h·Dkv, Wdkv/ρkv]``.
     The rope key is shared by all heads and carries no norm (as in DeepSeek).
+
+    ``qk_rope_head_dim=0`` (MLA without a decoupled rope part, e.g. ``mla_prerope``): ``kv_a`` is just Wdkv,
+    the queries have dn rows per head, and only ``qk`` (= the content chain, not a sum) and ``ov`` exist.
+    ``variant`` labels the forms; ``kv_cache_floats`` overrides the per-layer cache size (default dc + dr).
     """
     H, dn, dr, dv = n_heads, qk_nope_head_dim, qk_rope_head_dim, v_head_dim
-    todo = _kinds(kinds, ("qk", "qk_content", "qk_rope", "ov"))
+    todo = _kinds(kinds, ("qk", "qk_content", "qk_rope", "ov") if dr else ("qk", "ov"))
     where = f"layer {layer}"
     kv_a = _f64(kv_a, f"{where} kv_a_proj_with_mqa")
     dc = kv_a.shape[0] - dr
-    if dc <= 0:
+    if dc <= 0 or dr < 0:
         raise InputError(f"{where}: kv_a_proj_with_mqa has {kv_a.shape[0]} rows, not more than qk_rope_head_dim={dr}")
     w_dkv, w_kr = kv_a[:dc], kv_a[dc:]  # (dc, d), (dr, d)
     d_kv = _f64(kv_a_norm, f"{where} kv_a_layernorm", ndim=1)
@@ -179,14 +184,14 @@ def mla_forms(layer: int, *, n_heads: int, qk_nope_head_dim: int, qk_rope_head_d
         wq = wq.reshape(H, dn + dr, -1)
         q_nope = wq[:, :dn].mT  # (H, d, dn)
         q_rope = wq[:, dn:].mT  # (H, d, dr)
-    cache = dc + dr
+    cache = dc + dr if kv_cache_floats is None else int(kv_cache_floats)
     if "ov" in todo and wo is not None:
         wo = _f64(wo, f"{where} o_proj")
         if wo.shape[1] != H * dv:
             raise InputError(f"{where}: o_proj has {wo.shape[1]} columns, expected H·dv = {H * dv}")
 
     def make(kind: str, head: int, form: list) -> NamedForm:
-        return NamedForm(layer, head, kind, form, "mla_decoupled", cache)
+        return NamedForm(layer, head, kind, form, variant, cache)
 
     def qk_blocks(h: int | None) -> tuple[list, list]:
         if h is None:  # layer sum: content Σ_h over the concatenated heads, rope with the query heads summed
@@ -201,7 +206,7 @@ def mla_forms(layer: int, *, n_heads: int, qk_nope_head_dim: int, qk_rope_head_d
         head = -1 if h is None else h
         content, rope = qk_blocks(h)
         if "qk" in todo:
-            yield make("qk", head, [content, rope])
+            yield make("qk", head, [content, rope] if dr else content)
         if "qk_content" in todo:
             yield make("qk_content", head, content)
         if "qk_rope" in todo:
