@@ -3,6 +3,8 @@ from pathlib import Path
 
 # Simulated nulls go to a cache inside the repo (ignored by git), shared by the test workers.
 os.environ.setdefault("RANKSCOPE_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "nulls"))
+# Tokenizers and token streams too (keyed by the corpus fingerprint, so sharing them between tests is safe).
+os.environ.setdefault("RANKSCOPE_DATA_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "data"))
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Two workers on two cores: one intra-op thread each, or torch's spinning threads fight over the cores.

@@ -89,6 +89,10 @@ class _Weights(Mapping):
         return len(self._names)
 
 
+def _weights_of(state: dict[str, torch.Tensor]) -> _Weights:
+    return _Weights(list(state), state.__getitem__, lambda n: tuple(state[n].shape), lambda n: state[n].dtype)
+
+
 def _source(model_or_path) -> tuple[dict | None, _Weights, list[NamedForm]]:
     """(config, weights, extra forms) of a module or a path."""
     if isinstance(model_or_path, nn.Module):
@@ -96,11 +100,14 @@ def _source(model_or_path) -> tuple[dict | None, _Weights, list[NamedForm]]:
         config = getattr(model_or_path, "config", None)
         config = config.to_dict() if hasattr(config, "to_dict") else config
         extra: list[NamedForm] = []
+        if hasattr(model_or_path, "attention_layers"):  # a rankscope model: each attention module gives its chains
+            from rankscope.probes.native import native_forms
+
+            return config, _weights_of(state), native_forms(model_or_path)
         mhas = [m for m in model_or_path.modules() if isinstance(m, nn.MultiheadAttention)]
         for i, module in enumerate(mhas):  # layer = the module's position in module order
             extra.extend(multihead_attention_forms(module, layer=i))
-        weights = _Weights(list(state), state.__getitem__, lambda n: tuple(state[n].shape), lambda n: state[n].dtype)
-        return config, weights, extra
+        return config, _weights_of(state), extra
     from rankscope.probes.load import open_checkpoint
 
     ckpt = open_checkpoint(Path(model_or_path) if not isinstance(model_or_path, Path) else model_or_path)

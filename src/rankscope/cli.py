@@ -200,5 +200,73 @@ def _esd(result, out: Path) -> Path | None:
     return esd_figure(panels, out / "esd.png") if panels else None
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train(
+    ctx: typer.Context,
+    preset: str = typer.Option("smoke", help="smoke (under a minute) | cpu (the CPU study, ~5 min) | paper (GPU)"),
+    attention: str = typer.Option("mha", help="mha | gqa | mqa | mla_prerope | mla_decoupled"),
+    run: Path | None = typer.Option(None, help="run directory (default runs/<preset>-<attention>)"),
+    resume: bool = typer.Option(False, help="continue the newest checkpoint in --run"),
+    every: int | None = typer.Option(None, help="diagnose the spectra every N steps (overrides the preset)"),
+) -> None:
+    """Train the decoder with one attention variant, diagnosing its spectra as it goes.
+
+    Any config field can be set with --key value (e.g. --lr 1e-3 --n_layer 6 --rope_mode coupled).
+    """
+    from rankscope.nn.config import summary_table
+    from rankscope.train import resolve
+    from rankscope.train import train as run_training
+    from rankscope.train.config import parse_pairs
+
+    try:
+        overrides = {"attention": attention, **parse_pairs(ctx.args)}
+        if every is not None:
+            overrides["monitor_every"] = every
+        cfg = resolve(preset, overrides)
+        run_dir = run or Path("runs") / f"{preset}-{attention}"
+        console.print(summary_table(cfg.model), highlight=False)
+        result = run_training(cfg, run_dir, resume=resume)
+    except InputError as exc:
+        console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+        raise typer.Exit(2) from exc
+    console.print(f"{result.run_dir}: {result.steps} steps in {result.seconds:.0f} s, "
+                  f"{result.tokens_per_second:,.0f} tokens/s; loss {result.final_loss:.3f}, "
+                  f"validation {result.val_loss:.3f}; diagnostics took {result.monitor_seconds:.1f} s "
+                  f"({100 * result.monitor_seconds / max(result.seconds, 1e-9):.1f} % of wall time)")
+    if result.interrupted:
+        console.print(f"[yellow]interrupted[/yellow]: checkpoint saved; continue with --run {result.run_dir} --resume")
+        raise typer.Exit(130)
+
+
+@app.command()
+def sql(
+    run_dir: Path = typer.Argument(..., help="a run directory, or a study directory holding several runs"),
+    query: str = typer.Argument(..., help='SQL over the views qk, weights, spectra, repr, train (quote "null")'),
+    fmt: str = typer.Option("table", "--format", help="table | csv | json"),
+) -> None:
+    """Query a run's diagnostics with DuckDB (works while the run is still training)."""
+    from rankscope.store import RunStore
+
+    if not run_dir.exists():
+        console.print(f"[red]error:[/red] {run_dir}: no such run directory")
+        raise typer.Exit(2)
+    try:
+        frame = RunStore(run_dir).sql(query)
+    except InputError as exc:
+        console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+        raise typer.Exit(2) from exc
+    if fmt == "csv":
+        print(frame.to_csv(index=False), end="")
+    elif fmt == "json":
+        print(frame.to_json(orient="records"))
+    else:
+        table = Table()
+        for col in frame.columns:
+            table.add_column(str(col), justify="right")
+        for row in frame.itertuples(index=False):
+            table.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row])
+        console.print(table)
+
+
 if __name__ == "__main__":
     app()

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -180,11 +182,12 @@ def evaluate(model: torch.nn.Module, stream: np.ndarray, cfg: RunConfig, device,
 
 
 def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
-          on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+          on_step: Callable[[int, float], bool | None] | None = None) -> TrainResult:
     """Train ``cfg`` in ``run_dir`` (config, checkpoints, metrics); ``resume`` continues the newest checkpoint.
 
     Under ``torchrun`` (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel (gloo on CPU, nccl on
     CUDA); every process draws its own batches, and only rank 0 evaluates, diagnoses and writes.
+    ``on_step(step, loss)`` is called after each update; returning True stops the run as Ctrl-C does.
     """
     from rankscope.data import prepare
 
@@ -241,10 +244,11 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
     t0, loss_value, val_loss, interrupted = time.perf_counter(), float("nan"), float("nan"), False
     bar = _progress(progress and rank == 0, start, tc.steps, run_dir.name)
     step = start
+    stop = _StopRequest()  # Ctrl-C ends the run at the next step boundary, with a checkpoint
     try:
         if monitor is not None and start == 0:
             monitor.step(0)
-        while step < tc.steps:
+        while step < tc.steps and not stop.requested:
             tick = time.perf_counter()
             lr = lr_at(step, tc)
             for group in opt.param_groups:
@@ -254,14 +258,12 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
                 _, loss = net(x, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"step {step + 1}: the loss is {loss_value}; lower the lr (now {lr:.2e})")
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
             opt.step()
             step += 1
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"step {step}: the loss is {loss_value}; lower lr (now {lr:.2e})")
-            if on_step is not None:
-                on_step(step, loss_value)
             if rank == 0:
                 seconds = time.perf_counter() - tick
                 scalars = {"loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
@@ -277,12 +279,14 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
                     monitor.flush()  # rows up to the checkpoint are on disk before it exists
                     save_checkpoint(run_dir, step, model, opt, tc.keep_checkpoints, final=step == tc.steps)
                 bar(step, loss_value, val_loss, tokens_per_step / seconds)
-    except KeyboardInterrupt:
-        interrupted = True
-        if rank == 0 and step > start:
+            if on_step is not None and on_step(step, loss_value):
+                stop.requested = True
+        interrupted = stop.requested and step < tc.steps
+        if interrupted and rank == 0 and step % tc.ckpt_every:
             monitor.flush()
             save_checkpoint(run_dir, step, model, opt, tc.keep_checkpoints)
     finally:
+        stop.restore()
         bar(None, 0, 0, 0)
         if monitor is not None:
             monitor.close()
@@ -290,6 +294,26 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
     done = step - start
     return TrainResult(run_dir, step, loss_value, val_loss, seconds, monitor.seconds if monitor else 0.0,
                        tokens_per_step * done / max(seconds, 1e-9), interrupted)
+
+
+class _StopRequest:
+    """SIGINT (Ctrl-C) sets ``requested``; the loop stops at the next step boundary and checkpoints there, so
+    a resumed run is exact. A second Ctrl-C raises KeyboardInterrupt at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
 
 
 def _progress(enabled: bool, start: int, total: int, name: str):

@@ -1,0 +1,169 @@
+"""The trainer: exact resume, checkpoints, kill -9 safety of the store, DDP, config overrides."""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rankscope.errors import InputError
+from rankscope.store import RunStore
+from rankscope.train import resolve, train
+from rankscope.train.config import parse_pairs
+from rankscope.train.trainer import get_batch, lr_at
+
+TINY = dict(vocab_size=300, n_layer=2, d_model=32, n_head=2, kv_lora_rank=16, qk_rope_dim=4, max_seq_len=32,
+            max_bytes=300_000, batch_size=4, steps=12, warmup_steps=3, eval_every=6, eval_batches=2, ckpt_every=6,
+            monitor_every=4, threads=1, monitor_weights=False)
+
+
+def tiny(**kw):
+    return resolve("smoke", {**TINY, **kw})
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    frame = RunStore(run_dir).sql("select step, loss from train order by step")
+    return dict(zip(frame["step"].astype(int), frame["loss"], strict=True))
+
+
+def test_lr_schedule_is_warmup_then_cosine():
+    cfg = tiny(steps=100, warmup_steps=10, lr=1e-3, min_lr=1e-4).train
+    assert lr_at(0, cfg) == pytest.approx(1e-4)
+    assert lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(10, cfg) == pytest.approx(1e-3)
+    assert lr_at(55, cfg) == pytest.approx(1e-4 + 0.5 * 9e-4)  # half way down the cosine
+    assert lr_at(100, cfg) == pytest.approx(1e-4)
+
+
+def test_batches_depend_only_on_seed_step_and_rank():
+    stream = np.arange(10_000, dtype=np.uint16)
+    x1, y1 = get_batch(stream, 4, 16, seed=3, step=7)
+    x2, _ = get_batch(stream, 4, 16, seed=3, step=7)
+    x3, _ = get_batch(stream, 4, 16, seed=3, step=7, rank=1)
+    assert torch.equal(x1, x2) and not torch.equal(x1, x3)
+    assert torch.equal(y1[:, :-1], x1[:, 1:])  # targets are the inputs shifted by one token
+
+
+def test_interrupted_and_resumed_run_has_the_same_losses(tmp_path):
+    cfg = tiny(attention="mla_decoupled")
+    full = train(cfg, tmp_path / "full", progress=False)
+    assert full.steps == 12 and not full.interrupted
+
+    def stop_at_7(step, loss):
+        return step == 7  # what Ctrl-C does: stop at the step boundary, with a checkpoint
+
+    cut = train(cfg, tmp_path / "cut", progress=False, on_step=stop_at_7)
+    assert cut.interrupted and cut.steps == 7
+    assert (tmp_path / "cut" / "checkpoints" / "step_000007.safetensors").exists()
+    resumed = train(cfg, tmp_path / "cut", resume=True, progress=False)
+    assert resumed.steps == 12
+    a, b = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    assert sorted(a) == sorted(b) == list(range(1, 13))  # every step once, none twice
+    np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=1e-6, atol=0)
+    # the diagnoses after the resume match too (same weights, and the latent rms buffers were restored)
+    q = 'select step, layer, head, kind, "null", outliers, stable_rank from qk order by all'
+    fa, fb = RunStore(tmp_path / "full").sql(q), RunStore(tmp_path / "cut").sql(q)
+    assert len(fa) == len(fb) > 0
+    np.testing.assert_allclose(fa["stable_rank"], fb["stable_rank"], rtol=1e-6)
+
+
+def test_a_run_directory_with_checkpoints_needs_resume(tmp_path):
+    cfg = tiny(steps=6)
+    train(cfg, tmp_path / "r", progress=False)
+    with pytest.raises(InputError, match="--resume"):
+        train(cfg, tmp_path / "r", progress=False)
+    with pytest.raises(InputError, match="different model"):
+        train(tiny(steps=6, d_model=64), tmp_path / "r", resume=True, progress=False)
+
+
+def test_resume_skips_a_corrupt_newest_checkpoint(tmp_path):
+    cfg = tiny(steps=12, keep_checkpoints=3)
+    train(cfg, tmp_path / "r", progress=False)
+    newest = tmp_path / "r" / "checkpoints" / "step_000012.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])  # truncated
+    from rankscope.nn import GPT
+    from rankscope.train.trainer import load_checkpoint
+
+    model = GPT(cfg.model)
+    assert load_checkpoint(tmp_path / "r", model, None, "cpu") == 6
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "rankscope.cli", *args]
+
+
+def _tiny_args(**kw) -> list[str]:
+    args = []
+    for key, value in {**TINY, **kw}.items():
+        args += [f"--{key}", str(value)]
+    return args
+
+
+def test_kill_9_loses_only_unflushed_rows_and_resume_writes_no_key_twice(tmp_path):
+    run = tmp_path / "killed"
+    args = _cli("train", "--preset", "smoke", "--attention", "mha", "--run", str(run),
+                *_tiny_args(steps=400, ckpt_every=20, monitor_every=10, eval_every=50))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    store = RunStore(run)
+    try:
+        while time.time() < deadline and proc.poll() is None:  # read the store while it is being written
+            if "train" in store.tables() and len(store.steps("train")) >= 45:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    before = store.steps("train")
+    assert len(before) >= 45
+    assert not list((run / "metrics").glob("*.parquet")) or store.sql("select count(*) n from qk")["n"][0] > 0
+    done = subprocess.run(_cli("train", "--preset", "smoke", "--attention", "mha", "--run", str(run), "--resume",
+                               *_tiny_args(steps=60, ckpt_every=20, monitor_every=10, eval_every=50)),
+                          env=env, capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    # resumed past the kill point (its steps ≤ 60 are all there) and wrote each key once
+    keys = store.sql("select step, count(*) n from train group by step")
+    assert set(keys["step"]) >= set(range(1, 61)) and keys["n"].max() == 1
+    dup = store.sql('select step, layer, head, kind, "null", count(*) n from qk group by all having n > 1')
+    assert dup.empty
+    assert set(store.steps("qk")) >= set(range(0, 61, 10))
+
+
+def test_ddp_two_cpu_processes_on_gloo(tmp_path):
+    run = tmp_path / "runs" / "smoke-gqa"  # the default run dir (torchrun's parser would take --run for its own)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "rankscope.cli", "train", "--preset", "smoke", "--attention", "gqa",
+           *_tiny_args(steps=8, ckpt_every=8, monitor_every=4, eval_every=4)]
+    done = subprocess.run(cmd, capture_output=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    store = RunStore(run)
+    frame = store.sql("select step, count(*) n, max(loss) loss from train group by step order by step")
+    assert list(frame["step"]) == list(range(1, 9)) and frame["n"].max() == 1  # only rank 0 writes
+    assert all(math.isfinite(x) for x in frame["loss"])
+    assert store.steps("qk") == {0, 4, 8}
+
+
+def test_overrides_are_type_checked():
+    cfg = resolve("cpu", parse_pairs(["--lr", "1e-3", "--n_layer=6", "--q_lora_rank", "none", "--max_bytes", "2e6",
+                                      "--monitor_per_head", "false"]))
+    assert cfg.train.lr == 1e-3 and cfg.model.n_layer == 6 and cfg.model.q_lora_rank is None
+    assert cfg.train.max_bytes == 2_000_000 and cfg.train.monitor_per_head is False
+    with pytest.raises(InputError, match="--lr"):
+        resolve("cpu", {"lr": "fast"})
+    with pytest.raises(InputError, match="no such setting"):
+        resolve("cpu", {"learning_rate": "1"})
+    with pytest.raises(InputError, match="n_layer"):
+        resolve("cpu", {"n_layer": "2.5"})
+    with pytest.raises(InputError, match="unknown preset"):
+        resolve("huge")
