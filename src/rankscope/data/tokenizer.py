@@ -106,6 +106,6 @@ def prepare(source: str = "stdlib", vocab_size: int = 1024, max_bytes: int | Non
                 "val_tokens": int(np.load(folder / "val.npy", mmap_mode="r").size), "vocab_size": vocab_size}
         meta_path.write_text(json.dumps(meta, indent=1))
     meta = json.loads(meta_path.read_text())
+    bytes_per_token = meta["train_bytes"] / max(meta["train_tokens"], 1)
     return TokenData(train=train, val=np.load(folder / "val.npy", mmap_mode="r"), tokenizer_path=tok_path,
-                     vocab_size=tok.get_vocab_size(), bytes_per_token=meta["train_bytes"] / max(meta["train_tokens"], 1),
-                     source=source)
+                     vocab_size=tok.get_vocab_size(), bytes_per_token=bytes_per_token, source=source)

@@ -61,7 +61,7 @@ class RunConfig:
     @classmethod
     def from_dict(cls, d: dict) -> RunConfig:
         try:
-            return cls(model=ModelConfig(**d["model"]), train=TrainConfig(**d["train"]), preset=d.get("preset", "custom"))
+            return cls(ModelConfig(**d["model"]), TrainConfig(**d["train"]), d.get("preset", "custom"))
         except (KeyError, TypeError) as exc:
             raise InputError(f"run config: {exc}") from None
 
