@@ -389,3 +389,17 @@ def test_native_forms(case):
         native_forms(model, kinds=["kq"])
     with pytest.raises(InputError, match="attention_layers"):
         native_forms(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_positions_are_encoded(case):
+    """One layer without position information is invariant to permuting the prefix seen by the last token
+    (attention is a weighted set sum); RoPE — on x, on q/k, or on the decoupled rope dims — must break that."""
+    model = GPT(small(case, n_layer=1)).double().eval()
+    _reinit(model, seed=9)
+    idx = torch.tensor([[3, 5, 7, 11, 2]])
+    swapped = torch.tensor([[5, 3, 7, 11, 2]])
+    with torch.no_grad():
+        a, _ = model(idx)
+        b, _ = model(swapped)
+    assert (a[0, -1] - b[0, -1]).abs().max() > 1e-6
