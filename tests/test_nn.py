@@ -190,7 +190,8 @@ def test_rho_buffers_track_the_latent_rms_and_fold_into_the_chains(case):
     attn(x2)
     assert float(attn.rho_kv) == pytest.approx(0.99 * r1 + 0.01 * batch_rms(w_dkv, x2), rel=1e-12)
     if attn.compressed_q:
-        assert float(attn.rho_q) > 0
+        w_dq = attn.q_a_proj.weight
+        assert float(attn.rho_q) == pytest.approx(0.99 * batch_rms(w_dq, x1) + 0.01 * batch_rms(w_dq, x2), rel=1e-12)
     forms = {f.key: f.form for f in attn.qk_chains()}
     key = (0, 1, "qk_content" if cfg.rope_dim else "qk")
     torch.testing.assert_close(forms[key][-1], w_dkv / float(attn.rho_kv))
