@@ -176,7 +176,9 @@ class MLA(nn.Module):
     @torch.no_grad()
     def _track_rms(self, rho: torch.Tensor, latent: torch.Tensor, eps: float) -> None:
         """EMA of the batch-mean per-token rms of ``latent`` into ``rho`` (no host sync: torch.where)."""
-        r = latent.detach().float().pow(2).mean(-1).add(eps).sqrt().mean().to(rho.dtype)
+        c = latent.detach()
+        c = c.float() if c.dtype in (torch.float16, torch.bfloat16) else c  # (B, T, dc)
+        r = c.pow(2).mean(-1).add(eps).sqrt().mean().to(rho.dtype)
         seen = torch.isfinite(rho) & (rho > 0)
         rho.copy_(torch.where(seen, self.rho_momentum * rho + (1 - self.rho_momentum) * r, r))
 
