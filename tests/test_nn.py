@@ -202,14 +202,13 @@ def test_rho_buffers_track_the_latent_rms_and_fold_into_the_chains(case):
 # ---- sizes ------------------------------------------------------------------------------------------------
 
 def _design_kv_floats_per_layer(cfg: ModelConfig) -> int:
-    """DESIGN §4: MHA 2·H·dh (GQA/MQA 2·H_kv·dh); MLA dc + dr. mla_prerope "input" keeps a second latent for
-    the values of the un-rotated token (documented in nn.attention.MLA): 2·dc."""
+    """DESIGN §4: MHA 2·H·dh (GQA/MQA 2·H_kv·dh); MLA dc + dr (dr = 0 for PreRoPE, either rope mode)."""
     H_kv = {"mha": cfg.n_head, "gqa": cfg.n_head // 2, "mqa": 1}.get(cfg.attention)
     if H_kv is not None:
         return 2 * H_kv * cfg.head_dim
     if cfg.attention == "mla_decoupled":
         return cfg.kv_lora_rank + cfg.qk_rope_dim
-    return cfg.kv_lora_rank * (2 if cfg.rope_mode == "input" else 1)
+    return cfg.kv_lora_rank
 
 
 @pytest.mark.parametrize("tie", [True, False])

@@ -132,9 +132,9 @@ class MLA(nn.Module):
     - ``mla_decoupled``: q_h = [q_nope_h; RoPE(q_rope_h)] (dh + dr), one rope key k_R = RoPE(Wkr x) (dr) shared
       by all heads; score = q_nope_h·k_h + q_rope_h·k_R, softmax scale 1/√(dh + dr). Caches dc + dr per token.
     - ``mla_prerope``, ``rope_mode="input"``: RoPE (over d-dim pairs) is applied to the token representation x
-      before the down-projections, for the query and key paths: rotary *before* compression, taken literally.
-      Values are computed from the un-rotated x (choice: the OV path stays position-free, as in every other
-      variant), so keys and values come from two different latents and an inference cache holds 2·dc.
+      before the down-projections: rotary *before* compression, taken literally. Keys and values share the one
+      latent of the rotated token, c_kv = Wdkv RoPE(x), so an inference cache holds dc (the point of MLA);
+      the values therefore carry the rotation too (at offset 0, where the forms are read, it is the identity).
     - ``mla_prerope``, ``rope_mode="coupled"``: RoPE on the up-projected per-head q_h and k_h (dh), the usual
       small-model "MLA + RoPE"; caches dc (the up-projection cannot be absorbed, but the cache is still c_kv).
     Scale 1/√dh for both prerope modes.
@@ -210,11 +210,9 @@ class MLA(nn.Module):
         if self.training:
             self._track_rms(self.rho_kv, c_kv, self.kv_a_norm.eps)
         k, v = self._up(c_kv)  # (B, H, T, dh) each
-        if self.mode == "input":
-            _, v = self._up(self.kv_a_proj(x))  # values from the un-rotated token's latent
-        elif self.mode == "coupled":
+        if self.mode == "coupled":
             q, k = self.rotary(q), self.rotary(k)
-        else:  # decoupled
+        elif self.mode == "decoupled":
             q_nope, q_rope = q.split([dh, self.rope_dim], dim=-1)  # (B, H, T, dh), (B, H, T, dr)
             k_rope = self.rotary(kv_a[..., dc:].unsqueeze(1))  # (B, 1, T, dr): one rope key for all heads
             q = torch.cat((q_nope, self.rotary(q_rope)), dim=-1)  # (B, H, T, dh + dr)

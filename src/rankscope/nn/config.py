@@ -111,16 +111,9 @@ class ModelConfig:
         return self.qk_rope_dim if self.attention == "mla_decoupled" else 0
 
     def kv_cache_floats_per_layer(self) -> int:
-        """Floats cached per token in one layer: 2·H_kv·dh (MHA/GQA/MQA), dc + dr (MLA, DESIGN §4).
-
-        ``mla_prerope`` with ``rope_mode="input"`` is the exception: its keys come from the latent of the
-        *rotated* token and its values from the latent of the un-rotated token, two different dc-vectors, so an
-        inference cache holds 2·dc (see ``nn.attention.MLA``).
-        """
+        """Floats cached per token in one layer: 2·H_kv·dh (MHA/GQA/MQA), dc + dr (MLA, DESIGN §4)."""
         if not self.is_mla:
             return 2 * self.n_kv_head * self.head_dim
-        if self.attention == "mla_prerope" and self.rope_mode == "input":
-            return 2 * self.kv_lora_rank
         return self.kv_lora_rank + self.rope_dim
 
     def kv_cache_floats_per_token(self) -> int:
