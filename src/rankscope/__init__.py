@@ -4,7 +4,9 @@ from rankscope.errors import CheckpointError, InputError, RankscopeError
 from rankscope.spectra import Diagnosis, diagnose, diagnose_batch
 
 __version__ = "0.1.0"
-__all__ = ["CheckpointError", "Diagnosis", "InputError", "RankscopeError", "analyze", "diagnose", "diagnose_batch"]
+__all__ = [
+    "CheckpointError", "Diagnosis", "InputError", "RankscopeError", "analyze", "capture", "diagnose", "diagnose_batch",
+]
 
 
 def __getattr__(name: str):
@@ -12,4 +14,8 @@ def __getattr__(name: str):
         from rankscope.analysis import analyze
 
         return analyze
+    if name == "capture":  # the representations package, on first use
+        from rankscope.representations.capture import capture
+
+        return capture
     raise AttributeError(f"module 'rankscope' has no attribute {name!r}")
