@@ -20,7 +20,8 @@ from torch import nn
 
 from rankscope.errors import InputError
 from rankscope.probes import NamedForm, detect_architecture, hf_forms, multihead_attention_forms, stack_heads
-from rankscope.spectra import Diagnosis, diagnose, diagnose_batch
+from rankscope.spectra import Diagnosis
+from rankscope.spectra.diagnose import diagnose_nulls
 
 MAX_ELEMENTS = 2**28  # a single matrix larger than this (2 GB in float64) is reported as skipped, by name
 ATTENTION_KINDS = ("qk", "qk_content", "qk_rope", "ov")
@@ -115,9 +116,11 @@ def _source(model_or_path) -> tuple[dict | None, _Weights, list[NamedForm]]:
 
 
 def analyze_full(model_or_path, *, per_head: bool = True, kinds=("qk", "ov", "mlp", "weights"),
-                 null: str = "product", fpr: float = 0.01,
+                 null: str | tuple[str, ...] = "product", fpr: float = 0.01,
                  progress: Callable[[int, int, str], None] | None = None) -> Analysis:
-    """``analyze`` with the diagnoses and forms kept (for figures)."""
+    """``analyze`` with the diagnoses and forms kept (for figures). ``null`` may be a tuple of nulls: every
+    form then gets one row per null, its spectrum computed once."""
+    nulls = (null,) if isinstance(null, str) else tuple(null)
     unknown = [k for k in kinds if k not in KIND_GROUPS]
     if unknown:
         raise InputError(f"unknown kinds {unknown}; choose from {list(KIND_GROUPS)}")
@@ -158,10 +161,10 @@ def analyze_full(model_or_path, *, per_head: bool = True, kinds=("qk", "ov", "ml
         for kind in attention_kinds:
             of_kind = [f for f in layer_forms if f.kind == kind]
             for f in [f for f in of_kind if f.head < 0]:
-                _diagnose_rows(add, [f], null, fpr, batched=False)
+                _diagnose_rows(add, [f], nulls, fpr, batched=False)
             heads = [f for f in of_kind if f.head >= 0]
             if heads:
-                _diagnose_rows(add, heads, null, fpr, batched=True)
+                _diagnose_rows(add, heads, nulls, fpr, batched=True)
         tick(f"layer {layer} attention")
     for name in matrices:
         shape = weights.shape(name)
@@ -175,10 +178,12 @@ def analyze_full(model_or_path, *, per_head: bool = True, kinds=("qk", "ov", "ml
         else:
             W = weights[name]
             try:
-                add(None, name, layer_of(name), -1, kind, "", diagnose(W, null=null, fpr=fpr, name=name),
-                    form_obj=W)
+                found = diagnose_nulls(W, nulls, fpr=fpr, name=name)
             except InputError as exc:
                 add(None, name, layer_of(name), -1, kind, "", None, str(exc), shape=shape)
+            else:
+                for n in nulls:
+                    add(None, name, layer_of(name), -1, kind, "", found[n][0], form_obj=W)
         tick(name)
     if arch is None and not extra:
         out.not_understood = [n for n in matrices if matrix_kind(n) == "weight"]
@@ -186,25 +191,28 @@ def analyze_full(model_or_path, *, per_head: bool = True, kinds=("qk", "ov", "ml
     return out
 
 
-def _diagnose_rows(add, forms: list[NamedForm], null: str, fpr: float, batched: bool) -> None:
+def _diagnose_rows(add, forms: list[NamedForm], nulls: tuple[str, ...], fpr: float, batched: bool) -> None:
     """Diagnose the forms (the heads of one layer and kind as one batch); a bad head gets an error row."""
     name = f"layer {forms[0].layer} {forms[0].kind}"
     if batched:
         try:
-            diagnoses = diagnose_batch(stack_heads(forms), null=null, fpr=fpr, name=name)
+            found = diagnose_nulls(stack_heads(forms), nulls, fpr=fpr, name=name, batched=True)
         except InputError:
-            diagnoses = None  # one head is bad: diagnose them one by one below, so the others still get rows
-        if diagnoses is not None:
-            for f, d in zip(forms, diagnoses, strict=True):
-                add(f, f"{name} head {f.head}", f.layer, f.head, f.kind, f.variant, d, form_obj=f.form)
+            found = None  # one head is bad: diagnose them one by one below, so the others still get rows
+        if found is not None:
+            for null in nulls:
+                for f, d in zip(forms, found[null], strict=True):
+                    add(f, f"{name} head {f.head}", f.layer, f.head, f.kind, f.variant, d, form_obj=f.form)
             return
     for f in forms:
         where = f"{name} head {f.head}" if f.head >= 0 else name
         try:
-            add(f, where, f.layer, f.head, f.kind, f.variant, diagnose(f.form, null=null, fpr=fpr, name=where),
-                form_obj=f.form)
+            found = diagnose_nulls(f.form, nulls, fpr=fpr, name=where)
         except InputError as exc:
             add(f, where, f.layer, f.head, f.kind, f.variant, None, str(exc), form_obj=f.form)
+            continue
+        for null in nulls:
+            add(f, where, f.layer, f.head, f.kind, f.variant, found[null][0], form_obj=f.form)
 
 
 def analyze(model_or_path, *, per_head: bool = True, kinds=("qk", "ov", "mlp", "weights"), null: str = "product",

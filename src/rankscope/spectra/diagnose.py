@@ -87,24 +87,22 @@ def _ks(bulk_ratio: np.ndarray, null) -> float:
     return float(max(np.max(i / x.size - F), np.max(F - (i - 1) / x.size)))
 
 
-def _diagnose_spectra(lam: torch.Tensor, n: int, m: int, null_objs: list, null: str, fpr: float) -> list[Diagnosis]:
-    """Diagnoses of a batch of spectra (B, r), each with its null."""
-    lam = lam.to("cpu")
+def _diagnose_spectra(lam: torch.Tensor, n: int, m: int, null_objs: list, null: str, fpr: float,
+                      shared: tuple[dict, list]) -> list[Diagnosis]:
+    """Diagnoses of a batch of spectra (B, r), each with its null; ``shared`` holds the null-free metrics."""
     ref = median(lam) if null_objs[0].reference == "median" else lam.mean(-1)  # (B,)
     unique = {id(x): x for x in null_objs}  # heads of one shape share one null: compute its edge once
     edge_of = {k: x.edge_ratio(fpr) for k, x in unique.items()}
     mean_of = {k: x.mean_ratio for k, x in unique.items()}
     edge = ref * torch.tensor([edge_of[id(x)] for x in null_objs], dtype=torch.float64)  # (B,)
     scale = ref * torch.tensor([mean_of[id(x)] for x in null_objs], dtype=torch.float64)
+    rank_cols, tails = shared
     cols = {
         "outliers": metrics.outlier_count(lam, edge),
         "outlier_energy": metrics.outlier_energy(lam, edge),
         "spike_strength": metrics.spike_strength(lam, edge),
         "mp_soft_rank": metrics.mp_soft_rank(lam, edge),
-        "stable_rank": metrics.stable_rank(lam),
-        "effective_rank": metrics.effective_rank(lam),
-        "participation_ratio": metrics.participation_ratio(lam),
-        "spectral_entropy": metrics.spectral_entropy(lam),
+        **rank_cols,
     }
     out = []
     for b in range(lam.shape[0]):
@@ -112,14 +110,24 @@ def _diagnose_spectra(lam: torch.Tensor, n: int, m: int, null_objs: list, null: 
         r0 = float(ref[b])
         bulk = ev[ev <= edge[b]].numpy()
         ks = _ks(bulk / r0, null_objs[b]) if r0 > 0 else 0.0
-        tail = power_law_fit(ev)
         out.append(Diagnosis(
             eigenvalues=ev, n=n, m=m, rank=ev.numel(), null=null, fpr=fpr,
             lambda_max=float(ev[0]), scale=float(scale[b]), bulk_edge=float(edge[b]),
             **{k: (int(v[b]) if k == "outliers" else float(v[b])) for k, v in cols.items()},
-            ks=ks, pl_alpha=tail.alpha, pl_xmin=tail.xmin, null_quantiles=r0 * null_objs[b].ratio_quantiles,
+            ks=ks, pl_alpha=tails[b].alpha, pl_xmin=tails[b].xmin, null_quantiles=r0 * null_objs[b].ratio_quantiles,
         ))
     return out
+
+
+def _shared_metrics(lam: torch.Tensor) -> tuple[dict, list]:
+    """The metrics that do not depend on the null: rank measures and the power-law tail, per spectrum."""
+    cols = {
+        "stable_rank": metrics.stable_rank(lam),
+        "effective_rank": metrics.effective_rank(lam),
+        "participation_ratio": metrics.participation_ratio(lam),
+        "spectral_entropy": metrics.spectral_entropy(lam),
+    }
+    return cols, [power_law_fit(lam[b]) for b in range(lam.shape[0])]
 
 
 def _check_options(null: str, fpr: float, draws: int | None) -> None:
@@ -133,7 +141,9 @@ def _check_options(null: str, fpr: float, draws: int | None) -> None:
 
 
 @torch.no_grad()
-def _diagnose_form(form: Form, null: str, fpr: float, draws: int | None, name: str) -> list[Diagnosis]:
+def _diagnose_form(form: Form, nulls: tuple[str, ...], fpr: float, draws: int | None,
+                   name: str) -> dict[str, list[Diagnosis]]:
+    """Null → the diagnoses of a batch of forms; the spectra and null-free metrics are computed once."""
     n, m = form_shape(form)
     overflow = InputError(f"{name}: the spectrum overflows float64 (entries too large); rescale the factors")
     try:
@@ -141,15 +151,34 @@ def _diagnose_form(form: Form, null: str, fpr: float, draws: int | None, name: s
     except torch.linalg.LinAlgError as exc:  # the eigensolver met inf
         raise overflow from exc
     if lam.shape[0] == 0:
-        return []
+        return {null: [] for null in nulls}
     if not torch.isfinite(lam).all():
         raise overflow
-    if len(form) == 1 or null == "mp":
-        null_objs = [_null_for(form, null, fpr, draws)] * lam.shape[0]
-    else:  # a sum of chains: the null depends on each spectrum's block-norm ratios
-        norms = block_norms(form).to("cpu").expand(lam.shape[0], len(form))  # (B, C)
-        null_objs = [_null_for(form, null, fpr, draws, row.tolist()) for row in norms]
-    return _diagnose_spectra(lam, n, m, null_objs, null, fpr)
+    lam = lam.to("cpu")
+    shared = _shared_metrics(lam)
+    out = {}
+    for null in nulls:
+        if len(form) == 1 or null == "mp":
+            null_objs = [_null_for(form, null, fpr, draws)] * lam.shape[0]
+        else:  # a sum of chains: the null depends on each spectrum's block-norm ratios
+            norms = block_norms(form).to("cpu").expand(lam.shape[0], len(form))  # (B, C)
+            null_objs = [_null_for(form, null, fpr, draws, row.tolist()) for row in norms]
+        out[null] = _diagnose_spectra(lam, n, m, null_objs, null, fpr, shared)
+    return out
+
+
+def diagnose_nulls(form, nulls: tuple[str, ...], *, fpr: float = 0.01, name: str = "form", batched: bool = False,
+                   draws: int | None = None) -> dict[str, list[Diagnosis]]:
+    """Null → diagnoses (a list: one per batch item, or one for an unbatched form), the spectrum computed once.
+
+    What a training monitor wants: the same forms under the product null and the naive MP fit, side by side.
+    """
+    for null in nulls:
+        _check_options(null, fpr, draws)
+    form = as_form(form, name=name, batched=batched)
+    if not batched or all(f.ndim == 2 for chain in form for f in chain):
+        form = tuple(tuple(f[None] for f in chain) for chain in form)
+    return _diagnose_form(form, tuple(nulls), fpr, draws, name)
 
 
 def diagnose_batch(form, *, null: str = "product", fpr: float = 0.01, name: str = "form",
@@ -158,11 +187,7 @@ def diagnose_batch(form, *, null: str = "product", fpr: float = 0.01, name: str 
 
     A 2-D factor is shared by the whole batch (e.g. the decoupled rope key of DeepSeek-V2).
     """
-    _check_options(null, fpr, draws)
-    form = as_form(form, name=name, batched=True)
-    if all(f.ndim == 2 for chain in form for f in chain):
-        form = tuple(tuple(f[None] for f in chain) for chain in form)
-    return _diagnose_form(form, null, fpr, draws, name)
+    return diagnose_nulls(form, (null,), fpr=fpr, name=name, batched=True, draws=draws)[null]
 
 
 def diagnose(form, *, null: str = "product", fpr: float = 0.01, name: str = "form",
@@ -173,6 +198,4 @@ def diagnose(form, *, null: str = "product", fpr: float = 0.01, name: str = "for
     exact finite-size law of λ_max/median). ``null="mp"``: the naive MP fit of papers (σ² = mean λ).
     ``null="tw"``: a single matrix's MP fit with Johnstone's Tracy–Widom edge.
     """
-    _check_options(null, fpr, draws)
-    form = as_form(form, name=name)
-    return _diagnose_form(tuple(tuple(f[None] for f in chain) for chain in form), null, fpr, draws, name)[0]
+    return diagnose_nulls(form, (null,), fpr=fpr, name=name, draws=draws)[null][0]

@@ -33,6 +33,7 @@ import os
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -85,7 +86,7 @@ class TracyWidomNull:
 
     @property
     def ratio_quantiles(self) -> np.ndarray:
-        return mp_quantile(np.linspace(0, 1, QUANTILE_POINTS), self.q) / mp_median(self.q)
+        return _mp_quantiles(self.q) / mp_median(self.q)
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,15 @@ class NaiveMPNull:
 
     @property
     def ratio_quantiles(self) -> np.ndarray:
-        return mp_quantile(np.linspace(0, 1, QUANTILE_POINTS), self.q)
+        return _mp_quantiles(self.q)
+
+
+@lru_cache(maxsize=1024)
+def _mp_quantiles(q: float) -> np.ndarray:
+    """QUANTILE_POINTS quantiles of MP(q, 1), computed once per aspect ratio (a training run repeats shapes)."""
+    out = mp_quantile(np.linspace(0, 1, QUANTILE_POINTS), q)
+    out.flags.writeable = False
+    return out
 
 
 # ----------------------------------------------------------------------------- the product null

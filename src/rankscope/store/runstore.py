@@ -60,20 +60,22 @@ class RunStore:
         written = []
         directory = self.root / "metrics"
         directory.mkdir(parents=True, exist_ok=True)
-        for table, rows in list(self._pending.items()):
-            if not rows:
-                continue
-            frame = pd.DataFrame(rows)  # noqa: F841 (read by DuckDB by name)
-            stamp = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
-            final = directory / f"{table}-{stamp}.parquet"
-            tmp = directory / f".tmp-{table}-{stamp}.parquet"
-            with duckdb.connect() as con:
+        with duckdb.connect() as con:
+            for table, rows in list(self._pending.items()):
+                if not rows:
+                    continue
+                frame = pd.DataFrame(rows)
+                stamp = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
+                final = directory / f"{table}-{stamp}.parquet"
+                tmp = directory / f".tmp-{table}-{stamp}.parquet"
+                con.register("frame", frame)
                 con.execute(f"copy (select * from frame) to '{tmp}' (format parquet)")
-            with open(tmp, "rb") as fh:  # the bytes are on disk before the name appears
-                os.fsync(fh.fileno())
-            os.replace(tmp, final)
-            written.append(final)
-            self._pending[table] = []
+                con.unregister("frame")
+                with open(tmp, "rb") as fh:  # the bytes are on disk before the name appears
+                    os.fsync(fh.fileno())
+                os.replace(tmp, final)
+                written.append(final)
+                self._pending[table] = []
         return written
 
     # ---- reading ----------------------------------------------------------------------------------------

@@ -69,11 +69,9 @@ class Monitor:
     def diagnose(self, step: int) -> None:
         model = _unwrap(self.model)
         variant = getattr(getattr(model, "config", None), "attention", None)
-        for null in self.nulls:
-            found = analyze_full(model, per_head=self.per_head, kinds=self.kinds, null=null, fpr=self.fpr)
-            table = found.table
-            if table.empty:
-                continue
+        found = analyze_full(model, per_head=self.per_head, kinds=self.kinds, null=self.nulls, fpr=self.fpr)
+        table = found.table
+        if not table.empty:
             table = table.assign(step=step)
             if variant is not None:
                 table["variant"] = table["variant"].where(table["variant"].astype(bool), variant)
@@ -85,16 +83,16 @@ class Monitor:
                 row = table.iloc[i]
                 if row["kind"] in ATTENTION_KINDS:
                     spectra.append({"step": step, "layer": int(row["layer"]), "head": int(row["head"]),
-                                    "kind": row["kind"], "null": null, "bulk_edge": d.bulk_edge,
+                                    "kind": row["kind"], "null": d.null, "bulk_edge": d.bulk_edge,
                                     "eigenvalues": d.eigenvalues.tolist(),
                                     "null_quantiles": None if d.null_quantiles is None else
                                     [float(x) for x in d.null_quantiles]})
             self.store.append("spectra", spectra)
             if self._tb is not None:
-                for layer, rows in table[attention & (table["head"] < 0) & (table["kind"] == "qk")].groupby("layer"):
-                    r = rows.iloc[0]
+                layers = table[attention & (table["head"] < 0) & (table["kind"] == "qk")]
+                for r in layers.itertuples():
                     for key in ("outliers", "spike_strength", "stable_rank", "effective_rank"):
-                        self._tb.add_scalar(f"qk_{null}/layer{layer}/{key}", float(r[key]), step)
+                        self._tb.add_scalar(f"qk_{r.null}/layer{r.layer}/{key}", float(getattr(r, key)), step)
         self._done.add(step)
 
     def log(self, step: int, **scalars: float) -> None:

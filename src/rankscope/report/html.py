@@ -1,0 +1,172 @@
+"""``rankscope report``: a self-contained ``report.html`` (figures embedded, no network) and ``summary.json``
+for a study or a single run."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from rankscope.report import study_figures as figs
+from rankscope.report.data import StudyData, load
+from rankscope.report.verdict import CLAIMS, MIN_SEEDS, per_run_table, verdict
+
+CAPTIONS = {
+    "heatmaps": "Per variant, layer × step (mean over seeds): outliers under the structure-matched product null and "
+                "under the naive MP fit, spike strength λ_max / bulk edge (log colour), stable and effective rank.",
+    "head_maps": "Outliers per (layer, head) at an early, a middle and the final monitored step (product null).",
+    "decoupled_blocks": "MLA-Decoupled: the content block and the rope block (whose key is shared by all heads).",
+    "esd_steps": "Eigenvalue histogram of the spikiest layer-level form at three steps, with the fitted product "
+                 "null's density and its bulk edge.",
+    "spike_onset": "First monitored step at which each layer has an outlier: if spikes propagate, onset moves "
+                   "with depth.",
+    "rank_vs_outliers": "Effective rank (÷ rank) against outlier energy per (run, layer, step).",
+    "loss": "Validation loss per variant, with the min–max band over seeds.",
+    "sweep": "The comparison at each value of the sweep axis.",
+}
+
+_CHECK = """<script>
+window.addEventListener('load', function () {
+  var imgs = Array.prototype.slice.call(document.images);
+  var ok = imgs.filter(function (im) {
+    var r = im.getBoundingClientRect();
+    return im.complete && im.naturalWidth > 0 && r.width > 0 && r.height > 0 &&
+           getComputedStyle(im).visibility !== 'hidden';
+  });
+  document.body.setAttribute('data-figures', ok.length + '/' + imgs.length);
+});
+</script>"""
+
+_STYLE = """<style>
+body { font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+th { background: #f3f3f3; } td.l, th.l { text-align: left; }
+.reproduced { background: #d7f5d7; } .not { background: #f8d6d6; } .inconclusive { background: #f5f0d0; }
+figure { margin: 1.5em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption { color: #555; font-size: 0.9em; } code, pre { background: #f6f6f6; padding: 0.1em 0.3em; }
+pre { padding: 0.8em; overflow-x: auto; font-size: 0.8em; }
+</style>"""
+
+
+def _fmt(ci) -> str:
+    mean, lo, hi = ci
+    if not math.isfinite(mean):
+        return "–"
+    return f"{mean:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(path.stem)}">'
+
+
+def _json_safe(obj):
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, float | np.floating):
+        return None if not math.isfinite(obj) else float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def _runs_table(data: StudyData) -> str:
+    runs = data.runs.copy()
+    final = data.train.dropna(subset=["val_loss"]).sort_values("step").groupby(["sweep", "name"]).tail(1) \
+        if not data.train.empty and "val_loss" in data.train else pd.DataFrame(columns=["sweep", "name", "val_loss"])
+    runs = runs.merge(final[["sweep", "name", "val_loss"]], on=["sweep", "name"], how="left")
+    rows = []
+    for (sweep, variant), g in runs.groupby(["sweep", "variant"], sort=False):
+        params = g["params"].dropna()
+        kv = g["kv_cache_floats_per_token"].dropna()
+        rows.append(f"<tr><td class=l>{html.escape(sweep)}</td><td class=l>{html.escape(variant)}</td>"
+                    f"<td>{len(g)}</td><td>{int(params.iloc[0]):,}</td>" if len(params) else
+                    f"<tr><td class=l>{html.escape(sweep)}</td><td class=l>{html.escape(variant)}</td>"
+                    f"<td>{len(g)}</td><td>–</td>")
+        rows[-1] += (f"<td>{int(kv.iloc[0]):,}</td>" if len(kv) else "<td>–</td>")
+        rows[-1] += f"<td>{g['val_loss'].mean():.3f} ± {g['val_loss'].std(ddof=0):.3f}</td></tr>"
+    return ("<table><tr><th class=l>sweep</th><th class=l>variant</th><th>seeds</th><th>parameters</th>"
+            "<th>KV-cache floats / token</th><th>final validation loss</th></tr>" + "".join(rows) + "</table>")
+
+
+def _verdict_html(summary: dict) -> str:
+    parts = []
+    for point in summary["points"]:
+        null = "product null" if point["null"] == "product" else "naive MP null"
+        parts.append(f"<h3>{html.escape(point['sweep'])} — {null}</h3><table><tr><th class=l>claim</th>"
+                     "<th class=l>verdict</th><th class=l>evidence</th></tr>")
+        for key, claim in point["claims"].items():
+            v = claim["verdict"]
+            cls = "reproduced" if v == "reproduced" else "not" if v.startswith("not") else "inconclusive"
+            evidence = "<br>".join(f"{html.escape(k)}: {html.escape(r)}" for k, r in claim["evidence"].items())
+            parts.append(f"<tr><td class=l>({key}) {html.escape(CLAIMS[key])}</td><td class='l {cls}'>{v}</td>"
+                         f"<td class=l>{evidence}</td></tr>")
+        parts.append("</table>")
+        stats = list(next(iter(point["variants"].values())).keys())
+        stats = [s for s in stats if s != "seeds"]
+        parts.append("<table><tr><th class=l>variant</th>" + "".join(f"<th>{s}</th>" for s in stats) + "</tr>")
+        for variant, values in point["variants"].items():
+            parts.append(f"<tr><td class=l>{html.escape(variant)}</td>"
+                         + "".join(f"<td>{_fmt(values[s])}</td>" for s in stats) + "</tr>")
+        for variant, values in point["vs_reference"].items():
+            parts.append(f"<tr><td class=l>{html.escape(variant)} − mla_decoupled</td>"
+                         + "".join(f"<td>{_fmt(values[s])}</td>" for s in stats) + "</tr>")
+        parts.append("</table>")
+    return "\n".join(parts)
+
+
+def write_report(root: str | Path) -> Path:
+    """Figures, ``summary.json`` and ``report.html`` in ``root`` (a study or a run directory)."""
+    data = load(root)
+    root = Path(root)
+    out = root / "figures"
+    per_run = per_run_table({"qk": data.qk}, data.runs)
+    summary = verdict(per_run)
+    summary["per_run"] = per_run.to_dict("records")
+    summary["command"] = data.meta.get("command")
+    (root / "summary.json").write_text(json.dumps(_json_safe(summary), indent=1) + "\n")
+    sections = []
+    for sweep in sorted(data.runs["sweep"].unique()):
+        target = out / sweep.replace("/", "_")
+        paths = [figs.loss_curves(data, sweep, target), figs.heatmaps(data, sweep, target),
+                 figs.head_maps(data, sweep, target), figs.decoupled_blocks(data, sweep, target),
+                 figs.esd_steps(data, sweep, target), figs.spike_onset(data, sweep, target),
+                 figs.rank_vs_outliers(data, sweep, target)]
+        body = "".join(f"<figure>{_img(p)}<figcaption>{html.escape(CAPTIONS[p.stem])}</figcaption></figure>"
+                       for p in paths if p is not None)
+        sections.append(f"<h2>Figures — {html.escape(sweep)}</h2>{body}")
+    sweep_fig = figs.sweep_summary(per_run, out)
+    if sweep_fig is not None:
+        sections.insert(0, f"<h2>Sweep</h2><figure>{_img(sweep_fig)}<figcaption>{CAPTIONS['sweep']}</figcaption>"
+                           "</figure>")
+    command = data.meta.get("command") or f"rankscope report {root}"
+    configs = {r["name"] + ("" if r["sweep"] == "base" else f" ({r['sweep']})"): r["config"]
+               for r in data.meta["runs"]}
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>rankscope report: {html.escape(root.name)}</title>
+{_STYLE}</head><body>
+<h1>Rank collapse in attention: {html.escape(root.name)}</h1>
+<p>Reproduces the comparison of Jha &amp; Reagen, <i>A Random Matrix Theory Perspective on the Learning Dynamics
+of Multi-head Latent Attention</i> (arXiv 2507.09394). Every statistic is given under the structure-matched
+product null (the correct null for a product of matrices) and under the naive Marchenko–Pastur fit. Verdicts need
+at least {MIN_SEEDS} seeds; CIs are 95 % percentile bootstraps across seeds (differences paired by seed).</p>
+<p>Reproduce with: <code>{html.escape(command)}</code></p>
+<h2>Runs</h2>{_runs_table(data)}
+<h2>Verdict</h2>{_verdict_html(summary)}
+{''.join(sections)}
+<h2>Configurations</h2><details><summary>resolved config of every run</summary>
+<pre>{html.escape(json.dumps(configs, indent=1))}</pre></details>
+{_CHECK}
+</body></html>
+"""
+    path = root / "report.html"
+    path.write_text(page)
+    return path

@@ -1,0 +1,145 @@
+"""``rankscope study``: the three-variant comparison of Jha & Reagen (arXiv 2507.09394), resumable.
+
+Variants: ``mha``, ``mla_prerope_input`` and ``mla_prerope_coupled`` (the two readings of "RoPE before
+compression", DESIGN §4) and ``mla_decoupled``. Every variant runs with the same seeds, hence the same
+initial RNG stream and the same batches (the batch of a step depends only on seed and step), and with
+parameter budgets matched by the SwiGLU width (``match_budget``). A sweep axis (``lr=5e-4,2e-3``) repeats
+the comparison at each value. Re-running skips finished runs and resumes interrupted ones.
+
+Layout: ``OUT/study.json`` (the plan, the command, parameter counts), ``OUT/<sweep>/<variant>-s<seed>/``
+(one run each; ``<sweep>`` is ``lr=0.002`` or ``base``), ``OUT/report.html``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shlex
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from rankscope.errors import InputError
+from rankscope.nn import ModelConfig
+from rankscope.nn.config import parameter_count_formula
+from rankscope.train.config import RunConfig, resolve
+
+VARIANTS: dict[str, dict] = {
+    "mha": {"attention": "mha"},
+    "mla_prerope_input": {"attention": "mla_prerope", "rope_mode": "input"},
+    "mla_prerope_coupled": {"attention": "mla_prerope", "rope_mode": "coupled"},
+    "mla_decoupled": {"attention": "mla_decoupled"},
+}
+REFERENCE = "mla_decoupled"  # the variant every other is compared with (claim iii)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    name: str  # "<variant>-s<seed>"
+    directory: Path
+    variant: str
+    seed: int
+    sweep: str  # "base" or "key=value"
+    config: RunConfig
+
+    def record(self) -> dict:
+        m = self.config.model
+        return {"name": self.name, "directory": str(self.directory), "variant": self.variant, "seed": self.seed,
+                "sweep": self.sweep, "params": parameter_count_formula(m), "d_ff": m.d_ff,
+                "kv_cache_floats_per_token": m.kv_cache_floats_per_token(), "config": self.config.to_dict()}
+
+
+def match_budget(cfg: ModelConfig, target: int) -> ModelConfig:
+    """``cfg`` with the SwiGLU width d_ff chosen so the parameter count is closest to ``target``.
+
+    Each unit of d_ff costs 3·d_model parameters per layer; the attention shapes (the object of the study)
+    are left as they are.
+    """
+    per_unit = 3 * cfg.d_model * cfg.n_layer
+    base = parameter_count_formula(cfg) - per_unit * cfg.d_ff
+    d_ff = max(1, round((target - base) / per_unit))
+    return dataclasses.replace(cfg, d_ff=d_ff)
+
+
+def parse_sweep(sweep: str | None) -> tuple[str, list[str]] | None:
+    """``"lr=5e-4,2e-3"`` → ``("lr", ["5e-4", "2e-3"])``."""
+    if not sweep:
+        return None
+    key, sep, values = sweep.partition("=")
+    items = [v.strip() for v in values.split(",") if v.strip()]
+    if not sep or not key.strip() or not items:
+        raise InputError(f"--sweep {sweep!r}: expected key=value1,value2,…")
+    return key.strip(), items
+
+
+def plan(out: Path, preset: str = "cpu", seeds: int = 3, variants: list[str] | None = None,
+         overrides: dict | None = None, sweep: str | None = None) -> list[RunSpec]:
+    """Every run of the study: variants × seeds (× sweep values), budgets matched to MHA's."""
+    variants = list(VARIANTS) if not variants else variants
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise InputError(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+    if seeds < 1:
+        raise InputError(f"--seeds must be at least 1, got {seeds}")
+    axis = parse_sweep(sweep)
+    points = [("base", {})] if axis is None else [(f"{axis[0]}={v}", {axis[0]: v}) for v in axis[1]]
+    specs = []
+    for label, point in points:
+        common = {**(overrides or {}), **point}
+        reference = resolve(preset, {**common, "attention": "mha"})
+        target = parameter_count_formula(reference.model)
+        for variant in variants:
+            for seed in range(seeds):
+                cfg = resolve(preset, {**common, **VARIANTS[variant], "seed": seed})
+                if variant != "mha" and "d_ff" not in common:
+                    cfg = dataclasses.replace(cfg, model=match_budget(cfg.model, target))
+                name = f"{variant}-s{seed}"
+                specs.append(RunSpec(name, Path(out) / label / name, variant, seed, label, cfg))
+    return specs
+
+
+def status(spec: RunSpec) -> str:
+    """"done", "partial" (checkpoints, not finished) or "new"."""
+    folder = spec.directory / "checkpoints"
+    if (folder / "final").exists():
+        return "done"
+    return "partial" if any(folder.glob("step_*.safetensors")) else "new"
+
+
+def _run_one(spec: RunSpec, threads: int) -> str:
+    from rankscope.train import train
+
+    cfg = spec.config
+    if threads:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, threads=threads))
+    result = train(cfg, spec.directory, resume=status(spec) == "partial", progress=False)
+    return f"{spec.sweep}/{spec.name}: val {result.val_loss:.3f} in {result.seconds:.0f} s"
+
+
+def run_study(out: Path, specs: list[RunSpec], *, jobs: int = 1, command: str | None = None,
+              log=print) -> dict:
+    """Train every unfinished run (``jobs`` processes at a time) and write ``study.json``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"command": command or shlex.join(["rankscope", *sys.argv[1:]]), "started": time.strftime("%F %T"),
+            "runs": [s.record() for s in specs]}
+    (out / "study.json").write_text(json.dumps(meta, indent=1) + "\n")
+    todo = [s for s in specs if status(s) != "done"]
+    log(f"{len(specs) - len(todo)} of {len(specs)} runs already done; training {len(todo)} "
+        f"({jobs} at a time)")
+    t0 = time.perf_counter()
+    if jobs <= 1:
+        for spec in todo:
+            log(_run_one(spec, 0))
+    else:
+        import multiprocessing
+
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for line in pool.map(_run_one, todo, [1] * len(todo)):
+                log(line)
+    meta["seconds"] = time.perf_counter() - t0
+    meta["finished"] = time.strftime("%F %T")
+    (out / "study.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return meta
