@@ -72,7 +72,7 @@ def test_report_embeds_every_figure_and_writes_the_summary(study):
 
 
 def test_report_cli_on_a_run_and_on_bad_input(study, tmp_path):
-    out, specs = study
+    _, specs = study
     runner = CliRunner()
     result = runner.invoke(app, ["report", str(specs[0].directory)])
     assert result.exit_code == 0, result.output

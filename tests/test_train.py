@@ -139,6 +139,14 @@ def test_kill_9_loses_only_unflushed_rows_and_resume_writes_no_key_twice(tmp_pat
     assert set(store.steps("qk")) >= set(range(0, 61, 10))
 
 
+def test_linguistic_collapse_rows_on_a_fixed_probe_batch(tmp_path):
+    train(tiny(steps=8, repr_every=4), tmp_path / "r", progress=False)
+    frame = RunStore(tmp_path / "r").sql("select * from repr order by step")
+    assert list(frame["step"]) == [4, 8]
+    assert (frame["nc1"] > 0).all() and (frame["classes"] >= 2).all()
+    assert ((frame["rankme"] >= 1) & (frame["rankme"] <= 32)).all()  # RankMe ≤ feature width d=32
+
+
 def test_ddp_two_cpu_processes_on_gloo(tmp_path):
     run = tmp_path / "runs" / "smoke-gqa"  # the default run dir (torchrun's parser would take --run for its own)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",

@@ -18,7 +18,7 @@ _PRE = {("mla_prerope", "input"): "mla_prerope_input", ("mla_prerope", "coupled"
 class StudyData:
     root: Path
     meta: dict  # study.json (or a one-run stand-in)
-    runs: pd.DataFrame  # name, directory, variant, seed, sweep, params, kv_cache_floats_per_token, steps
+    runs: pd.DataFrame  # name, directory, variant, seed, sweep, params, kv_cache_floats_per_token, steps, finished
     qk: pd.DataFrame  # every run's attention rows, with name/variant/seed/sweep
     train: pd.DataFrame  # every run's training scalars
 
@@ -48,6 +48,9 @@ def load(root: str | Path) -> StudyData:
         raise InputError(f"{root}: neither a study (study.json) nor a run (config.json)")
     runs = pd.DataFrame(meta["runs"])
     runs["steps"] = [r["config"]["train"]["steps"] for r in meta["runs"]]
+    runs["finished"] = [(Path(d) / "checkpoints" / "final").exists() for d in runs["directory"]]
+    if len(runs) > 1 and runs["finished"].any():  # a study still training: compare finished runs only
+        runs = runs[runs["finished"]].reset_index(drop=True)
     qk, train = [], []
     for run in runs.itertuples():
         store = RunStore(run.directory)

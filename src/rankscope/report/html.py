@@ -97,6 +97,14 @@ def _runs_table(data: StudyData) -> str:
             "<th>KV-cache floats / token</th><th>final validation loss</th></tr>" + "".join(rows) + "</table>")
 
 
+def _unfinished(data: StudyData) -> str:
+    missing = len(data.meta["runs"]) - len(data.runs)
+    if missing <= 0:
+        return ""
+    return (f"<p><b>{missing} of {len(data.meta['runs'])} runs are not finished</b> and are left out of every "
+            "figure and statistic below; re-run the study command to finish them.</p>")
+
+
 def _verdict_html(summary: dict) -> str:
     parts = []
     for point in summary["points"]:
@@ -159,7 +167,7 @@ of Multi-head Latent Attention</i> (arXiv 2507.09394). Every statistic is given 
 product null (the correct null for a product of matrices) and under the naive Marchenko–Pastur fit. Verdicts need
 at least {MIN_SEEDS} seeds; CIs are 95 % percentile bootstraps across seeds (differences paired by seed).</p>
 <p>Reproduce with: <code>{html.escape(command)}</code></p>
-<h2>Runs</h2>{_runs_table(data)}
+<h2>Runs</h2>{_runs_table(data)}{_unfinished(data)}
 <h2>Verdict</h2>{_verdict_html(summary)}
 {''.join(sections)}
 <h2>Configurations</h2><details><summary>resolved config of every run</summary>

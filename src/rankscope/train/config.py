@@ -43,7 +43,7 @@ class TrainConfig:
     monitor_per_head: bool = True
     monitor_weights: bool = True  # also diagnose MLP and embedding matrices
     fpr: float = 0.01  # false-positive rate of the outlier test
-    repr_every: int = 0  # representation-collapse metrics every N steps (0 = off)
+    repr_every: int = 0  # linguistic collapse of the top layer on a fixed probe batch every N steps (0 = off)
     threads: int = 0  # torch intra-op threads; 0 = the cores actually free now
     device: str = "auto"  # "auto" (cuda when present), "cpu", "cuda", "cuda:1", ...
     amp: str = "auto"  # "auto" (bf16 autocast on CUDA), "bf16", "off"
@@ -80,15 +80,16 @@ PRESETS: dict[str, dict] = {
     # Under a minute on 2 cores, tokenizer included: a plumbing check, not a study.
     "smoke": dict(vocab_size=512, n_layer=2, d_model=64, n_head=4, kv_lora_rank=32, qk_rope_dim=8, max_seq_len=64,
                   max_bytes=2_000_000, batch_size=8, steps=100, lr=2e-3, min_lr=2e-4, warmup_steps=10, eval_every=50,
-                  eval_batches=4, ckpt_every=50, monitor_every=25),
+                  eval_batches=4, ckpt_every=50, monitor_every=25, repr_every=50),
     # The CPU-scale study: about 5 minutes per run on 2 cores (4 layers, d=128, 4 heads of 32).
     "cpu": dict(vocab_size=1024, n_layer=4, d_model=128, n_head=4, kv_lora_rank=64, qk_rope_dim=16, max_seq_len=128,
                 max_bytes=12_000_000, batch_size=16, steps=1200, lr=2e-3, min_lr=2e-4, warmup_steps=100,
-                eval_every=100, eval_batches=8, ckpt_every=200, monitor_every=50),
+                eval_every=100, eval_batches=8, ckpt_every=200, monitor_every=50, repr_every=100),
     # GPT-2-small scale, for a GPU (bf16 autocast; torchrun for several GPUs). Not run in tests.
     "paper": dict(vocab_size=32768, n_layer=12, d_model=768, n_head=12, kv_lora_rank=256, qk_rope_dim=32,
                   max_seq_len=1024, max_bytes=None, batch_size=32, steps=20_000, lr=6e-4, min_lr=6e-5,
-                  warmup_steps=1000, eval_every=500, eval_batches=20, ckpt_every=1000, monitor_every=250),
+                  warmup_steps=1000, eval_every=500, eval_batches=20, ckpt_every=1000, monitor_every=250,
+                  repr_every=1000),
 }
 
 _MODEL_FIELDS = {f.name: f for f in dataclasses.fields(ModelConfig)}

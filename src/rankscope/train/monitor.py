@@ -46,6 +46,7 @@ class Monitor:
         self.calls = 0
         self._done = self.store.steps("qk") | self.store.steps("weights")  # resumed runs skip these steps
         self._logged = self.store.steps("train")
+        self._repr_done = self.store.steps("repr")
         self._unflushed = 0
         self._tb = _tensorboard(Path(run_dir) / "events") if tensorboard else None
 
@@ -94,6 +95,25 @@ class Monitor:
                     for key in ("outliers", "spike_strength", "stable_rank", "effective_rank"):
                         self._tb.add_scalar(f"qk_{r.null}/layer{r.layer}/{key}", float(getattr(r, key)), step)
         self._done.add(step)
+
+    @torch.no_grad()
+    def representations(self, step: int, features: torch.Tensor, next_tokens: torch.Tensor, W=None,
+                        top_k: int = 256) -> dict[str, float]:
+        """Linguistic collapse of top-layer features (N, D) classed by their next token (Wu & Papyan 2024), plus
+        RankMe and stable rank of the features; written to the ``repr`` table. Timed like the spectra."""
+        from rankscope import representations as rr
+
+        if step in self._repr_done:
+            return {}
+        start = time.perf_counter()
+        H = features.detach().reshape(-1, features.shape[-1]).double().cpu()  # (N, D)
+        y = next_tokens.detach().reshape(-1).cpu()  # (N,)
+        values = rr.linguistic_collapse(H, y, top_k=top_k, W=None if W is None else W.detach().double().cpu())
+        values.update(rankme=float(rr.rankme(H)), stable_rank=float(rr.stable_rank(H)))
+        self.store.append("repr", [{"step": step, "layer": "final", **values}])
+        self._repr_done.add(step)
+        self.seconds += time.perf_counter() - start
+        return values
 
     def log(self, step: int, **scalars: float) -> None:
         """Scalars for the ``train`` table (loss, val_loss, lr, …); a step already stored is not written again."""

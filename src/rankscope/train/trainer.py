@@ -273,6 +273,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
                     scalars["val_loss"] = val_loss
                     scalars["val_nats_per_byte"] = val_loss / data.bytes_per_token
                 monitor.step(step)
+                if tc.repr_every and (step % tc.repr_every == 0 or step == tc.steps):
+                    _representations(model, monitor, data.val, cfg, step, device, amp)
                 scalars["monitor_seconds"] = monitor.seconds
                 monitor.log(step, **scalars)
                 if step % tc.ckpt_every == 0 or step == tc.steps:
@@ -294,6 +296,23 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
     done = step - start
     return TrainResult(run_dir, step, loss_value, val_loss, seconds, monitor.seconds if monitor else 0.0,
                        tokens_per_step * done / max(seconds, 1e-9), interrupted)
+
+
+@torch.no_grad()
+def _representations(model: GPT, monitor: Monitor, stream: np.ndarray, cfg: RunConfig, step: int, device, amp):
+    """Linguistic collapse on a fixed validation probe batch: final-norm features, next token as the class."""
+    x, y = get_batch(stream, cfg.train.batch_size, cfg.model.max_seq_len, seed=54321, step=0, device=device)
+    features = []
+    hook = model.norm.register_forward_hook(lambda mod, inp, out: features.append(out))
+    was = model.training
+    model.eval()
+    try:
+        with amp():
+            model(x)
+    finally:
+        hook.remove()
+        model.train(was)
+    monitor.representations(step, features[0].float(), y, W=model.lm_head.weight)
 
 
 class _StopRequest:
