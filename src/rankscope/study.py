@@ -90,8 +90,8 @@ def plan(out: Path, preset: str = "cpu", seeds: int = 3, variants: list[str] | N
         common = {**(overrides or {}), **point}
         reference = resolve(preset, {**common, "attention": "mha"})
         target = parameter_count_formula(reference.model)
-        for variant in variants:
-            for seed in range(seeds):
+        for seed in range(seeds):  # seed-major: an interrupted study has whole seeds of every variant
+            for variant in variants:
                 cfg = resolve(preset, {**common, **VARIANTS[variant], "seed": seed})
                 if variant != "mha" and "d_ff" not in common:
                     cfg = dataclasses.replace(cfg, model=match_budget(cfg.model, target))
