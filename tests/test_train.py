@@ -148,9 +148,9 @@ def test_linguistic_collapse_rows_on_a_fixed_probe_batch(tmp_path):
 
 
 def test_ddp_two_cpu_processes_on_gloo(tmp_path):
-    run = tmp_path / "runs" / "smoke-gqa"  # the default run dir (torchrun's parser would take --run for its own)
+    run = tmp_path / "ddp"  # --out: torchrun's own parser would take --run as an abbreviation of --run-path
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           "-m", "rankscope.cli", "train", "--preset", "smoke", "--attention", "gqa",
+           "-m", "rankscope.cli", "train", "--preset", "smoke", "--attention", "gqa", "--out", str(run),
            *_tiny_args(steps=8, ckpt_every=8, monitor_every=4, eval_every=4)]
     done = subprocess.run(cmd, capture_output=True, timeout=300, cwd=tmp_path,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -205,7 +205,9 @@ def train(
     ctx: typer.Context,
     preset: str = typer.Option("smoke", help="smoke (under a minute) | cpu (the CPU study, ~5 min) | paper (GPU)"),
     attention: str = typer.Option("mha", help="mha | gqa | mqa | mla_prerope | mla_decoupled"),
-    run: Path | None = typer.Option(None, help="run directory (default runs/<preset>-<attention>)"),
+    run: Path | None = typer.Option(None, "--run", "--out",
+                                    help="run directory (default runs/<preset>-<attention>); under torchrun use "
+                                         "--out, which torchrun's own parser does not claim"),
     resume: bool = typer.Option(False, help="continue the newest checkpoint in --run"),
     every: int | None = typer.Option(None, help="diagnose the spectra every N steps (overrides the preset)"),
 ) -> None:
