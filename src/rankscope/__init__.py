@@ -5,7 +5,8 @@ from rankscope.spectra import Diagnosis, diagnose, diagnose_batch
 
 __version__ = "0.1.0"
 __all__ = [
-    "CheckpointError", "Diagnosis", "InputError", "RankscopeError", "analyze", "capture", "diagnose", "diagnose_batch",
+    "CheckpointError", "Diagnosis", "InputError", "Monitor", "RankscopeError", "RunStore", "analyze", "capture",
+    "diagnose", "diagnose_batch",
 ]
 
 
@@ -14,6 +15,14 @@ def __getattr__(name: str):
         from rankscope.analysis import analyze
 
         return analyze
+    if name == "Monitor":  # training-time diagnostics (DESIGN §3), on first use
+        from rankscope.train.monitor import Monitor
+
+        return Monitor
+    if name == "RunStore":
+        from rankscope.store import RunStore
+
+        return RunStore
     if name == "capture":  # the representations package, on first use
         from rankscope.representations.capture import capture
 
