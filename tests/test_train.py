@@ -175,3 +175,23 @@ def test_overrides_are_type_checked():
         resolve("cpu", {"n_layer": "2.5"})
     with pytest.raises(InputError, match="unknown preset"):
         resolve("huge")
+
+
+def test_analyze_reads_a_run_directory_like_the_monitor_saw_the_model(tmp_path):
+    import rankscope as rs
+
+    train(tiny(attention="mla_decoupled", steps=8, monitor_weights=True), tmp_path / "r", progress=False)
+    seen = RunStore(tmp_path / "r").sql('select layer, head, kind, outliers, stable_rank, bulk_edge from qk '
+                                        'where step = 8 and "null" = \'product\' order by layer, head, kind')
+    found = rs.analyze(tmp_path / "r", kinds=("qk", "ov"))
+    found = found.sort_values(["layer", "head", "kind"]).reset_index(drop=True)
+    assert len(found) == len(seen) > 0
+    assert (found["outliers"].to_numpy() == seen["outliers"].to_numpy()).all()
+    np.testing.assert_allclose(found["stable_rank"], seen["stable_rank"], rtol=1e-9)
+    np.testing.assert_allclose(found["bulk_edge"], seen["bulk_edge"], rtol=1e-9)  # same ρ: buffers restored
+    ckpt = tmp_path / "r" / "checkpoints" / "step_000008.safetensors"
+    ckpt.write_bytes(ckpt.read_bytes()[:200])
+    from rankscope.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="step_000008"):
+        rs.analyze(tmp_path / "r")

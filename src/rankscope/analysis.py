@@ -110,6 +110,11 @@ def _source(model_or_path) -> tuple[dict | None, _Weights, list[NamedForm]]:
             extra.extend(multihead_attention_forms(module, layer=i))
         return config, _weights_of(state), extra
     from rankscope.probes.load import open_checkpoint
+    from rankscope.probes.native import open_native_run
+
+    native = open_native_run(model_or_path)  # a rankscope run directory or one of its checkpoints
+    if native is not None:
+        return _source(native)
 
     ckpt = open_checkpoint(Path(model_or_path) if not isinstance(model_or_path, Path) else model_or_path)
     return ckpt.config, _Weights(list(ckpt.names), ckpt.tensor, ckpt.shape, ckpt.dtype), []

@@ -31,3 +31,60 @@ def native_forms(model, heads: bool = True, kinds: Sequence[str] | None = None) 
         if "ov" in wanted:
             out += attn.ov_chains(heads=heads)
     return out
+
+
+def open_native_run(path) -> object | None:
+    """A rankscope run directory (``config.json`` + ``checkpoints/``) or one of its checkpoint files, as a
+    ``rankscope.nn.GPT`` with the checkpoint's weights and latent-rms buffers; None if ``path`` is not one."""
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from rankscope.errors import CheckpointError
+
+    path = Path(path)
+    if path.is_dir():
+        run, ckpt = path, None
+    elif path.suffix == ".safetensors" and path.parent.name == "checkpoints":
+        run, ckpt = path.parent.parent, path
+    else:
+        return None
+    try:
+        cfg = json.loads((run / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not (isinstance(cfg, dict) and "model" in cfg and "train" in cfg):
+        return None
+    if ckpt is None:
+        steps = sorted((run / "checkpoints").glob("step_*.safetensors"))
+        final = run / "checkpoints" / "final"
+        if final.exists():
+            ckpt = run / "checkpoints" / f"step_{int(final.read_text()):06d}.safetensors"
+        elif steps:
+            ckpt = steps[-1]
+        else:
+            raise CheckpointError(f"{run}: a rankscope run without checkpoints yet")
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
+    from rankscope.nn import GPT, ModelConfig
+
+    model = GPT(ModelConfig.from_dict(cfg["model"]))
+    try:
+        load_model(model, str(ckpt))
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise CheckpointError(f"{ckpt}: not a readable checkpoint of this run's model "
+                              f"({str(exc).splitlines()[0][:200]})") from None
+    state_path = ckpt.with_name(ckpt.name.replace(".safetensors", ".state.pt"))
+    if state_path.exists():  # measured latent rms (MLA), so the chains fold the norm as in training
+        try:
+            buffers = torch.load(state_path, map_location="cpu", weights_only=True).get("buffers", {})
+        except Exception as exc:  # noqa: BLE001 (a corrupt state file: say so, keep the isotropic ρ)
+            raise CheckpointError(f"{state_path}: unreadable ({str(exc).splitlines()[0][:200]})") from None
+        own = dict(model.named_buffers())
+        with torch.no_grad():
+            for name, value in buffers.items():
+                if name in own and own[name].shape == value.shape:
+                    own[name].copy_(value)
+    return model.eval()
