@@ -1,6 +1,8 @@
 import os
 from pathlib import Path
 
+import pytest
+
 # Simulated nulls go to a cache inside the repo (ignored by git), shared by the test workers.
 os.environ.setdefault("RANKSCOPE_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "nulls"))
 # Tokenizers and token streams too (keyed by the corpus fingerprint, so sharing them between tests is safe).
@@ -11,3 +13,14 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     import torch
 
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's tests (small matrices: threads only add contention), then restored."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -29,13 +29,7 @@ from rankscope.nn import GPT, ModelConfig, describe, make_attention, parameter_c
 from rankscope.nn.attention import Rotary
 from rankscope.probes import latent_rms_isotropic, native_forms
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SMALL = dict(vocab_size=32, n_layer=2, d_model=24, n_head=4, kv_lora_rank=8, qk_rope_dim=4, max_seq_len=16)

@@ -287,7 +287,6 @@ def study(
     import shlex
     import sys
 
-    from rankscope.report.html import write_report
     from rankscope.study import plan, run_study
     from rankscope.train.config import parse_pairs
 
@@ -301,17 +300,10 @@ def study(
         specs = plan(out, preset, seeds, [v.strip() for v in variants.split(",") if v.strip()], overrides, sweep)
         run_study(out, specs, jobs=jobs, command=shlex.join(["rankscope", *sys.argv[1:]]),
                   log=lambda line: console.print(line, highlight=False))
-        with console.status("rendering the report..."):
-            page = write_report(out)
     except InputError as exc:
         console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
         raise typer.Exit(2) from exc
-    _print_verdict(out)
-    console.print(f"report: {page}")
-    if open_:
-        import webbrowser
-
-        webbrowser.open(page.resolve().as_uri())
+    _render_report(out, open_)
 
 
 def _print_verdict(root: Path) -> None:
@@ -332,6 +324,11 @@ def report(
     open_: bool = typer.Option(False, "--open", help="open the report in a browser"),
 ) -> None:
     """Write report.html (figures embedded) and summary.json for a study or a single run."""
+    _render_report(root, open_)
+
+
+def _render_report(root: Path, open_: bool) -> None:
+    """report.html and summary.json in ``root``, the verdict printed; bad input exits with code 2."""
     from rankscope.report.html import write_report
 
     try:

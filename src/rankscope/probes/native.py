@@ -80,7 +80,7 @@ def open_native_run(path) -> object | None:
     if state_path.exists():  # measured latent rms (MLA), so the chains fold the norm as in training
         try:
             buffers = torch.load(state_path, map_location="cpu", weights_only=True).get("buffers", {})
-        except Exception as exc:  # noqa: BLE001 (a corrupt state file: say so, keep the isotropic ρ)
+        except Exception as exc:
             raise CheckpointError(f"{state_path}: unreadable ({str(exc).splitlines()[0][:200]})") from None
         own = dict(model.named_buffers())
         with torch.no_grad():
