@@ -106,6 +106,8 @@ def head_maps(data: StudyData, sweep: str, out: Path) -> Path:
             grid = sub.pivot_table(index="layer", columns="head", values="outliers", aggfunc="mean")
             ax = axes[i, j]
             im = ax.imshow(grid.to_numpy(float), origin="lower", cmap="magma", vmin=0, vmax=vmax, aspect="auto")
+            ax.set_xticks(range(len(grid.columns)), [str(h) for h in grid.columns], fontsize=7)
+            ax.set_yticks(range(len(grid.index)), [str(v) for v in grid.index], fontsize=7)
             ax.set_title(f"step {step}", fontsize=9)
             ax.set_xlabel("head", fontsize=8)
             ax.set_ylabel(f"{variant}\nlayer" if j == 0 else "", fontsize=9)
@@ -196,6 +198,7 @@ def spike_onset(data: StudyData, sweep: str, out: Path) -> Path:
         ax.set_title(f"{'product null' if null == 'product' else 'naive MP'}: first step with an outlier",
                      fontsize=9)
         ax.set_xlabel("layer")
+        ax.set_xticks(sorted(sub["layer"].unique()))
         ax.set_ylabel("step (median over seeds; bars: min–max)")
     axes[0, 0].legend(fontsize=7)
     return _save(fig, out / "spike_onset.png")
