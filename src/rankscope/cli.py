@@ -215,6 +215,7 @@ def train(
 
     Any config field can be set with --key value (e.g. --lr 1e-3 --n_layer 6 --rope_mode coupled).
     """
+    from rankscope.errors import CheckpointError
     from rankscope.nn.config import summary_table
     from rankscope.train import resolve
     from rankscope.train import train as run_training
@@ -228,9 +229,12 @@ def train(
         run_dir = run or Path("runs") / f"{preset}-{attention}"
         console.print(summary_table(cfg.model), highlight=False)
         result = run_training(cfg, run_dir, resume=resume)
-    except InputError as exc:
+    except (InputError, CheckpointError) as exc:
         console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
         raise typer.Exit(2) from exc
+    except FloatingPointError as exc:  # diverged: the checkpoints before it are intact
+        console.print(f"[red]training failed:[/red] {exc}", soft_wrap=True)
+        raise typer.Exit(1) from exc
     console.print(f"{result.run_dir}: {result.steps} steps in {result.seconds:.0f} s, "
                   f"{result.tokens_per_second:,.0f} tokens/s; loss {result.final_loss:.3f}, "
                   f"validation {result.val_loss:.3f}; diagnostics took {result.monitor_seconds:.1f} s "
