@@ -195,3 +195,17 @@ def test_analyze_reads_a_run_directory_like_the_monitor_saw_the_model(tmp_path):
 
     with pytest.raises(CheckpointError, match="step_000008"):
         rs.analyze(tmp_path / "r")
+
+
+def test_train_and_sql_cli_bad_input_exit_2(tmp_path):
+    from typer.testing import CliRunner
+
+    from rankscope.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", "--preset", "smoke", "--lr", "fast", "--run", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "--lr" in result.output
+    result = runner.invoke(app, ["train", "--preset", "smoke", "--attention", "rnn", "--run", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "unknown attention" in result.output
+    result = runner.invoke(app, ["sql", str(tmp_path / "missing"), "select 1"])
+    assert result.exit_code == 2 and "no such run directory" in result.output
