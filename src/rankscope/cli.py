@@ -254,7 +254,7 @@ def sql(
     from rankscope.store import RunStore
 
     if not run_dir.exists():
-        console.print(f"[red]error:[/red] {run_dir}: no such run directory")
+        console.print(f"[red]error:[/red] {run_dir}: no such run directory", soft_wrap=True)
         raise typer.Exit(2)
     try:
         frame = RunStore(run_dir).sql(query)
