@@ -5,7 +5,7 @@ both nulls (the structure-matched product null and the naive MP fit, side by sid
 matrices, under ``torch.no_grad``; rows go to the store's ``qk``/``weights`` tables, eigenvalues and the
 fitted null's quantiles to ``spectra``. It records its own wall time, so its overhead is measured.
 
-    mon = rs.Monitor(model, "runs/x", every=50)
+    mon = rs.Monitor(model, "runs/x", every=50)   # rows reach disk every 30 s, at checkpoints and at close
     for step in range(steps): ...; mon.step(step)
     mon.close()
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from rankscope.analysis import ATTENTION_KINDS, analyze_full
@@ -36,18 +37,18 @@ class Monitor:
     def __init__(self, model: torch.nn.Module, run_dir: str | Path, every: int = 50, *,
                  nulls: tuple[str, ...] = ("product", "mp"), per_head: bool = True,
                  kinds: tuple[str, ...] = ("qk", "ov", "mlp", "weights"), fpr: float = 0.01,
-                 run: str | None = None, store: RunStore | None = None, flush_every: int = 1,
+                 run: str | None = None, store: RunStore | None = None, flush_seconds: float = 30.0,
                  tensorboard: bool = True):
         self.model = model
         self.every, self.nulls, self.per_head, self.kinds, self.fpr = every, tuple(nulls), per_head, tuple(kinds), fpr
         self.store = store or RunStore(run_dir, run=run)
-        self.flush_every = flush_every  # flush after this many diagnosed steps (1: every one)
+        self.flush_seconds = flush_seconds  # write a Parquet part when the last one is this old (0: every step)
+        self._last_flush = time.perf_counter()
         self.seconds = 0.0  # wall time spent in diagnostics and writing
         self.calls = 0
         self._done = self.store.steps("qk") | self.store.steps("weights")  # resumed runs skip these steps
         self._logged = self.store.steps("train")
         self._repr_done = self.store.steps("repr")
-        self._unflushed = 0
         self._tb = _tensorboard(Path(run_dir) / "events") if tensorboard else None
 
     def due(self, step: int) -> bool:
@@ -59,8 +60,7 @@ class Monitor:
             return False
         start = time.perf_counter()
         self.diagnose(step)
-        self._unflushed += 1
-        if self._unflushed >= self.flush_every:
+        if time.perf_counter() - self._last_flush >= self.flush_seconds:
             self.flush()
         self.seconds += time.perf_counter() - start
         self.calls += 1
@@ -80,14 +80,14 @@ class Monitor:
             self.store.append("qk", table[attention])
             self.store.append("weights", table[~attention])
             spectra = []
-            for i, d in found.diagnoses.items():
-                row = table.iloc[i]
-                if row["kind"] in ATTENTION_KINDS:
-                    spectra.append({"step": step, "layer": int(row["layer"]), "head": int(row["head"]),
-                                    "kind": row["kind"], "null": d.null, "bulk_edge": d.bulk_edge,
+            kinds, layers, heads = (table[c].to_numpy() for c in ("kind", "layer", "head"))
+            for i, d in found.diagnoses.items():  # keys are row positions of the table
+                if kinds[i] in ATTENTION_KINDS:
+                    spectra.append({"step": step, "layer": int(layers[i]), "head": int(heads[i]),
+                                    "kind": kinds[i], "null": d.null, "bulk_edge": d.bulk_edge,
                                     "eigenvalues": d.eigenvalues.tolist(),
                                     "null_quantiles": None if d.null_quantiles is None else
-                                    [float(x) for x in d.null_quantiles]})
+                                    np.asarray(d.null_quantiles, dtype=np.float64).tolist()})
             self.store.append("spectra", spectra)
             if self._tb is not None:
                 layers = table[attention & (table["head"] < 0) & (table["kind"] == "qk")]
@@ -126,8 +126,9 @@ class Monitor:
                 self._tb.add_scalar(f"train/{key}", float(value), step)
 
     def flush(self) -> None:
+        """Write the buffered rows as Parquet parts (the trainer also calls this before every checkpoint)."""
         self.store.flush()
-        self._unflushed = 0
+        self._last_flush = time.perf_counter()
         if self._tb is not None:
             self._tb.flush()
 
