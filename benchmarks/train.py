@@ -93,6 +93,17 @@ def main() -> None:
               f"{100 * (per_call + flush) / (train_50 + per_call + flush):.2f} % flushing at every diagnosis "
               "(target ≤ 2 %)")
 
+    from rankscope.data import prepare
+    from rankscope.train.trainer import get_batch
+
+    data = prepare(cfg.train.data, m.vocab_size, cfg.train.max_bytes, cfg.train.val_percent)
+    t = time.perf_counter()
+    for step in range(1000):
+        get_batch(data.train, B, T, seed=0, step=step)
+    per_batch = (time.perf_counter() - t) / 1000
+    print(f"\n   data: one batch from the memory-mapped stream {1e3 * per_batch:.3f} ms "
+          f"= {100 * per_batch / t_ours:.3f} % of a training step")
+
     print("\n3. steps/s per variant (cpu preset, budgets matched by d_ff as in the study):")
     from rankscope.study import plan
 
