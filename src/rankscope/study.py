@@ -115,6 +115,8 @@ def _run_one(spec: RunSpec, threads: int) -> str:
     if threads:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, threads=threads))
     result = train(cfg, spec.directory, resume=status(spec) == "partial", progress=False)
+    if result.interrupted:
+        return f"{spec.sweep}/{spec.name}: interrupted at step {result.steps} (checkpointed; re-run to resume)"
     return f"{spec.sweep}/{spec.name}: val {result.val_loss:.3f} in {result.seconds:.0f} s"
 
 
