@@ -23,6 +23,8 @@ def test_run_statistics_match_hand_computation():
     heads = pd.DataFrame({"step": [0, 10, 10, 20], "outliers": [1, 0, 2, 0]})
     s = run_statistics(layers, heads, total_steps=40)
     assert s["cells_with_outliers"] == pytest.approx(6 / 8)  # steps > 0 only
+    assert s["outlier_fraction"] == pytest.approx((0 + 2 + 3 + 0 + 1 + 1 + 1 + 1) / 8 / 32)
+    assert s["outlier_energy"] == pytest.approx((0 + 0.2 + 0.4 + 0 + 0.1 + 0.15 + 0.3 + 0.5) / 8)
     assert s["head_cells_with_outliers"] == pytest.approx(1 / 3)
     assert s["first_spike"] == pytest.approx(10 / 40)
     assert s["layers_spiked_by_mid"] == pytest.approx(1.0)
@@ -62,8 +64,10 @@ def _per_run(spiky: dict, calm: dict, seeds: int = 3) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-SPIKY = dict(cells_with_outliers=0.8, first_spike=0.1, spike_rank_corr=0.6, final_effective_rank=0.3)
-CALM = dict(cells_with_outliers=0.1, first_spike=0.9, spike_rank_corr=0.1, final_effective_rank=0.7)
+SPIKY = dict(cells_with_outliers=0.8, outlier_fraction=0.2, first_spike=0.1, spike_rank_corr=0.6,
+             final_effective_rank=0.3)
+CALM = dict(cells_with_outliers=0.1, outlier_fraction=0.01, first_spike=0.9, spike_rank_corr=0.1,
+            final_effective_rank=0.7)
 
 
 def test_verdicts_follow_the_evidence():

@@ -30,6 +30,22 @@ CAPTIONS = {
     "sweep": "The comparison at each value of the sweep axis.",
 }
 
+STATS_HTML = """<details><summary>What the statistics are</summary><ul>
+<li>All from the layer-level query–key forms at the monitored steps after initialisation, per run, then the mean
+and a bootstrap CI across seeds; "− mla_decoupled" rows are paired by seed.</li>
+<li><b>cells_with_outliers</b>: share of (layer, step) cells with at least one eigenvalue above the bulk edge;
+<b>head_cells_with_outliers</b>: the same per head.</li>
+<li><b>outlier_fraction</b>: mean outliers / rank per cell; <b>outlier_energy</b>: mean share of Σλ in outliers.</li>
+<li><b>first_spike</b>: first step with an outlier in any layer, as a fraction of training (1 = never);
+<b>layers_spiked_by_mid</b>: share of layers with an outlier by mid-training; <b>persistence</b>: share of a
+layer's cells from its first spike on that still have outliers.</li>
+<li><b>spike_rank_corr</b>: Spearman correlation over (layer, step) of outlier energy with the relative drop of
+effective rank since step 0 (both grow with training, so this is a co-occurrence, not a cause).</li>
+<li><b>final_effective_rank</b>: mean over layers of effective rank / rank at the last step.</li>
+<li>A claim is <i>reproduced</i> when every CI it rests on lies on the claimed side of 0, <i>not reproduced</i>
+when one lies on the other side, and <i>inconclusive</i> otherwise or with fewer than 3 seeds.</li>
+</ul></details>"""
+
 _CHECK = """<script>
 window.addEventListener('load', function () {
   var imgs = Array.prototype.slice.call(document.images);
@@ -168,7 +184,7 @@ product null (the correct null for a product of matrices) and under the naive Ma
 at least {MIN_SEEDS} seeds; CIs are 95 % percentile bootstraps across seeds (differences paired by seed).</p>
 <p>Reproduce with: <code>{html.escape(command)}</code></p>
 <h2>Runs</h2>{_runs_table(data)}{_unfinished(data)}
-<h2>Verdict</h2>{_verdict_html(summary)}
+<h2>Verdict</h2>{STATS_HTML}{_verdict_html(summary)}
 {''.join(sections)}
 <h2>Configurations</h2><details><summary>resolved config of every run</summary>
 <pre>{html.escape(json.dumps(configs, indent=1))}</pre></details>

@@ -6,6 +6,9 @@ steps after initialisation, once under each null, so the reader sees how much of
 survives the structure-matched null:
 
 - ``cells_with_outliers``: share of (layer, step) cells with at least one outlier.
+- ``outlier_fraction``: mean over those cells of outliers / rank (how much of the spectrum stands above the
+  bulk; unlike the share of cells it does not saturate once every layer has one spike).
+- ``outlier_energy``: mean over those cells of the outliers' share of Σλ.
 - ``head_cells_with_outliers``: the same over (layer, head, step).
 - ``first_spike``: first step with an outlier in any layer, as a fraction of training (1 when never).
 - ``layers_spiked_by_mid``: share of layers with an outlier at some step up to the middle of training.
@@ -35,6 +38,8 @@ def run_statistics(layers: pd.DataFrame, heads: pd.DataFrame, total_steps: int) 
     trained = layers[layers["step"] > 0]
     spiked = trained[trained["outliers"] > 0]
     out["cells_with_outliers"] = float((trained["outliers"] > 0).mean()) if len(trained) else np.nan
+    out["outlier_fraction"] = float((trained["outliers"] / trained["rank"]).mean()) if len(trained) else np.nan
+    out["outlier_energy"] = float(trained["outlier_energy"].mean()) if len(trained) else np.nan
     h = heads[heads["step"] > 0]
     out["head_cells_with_outliers"] = float((h["outliers"] > 0).mean()) if len(h) else np.nan
     out["first_spike"] = float(spiked["step"].min() / total_steps) if len(spiked) else 1.0
@@ -134,11 +139,11 @@ def _claims(point: dict, reference: str) -> dict:
             return "not reproduced"
         return "inconclusive at this scale"
 
-    # (i) more cells with outliers than Decoupled, and earlier first spikes
+    # (i) more of the spectrum in outliers than Decoupled, and earlier first spikes
     parts = {}
     for v in spiky:
         n = diffs[v]["seeds"]
-        parts[f"{v}: cells_with_outliers − {reference}"] = _reading(diffs[v]["cells_with_outliers"], +1, n)
+        parts[f"{v}: outlier_fraction − {reference}"] = _reading(diffs[v]["outlier_fraction"], +1, n)
         parts[f"{v}: first_spike − {reference}"] = _reading(diffs[v]["first_spike"], -1, n)
     readings["i"] = {"verdict": combine(parts), "evidence": parts}
     # (ii) outlier energy correlates with the effective-rank drop, for the spiky variants
@@ -151,7 +156,7 @@ def _claims(point: dict, reference: str) -> dict:
     # (iii) every other variant has more outliers and a narrower final spectrum than Decoupled
     parts = {}
     for v, d in diffs.items():
-        parts[f"{v}: cells_with_outliers − {reference}"] = _reading(d["cells_with_outliers"], +1, d["seeds"])
+        parts[f"{v}: outlier_fraction − {reference}"] = _reading(d["outlier_fraction"], +1, d["seeds"])
         parts[f"{v}: final_effective_rank − {reference}"] = _reading(d["final_effective_rank"], -1, d["seeds"])
     readings["iii"] = {"verdict": combine(parts), "evidence": parts}
     return readings
