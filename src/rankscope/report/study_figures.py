@@ -125,7 +125,7 @@ def decoupled_blocks(data: StudyData, sweep: str, out: Path) -> Path | None:
     if frame.empty:
         return None
     plt = _plt()
-    fig, axes = plt.subplots(1, 4, figsize=(13, 2.8), squeeze=False)
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.3), squeeze=False)
     vmax = frame["outliers"].max()
     for j, (kind, value, log) in enumerate([("qk_content", "outliers", False), ("qk_rope", "outliers", False),
                                             ("qk_content", "spike_strength", True),
@@ -136,6 +136,7 @@ def decoupled_blocks(data: StudyData, sweep: str, out: Path) -> Path | None:
         axes[0, j].set_xlabel("step")
     axes[0, 0].set_ylabel("layer")
     fig.suptitle("MLA-Decoupled: content block vs shared rope block (product null)", fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     return _save(fig, out / "decoupled_blocks.png")
 
 
@@ -171,6 +172,7 @@ def esd_steps(data: StudyData, sweep: str, out: Path) -> Path | None:
         ax.legend(fontsize=7)
     fig.suptitle(f"ESD of the spikiest layer: {top['name']} ({top['variant']}), layer {int(top['layer'])}, qk",
                  fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     return _save(fig, out / "esd_steps.png")
 
 
