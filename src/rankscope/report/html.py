@@ -27,7 +27,7 @@ CAPTIONS = {
                    "with depth.",
     "rank_vs_outliers": "Effective rank (÷ rank) against outlier energy per (run, layer, step).",
     "loss": "Validation loss per variant, with the min–max band over seeds.",
-    "sweep": "The comparison at each value of the sweep axis.",
+    "sweep": "The comparison at each value of the sweep axis: the outlier fraction (outliers / rank) per variant.",
 }
 
 STATS_HTML = """<details><summary>What the statistics are</summary><ul>

@@ -244,7 +244,7 @@ def loss_curves(data: StudyData, sweep: str, out: Path) -> Path | None:
 
 
 def sweep_summary(per_run: pd.DataFrame, out: Path) -> Path | None:
-    """Share of (layer, step) cells with outliers per variant at each sweep value, both nulls."""
+    """Outlier fraction (outliers / rank, mean over layer × step) per variant at each sweep value, both nulls."""
     if per_run["sweep"].nunique() < 2:
         return None
     plt = _plt()
@@ -253,11 +253,11 @@ def sweep_summary(per_run: pd.DataFrame, out: Path) -> Path | None:
     for ax, null in zip(axes[0], ("product", "mp"), strict=True):
         sub = per_run[per_run["null"] == null]
         for variant in _variants(sub):
-            g = sub[sub["variant"] == variant].groupby("sweep")["cells_with_outliers"]
+            g = sub[sub["variant"] == variant].groupby("sweep")["outlier_fraction"]
             ax.errorbar(range(len(points)), g.mean().reindex(points), yerr=g.std().reindex(points).fillna(0),
                         marker="o", capsize=3, color=COLORS.get(variant), label=variant)
         ax.set_xticks(range(len(points)), points)
         ax.set_title(f"{'product null' if null == 'product' else 'naive MP'}", fontsize=9)
-    axes[0, 0].set_ylabel("share of (layer, step) cells with outliers")
+    axes[0, 0].set_ylabel("outlier fraction (outliers / rank)\nmean ± sd over seeds")
     axes[0, 0].legend(fontsize=7)
     return _save(fig, out / "sweep.png")
