@@ -82,9 +82,17 @@ def open_native_run(path) -> object | None:
             buffers = torch.load(state_path, map_location="cpu", weights_only=True).get("buffers", {})
         except Exception as exc:
             raise CheckpointError(f"{state_path}: unreadable ({str(exc).splitlines()[0][:200]})") from None
-        own = dict(model.named_buffers())
-        with torch.no_grad():
-            for name, value in buffers.items():
-                if name in own and own[name].shape == value.shape:
-                    own[name].copy_(value)
+        restore_buffers(model, buffers)
     return model.eval()
+
+
+def restore_buffers(model, buffers: dict) -> None:
+    """Copy saved buffers (e.g. MLA's measured latent rms, not part of the state dict) into ``model`` by name;
+    names or shapes the model does not have are ignored."""
+    import torch
+
+    own = dict(model.named_buffers())
+    with torch.no_grad():
+        for name, value in buffers.items():
+            if name in own and own[name].shape == value.shape:
+                own[name].copy_(value)

@@ -99,16 +99,14 @@ def _runs_table(data: StudyData) -> str:
     final = data.train.dropna(subset=["val_loss"]).sort_values("step").groupby(["sweep", "name"]).tail(1) \
         if not data.train.empty and "val_loss" in data.train else pd.DataFrame(columns=["sweep", "name", "val_loss"])
     runs = runs.merge(final[["sweep", "name", "val_loss"]], on=["sweep", "name"], how="left")
-    rows = []
-    for (sweep, variant), g in runs.groupby(["sweep", "variant"], sort=False):
-        params = g["params"].dropna()
-        kv = g["kv_cache_floats_per_token"].dropna()
-        rows.append(f"<tr><td class=l>{html.escape(sweep)}</td><td class=l>{html.escape(variant)}</td>"
-                    f"<td>{len(g)}</td><td>{int(params.iloc[0]):,}</td>" if len(params) else
-                    f"<tr><td class=l>{html.escape(sweep)}</td><td class=l>{html.escape(variant)}</td>"
-                    f"<td>{len(g)}</td><td>–</td>")
-        rows[-1] += (f"<td>{int(kv.iloc[0]):,}</td>" if len(kv) else "<td>–</td>")
-        rows[-1] += f"<td>{g['val_loss'].mean():.3f} ± {g['val_loss'].std(ddof=0):.3f}</td></tr>"
+    def first(values: pd.Series) -> str:  # the same for every seed of a variant; absent for a lone run
+        values = values.dropna()
+        return f"{int(values.iloc[0]):,}" if len(values) else "–"
+
+    rows = [f"<tr><td class=l>{html.escape(sweep)}</td><td class=l>{html.escape(variant)}</td><td>{len(g)}</td>"
+            f"<td>{first(g['params'])}</td><td>{first(g['kv_cache_floats_per_token'])}</td>"
+            f"<td>{g['val_loss'].mean():.3f} ± {g['val_loss'].std(ddof=0):.3f}</td></tr>"
+            for (sweep, variant), g in runs.groupby(["sweep", "variant"], sort=False)]
     return ("<table><tr><th class=l>sweep</th><th class=l>variant</th><th>seeds</th><th>parameters</th>"
             "<th>KV-cache floats / token</th><th>final validation loss</th></tr>" + "".join(rows) + "</table>")
 
@@ -152,7 +150,7 @@ def write_report(root: str | Path) -> Path:
     data = load(root)
     root = Path(root)
     out = root / "figures"
-    per_run = per_run_table({"qk": data.qk}, data.runs)
+    per_run = per_run_table(data.qk, data.runs)
     summary = verdict(per_run)
     summary["per_run"] = per_run.to_dict("records")
     summary["command"] = data.meta.get("command")

@@ -88,10 +88,9 @@ def _reading(ci: tuple[float, float, float], direction: int, n: int) -> str:
     return "unclear"
 
 
-def per_run_table(frames: dict[str, pd.DataFrame], runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per (run, null) with every statistic; ``frames["qk"]`` holds all runs' qk rows with a ``name``
-    column matching ``runs["name"]`` (and ``sweep``)."""
-    qk = frames["qk"]
+def per_run_table(qk: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per (run, null) with every statistic; ``qk`` holds all runs' attention rows with ``name`` and
+    ``sweep`` columns matching ``runs``."""
     rows = []
     for run in runs.itertuples():
         mine = qk[(qk["name"] == run.name) & (qk["sweep"] == run.sweep) & (qk["kind"] == "qk")]

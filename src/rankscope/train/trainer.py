@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from rankscope.errors import CheckpointError, InputError
 from rankscope.nn import GPT
+from rankscope.probes.native import restore_buffers
 from rankscope.train.config import RunConfig
 from rankscope.train.monitor import Monitor
 
@@ -139,10 +140,7 @@ def load_checkpoint(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Opti
         torch.set_rng_state(state["torch_rng"].cpu())
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
-        own = dict(model.named_buffers())
-        for name, value in state.get("buffers", {}).items():
-            if name in own and own[name].shape == value.shape:
-                own[name].copy_(value)
+        restore_buffers(model, state.get("buffers", {}))
         if errors:
             print(f"warning: skipped unreadable checkpoint(s) {errors}; resumed from step {step}")
         return step
