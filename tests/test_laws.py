@@ -59,6 +59,19 @@ def test_tracy_widom_quantiles_match_published_tables():
     assert mean == pytest.approx(-1.2065, abs=1e-3)
 
 
+@pytest.mark.filterwarnings("ignore::scipy.integrate.IntegrationWarning")  # quad's roundoff note, ~2e-6
+def test_tracy_widom_moments_used_by_the_null_fit_match_the_cdf():
+    from rankscope.spectra.nulls import TW1_MEAN, TW1_SD
+
+    # E[S] and E[S²] from the CDF: ∫₀^∞ (1−F) − ∫_{−∞}^0 F, and 2∫₀^∞ s(1−F) − 2∫_{−∞}^0 s F
+    tail = lambda s: 1 - laws.tracy_widom1_cdf(s)  # noqa: E731
+    mean = integrate.quad(tail, 0, 12)[0] - integrate.quad(laws.tracy_widom1_cdf, -14, 0)[0]
+    second = 2 * integrate.quad(lambda s: s * tail(s), 0, 12)[0] - 2 * integrate.quad(
+        lambda s: s * laws.tracy_widom1_cdf(s), -14, 0)[0]
+    assert TW1_MEAN == pytest.approx(mean, abs=1e-6)
+    assert TW1_SD == pytest.approx(math.sqrt(second - mean**2), abs=1e-5)  # quad's own roundoff: ~2e-6
+
+
 def test_johnstone_edge_controls_false_positives_when_the_scale_is_known():
     n, m, draws, fpr = 200, 80, 4000, 0.05
     g = torch.Generator().manual_seed(7)

@@ -58,9 +58,42 @@ def test_wishart_bidiagonal_model_matches_direct_simulation():
     assert stats.ks_2samp(nulls.wishart_t(n, m, draws, seed=4), t_direct).pvalue > 1e-3
 
 
+def test_tracy_widom_fit_agrees_with_the_empirical_quantile_where_both_are_affordable():
+    # 3000 draws of a rank-100 product: both estimates of the 0.99 quantile of t = λ_max/median; their
+    # sampling errors are ≈ 0.04 and 0.08 standard deviations of t, a wrong fit is off by whole ones
+    lam = nulls.simulate_spectra([(200, 100, 200)], [1.0], 3000, seed=8)
+    t = (lam[:, 0] / nulls.median(lam)).numpy()
+    fit, empirical = nulls.tracy_widom_fit_quantile(t, 0.99), np.quantile(t, 0.99)
+    assert abs(fit - empirical) < 0.3 * t.std()
+    null = nulls.ProductNull(t=np.sort(t[:64]), ratio_quantiles=np.zeros(3), mean_ratio=1.0)
+    assert null.edge_ratio(0.01) == nulls.tracy_widom_fit_quantile(t[:64], 0.99)  # 64 draws: the fit
+    assert null.edge_ratio(0.1) == np.quantile(t[:64], 0.9)  # 6 draws above: the empirical quantile
+
+
+def test_a_large_form_gets_a_budgeted_null_that_still_keeps_its_fpr():
+    dims = [(300, 150, 300)]
+    draws = nulls.default_draws(dims, 0.01)
+    assert nulls.MIN_DRAWS <= draws < nulls.MIN_EXCEEDANCES / 0.01  # budget-limited: the Tracy–Widom fit
+    trials, fpr = 1200, 0.01
+    g = gen(21)
+    form = [torch.randn(trials, 300, 150, generator=g), torch.randn(trials, 150, 300, generator=g)]
+    count = sum(d.outliers > 0 for d in diagnose_batch(form, fpr=fpr))
+    assert_rate_near(count, trials, fpr, draws)
+
+
+def test_draws_follow_the_budget():
+    assert nulls.default_draws([(768, 64)]) == nulls.MAX_DRAWS  # cheap: the empirical quantile, fully
+    assert nulls.default_draws([(768, 64, 768)]) * 0.01 >= nulls.MIN_EXCEEDANCES  # a GPT-2 head: empirical
+    assert nulls.default_draws([(4096, 4096, 4096)]) == nulls.MIN_DRAWS  # a LLaMA-7B layer: the floor
+    assert nulls.default_draws([(50, 8, 50)], fpr=1e-4) > nulls.MAX_DRAWS  # tiny fpr, cheap form: more draws
+    mid = nulls.default_draws([(600, 160, 600)])
+    assert nulls.MIN_DRAWS < mid < nulls.MAX_DRAWS
+
+
 @pytest.mark.parametrize(
     ("dims", "ratios"),
-    [([(120, 16, 90)], [1.0]), ([(100, 12, 30, 100)], [1.0]), ([(80, 10, 20, 80), (80, 4, 80)], [1.0, 0.3])],
+    [([(120, 16, 90)], [1.0]), ([(100, 12, 30, 100)], [1.0]), ([(80, 10, 20, 80), (80, 4, 80)], [1.0, 0.3]),
+     ([(40, 40, 40)], [1.0])],  # square factors: Bartlett triangles of a square Gaussian too
 )
 def test_bartlett_reduced_simulation_matches_full_factors(dims, ratios):
     draws = 2000

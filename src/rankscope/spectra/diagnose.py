@@ -24,11 +24,19 @@ from rankscope.spectra.kernels import (
     spectrum,
     structural_rank,
 )
-from rankscope.spectra.nulls import NaiveMPNull, TracyWidomNull, default_draws, median, product_null, sum_null
+from rankscope.spectra.nulls import (
+    MIN_DRAWS,
+    MIN_EXCEEDANCES,
+    NaiveMPNull,
+    TracyWidomNull,
+    default_draws,
+    median,
+    product_null,
+    sum_null,
+)
 from rankscope.spectra.tail import power_law_fit
 
 NULLS = ("product", "mp", "tw")
-MIN_EXCEEDANCES = 4  # simulated draws above the edge needed to place it
 
 
 @dataclass(frozen=True)
@@ -65,7 +73,7 @@ class Diagnosis:
 def _null_for(form: Form, null: str, fpr: float, draws: int | None, norms: list[float] | None = None):
     n, m = form_shape(form)
     dims = [chain_dims(c) for c in form]
-    draws = draws or max(default_draws(dims), math.ceil(MIN_EXCEEDANCES / fpr))
+    draws = draws or default_draws(dims, fpr)
     if null == "mp":
         return NaiveMPNull(q=structural_rank(dims) / max(n, m))
     if null == "tw":
@@ -135,9 +143,9 @@ def _check_options(null: str, fpr: float, draws: int | None) -> None:
         raise InputError(f"null must be one of {NULLS}, got {null!r}")
     if not 0 < fpr < 1:
         raise InputError(f"fpr must lie in (0, 1), got {fpr}")
-    if draws is not None and draws < MIN_EXCEEDANCES / fpr:
-        raise InputError(f"draws={draws} cannot resolve fpr={fpr}: the null's (1 − fpr) quantile needs "
-                         f"draws ≥ {MIN_EXCEEDANCES}/fpr = {math.ceil(MIN_EXCEEDANCES / fpr)}")
+    needed = min(MIN_DRAWS, math.ceil(MIN_EXCEEDANCES / fpr))  # the Tracy–Widom fit, or the empirical quantile
+    if draws is not None and draws < needed:
+        raise InputError(f"draws={draws} is too few to place a null's edge at fpr={fpr}: at least {needed}")
 
 
 @torch.no_grad()

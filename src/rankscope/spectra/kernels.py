@@ -46,7 +46,9 @@ def _as_float64(x, where: str, batched: bool) -> torch.Tensor:
     if t.shape[-1] == 0 or t.shape[-2] == 0:
         raise InputError(f"{where} has an empty dimension: shape {tuple(t.shape)}")
     t = t.to(torch.float64)
-    if not torch.isfinite(t).all():
+    # A NaN or Inf makes the sum non-finite; a finite sum proves every entry finite (one cheap reduction;
+    # an overflowing sum of finite entries falls through to the elementwise check).
+    if not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
         n_nan = int(torch.isnan(t).sum())
         n_inf = int(torch.isinf(t).sum())
         raise InputError(f"{where} contains non-finite values ({n_nan} NaN, {n_inf} Inf)")
@@ -142,7 +144,8 @@ def split_at_bottleneck(chain: Chain) -> tuple[torch.Tensor, torch.Tensor]:
 def _stack(form: Form) -> tuple[torch.Tensor, torch.Tensor]:
     """The sum of chains as one two-factor product L @ R: (…, n, K) and (…, K, m)."""
     parts = [split_at_bottleneck(chain) for chain in form]
-    batch = torch.broadcast_shapes(*(p.shape[:-2] for lr in parts for p in lr))
+    # numpy's broadcast_shapes: torch's imports sympy on first use (0.3 s of a CLI start)
+    batch = np.broadcast_shapes(*(tuple(p.shape[:-2]) for lr in parts for p in lr))
     L = torch.cat([lr[0].expand(*batch, *lr[0].shape[-2:]) for lr in parts], dim=-1)  # (…, n, K)
     R = torch.cat([lr[1].expand(*batch, *lr[1].shape[-2:]) for lr in parts], dim=-2)  # (…, K, m)
     return L, R
@@ -164,7 +167,12 @@ def squared_singular_values(X: torch.Tensor) -> torch.Tensor:
     (MKL's gesdd ran 100× slower with 2 threads than with 1 here), while ``eigvalsh`` is steady and
     agrees to within ~k·eps·λ_max, which ``clamp_numerical_zeros`` treats as zero.
     """
-    gram = X @ X.mT if X.shape[-2] <= X.shape[-1] else X.mT @ X  # (…, k, k)
+    wide = X.shape[-2] <= X.shape[-1]
+    if X.ndim == 2 and X.device.type == "cpu":  # numpy's AᵀA is one BLAS syrk: half a gemm's work
+        A = X.numpy()
+        gram = torch.from_numpy(A @ A.T if wide else A.T @ A)  # (k, k)
+    else:
+        gram = X @ X.mT if wide else X.mT @ X  # (…, k, k)
     return torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0)
 
 
