@@ -63,7 +63,8 @@ NULL_VERSION = 2
 MIN_EXCEEDANCES = 4  # simulated t above the edge needed to place it by the empirical quantile
 MIN_DRAWS = 64  # below the budget's draws, a large form's edge comes from the Tracy–Widom fit
 MAX_DRAWS = 2000
-SIMULATION_BUDGET = 0.25  # seconds of one core per simulated null shape (roughly; cached afterwards)
+CHAIN_BUDGET = 0.5  # seconds of one core to simulate a chain's null (roughly; once per shape, then cached)
+MATRIX_BUDGET = 0.1  # a single matrix: its t is a Wishart's, whose TW₁ edge law is the best established
 TW1_MEAN, TW1_SD = -1.2065335745820, math.sqrt(1.6077810345810)  # GOE Tracy–Widom (Bornemann 2010, table 4)
 RATIO_GRID = 0.1  # block-norm ratios are rounded to this step in log10
 QUANTILE_POINTS = 1025  # resolution of the stored λ/median distribution (for the KS distance)
@@ -230,10 +231,11 @@ def seconds_per_draw(dims: Sequence[Sequence[int]]) -> float:
 
 
 def default_draws(dims: Sequence[Sequence[int]], fpr: float = 0.01) -> int:
-    """As many draws as ``SIMULATION_BUDGET`` buys, between ``MIN_DRAWS`` and ``MAX_DRAWS`` (more if fpr is
-    so small that MAX_DRAWS would not put MIN_EXCEEDANCES above the edge, and the budget allows)."""
+    """As many draws as the budget buys, between ``MIN_DRAWS`` and ``MAX_DRAWS`` (more if fpr is so small
+    that MAX_DRAWS would not put MIN_EXCEEDANCES above the edge, and the budget allows)."""
     wanted = max(MAX_DRAWS, math.ceil(MIN_EXCEEDANCES / fpr))
-    affordable = int(SIMULATION_BUDGET / seconds_per_draw(dims))
+    budget = MATRIX_BUDGET if len(dims) == 1 and len(dims[0]) == 2 else CHAIN_BUDGET
+    affordable = int(budget / seconds_per_draw(dims))
     return max(MIN_DRAWS, min(wanted, affordable))
 
 
