@@ -156,7 +156,7 @@ def _diagnose_form(form: Form, nulls: tuple[str, ...], fpr: float, draws: int | 
     overflow = InputError(f"{name}: the spectrum overflows float64 (entries too large); rescale the factors")
     try:
         lam = spectrum(form)  # (B, r)
-    except torch.linalg.LinAlgError as exc:  # the eigensolver met inf
+    except (torch.linalg.LinAlgError, np.linalg.LinAlgError) as exc:  # the eigensolver met inf
         raise overflow from exc
     if lam.shape[0] == 0:
         return {null: [] for null in nulls}

@@ -168,11 +168,15 @@ def squared_singular_values(X: torch.Tensor) -> torch.Tensor:
     agrees to within ~k·eps·λ_max, which ``clamp_numerical_zeros`` treats as zero.
     """
     wide = X.shape[-2] <= X.shape[-1]
-    if X.ndim == 2 and X.device.type == "cpu":  # numpy's AᵀA is one BLAS syrk: half a gemm's work
-        A = X.numpy()
-        gram = torch.from_numpy(A @ A.T if wide else A.T @ A)  # (k, k)
-    else:
-        gram = X @ X.mT if wide else X.mT @ X  # (…, k, k)
+    if X.device.type == "cpu":
+        # numpy on CPU: its A·Aᵀ is a BLAS syrk (half a gemm's work) and its eigvalsh ran 1.7× faster than
+        # torch's at 384–768 here (equal on small batched matrices); the eigenvalues agree to ~1e-14 relative.
+        A = X.detach().numpy()
+        At = np.swapaxes(A, -1, -2)
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported by the caller, by name
+            gram = A @ At if wide else At @ A  # (…, k, k)
+        return torch.from_numpy(np.linalg.eigvalsh(gram)[..., ::-1].copy()).clamp_min(0)
+    gram = X @ X.mT if wide else X.mT @ X  # (…, k, k)
     return torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0)
 
 

@@ -203,7 +203,11 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
     if device.type == "cpu":
-        torch.set_num_threads(tc.threads or max(1, free_cores() // world))
+        from threadpoolctl import threadpool_limits  # numpy's BLAS (the monitor's eigensolver) obeys too
+
+        threads = tc.threads or max(1, free_cores() // world)
+        torch.set_num_threads(threads)
+        threadpool_limits(threads, user_api="blas")
     use_bf16 = tc.amp == "bf16" or (tc.amp == "auto" and device.type == "cuda")
 
     def amp():
