@@ -168,7 +168,7 @@ def squared_singular_values(X: torch.Tensor) -> torch.Tensor:
     agrees to within ~k·eps·λ_max, which ``clamp_numerical_zeros`` treats as zero.
     """
     wide = X.shape[-2] <= X.shape[-1]
-    if X.device.type == "cpu":
+    if X.device.type == "cpu" and X.dtype in (torch.float32, torch.float64):
         # numpy on CPU: its A·Aᵀ is a BLAS syrk (half a gemm's work) and its eigvalsh ran 1.7× faster than
         # torch's at 384–768 here (equal on small batched matrices); the eigenvalues agree to ~1e-14 relative.
         A = X.detach().numpy()

@@ -382,8 +382,10 @@ def wishart_t(n: int, m: int, draws: int, seed: int) -> np.ndarray:
     lo, hi = (p - 1) // 2 + 1, p // 2 + 1  # 1-based ascending indices of the middle one or two
     t = np.empty(draws)
     for i in range(draws):
-        _, top, *_ = lapack.dstebz(diag[i], off[i], 3, 0.0, 0.0, p, p, tol, b"E")
-        count, mid, *_ = lapack.dstebz(diag[i], off[i], 3, 0.0, 0.0, lo, hi, tol, b"E")
+        _, top, _, _, info_top = lapack.dstebz(diag[i], off[i], 3, 0.0, 0.0, p, p, tol, b"E")
+        count, mid, _, _, info_mid = lapack.dstebz(diag[i], off[i], 3, 0.0, 0.0, lo, hi, tol, b"E")
+        if info_top or info_mid:
+            raise RuntimeError(f"LAPACK dstebz failed (info {info_top}, {info_mid}) simulating a {N}×{p} null")
         t[i] = top[0] / mid[:count].mean()
     return np.sort(t)
 
