@@ -66,23 +66,23 @@ def test_tracy_widom_fit_agrees_with_the_empirical_quantile_where_both_are_affor
     fit, empirical = nulls.tracy_widom_fit_quantile(t, 0.99), np.quantile(t, 0.99)
     assert abs(fit - empirical) < 0.3 * t.std()
     null = nulls.ProductNull(t=np.sort(t[:64]), ratio_quantiles=np.zeros(3), mean_ratio=1.0)
-    assert null.edge_ratio(0.01) == nulls.tracy_widom_fit_quantile(t[:64], 0.99)  # 64 draws: the fit
+    assert null.edge_ratio(0.01) == nulls.tracy_widom_fit_quantile(null.t, 0.99)  # 64 draws: the fit
     assert null.edge_ratio(0.1) == np.quantile(t[:64], 0.9)  # 6 draws above: the empirical quantile
 
 
-def test_a_large_form_gets_a_budgeted_null_that_still_keeps_its_fpr():
-    dims = [(300, 150, 300)]
-    draws = nulls.default_draws(dims, 0.01)
-    assert nulls.MIN_DRAWS <= draws < nulls.MIN_EXCEEDANCES / 0.01  # budget-limited: the Tracy–Widom fit
-    trials, fpr = 1200, 0.01
+def test_a_large_form_at_the_draws_floor_still_keeps_its_fpr():
+    # what a budget-limited form gets: MIN_DRAWS draws and the Tracy–Widom fit of their t
+    trials, fpr, draws = 1200, 0.01, nulls.MIN_DRAWS
+    assert draws * fpr < nulls.MIN_EXCEEDANCES
     g = gen(21)
     form = [torch.randn(trials, 300, 150, generator=g), torch.randn(trials, 150, 300, generator=g)]
-    count = sum(d.outliers > 0 for d in diagnose_batch(form, fpr=fpr))
+    count = sum(d.outliers > 0 for d in diagnose_batch(form, fpr=fpr, draws=draws))
     assert_rate_near(count, trials, fpr, draws)
 
 
 def test_draws_follow_the_budget():
-    assert nulls.default_draws([(768, 64)]) == nulls.MAX_DRAWS  # cheap: the empirical quantile, fully
+    assert nulls.default_draws([(768, 16)]) == nulls.MAX_DRAWS  # cheap: the empirical quantile, fully
+    assert nulls.default_draws([(768, 768)]) < nulls.MIN_EXCEEDANCES / 0.01  # a wide matrix: the fit
     assert nulls.default_draws([(768, 64, 768)]) * 0.01 >= nulls.MIN_EXCEEDANCES  # a GPT-2 head: empirical
     assert nulls.default_draws([(4096, 4096, 4096)]) == nulls.MIN_DRAWS  # a LLaMA-7B layer: the floor
     assert nulls.default_draws([(50, 8, 50)], fpr=1e-4) > nulls.MAX_DRAWS  # tiny fpr, cheap form: more draws
@@ -109,6 +109,24 @@ def test_bartlett_reduced_simulation_matches_full_factors(dims, ratios):
     full = torch.linalg.eigvalsh(B.mT @ B).flip(-1)[:, : reduced.shape[1]]
     for stat in (lambda x: x[:, 0] / torch.quantile(x, 0.5, dim=-1), lambda x: x[:, -1] / x[:, 0]):
         assert stats.ks_2samp(stat(reduced).numpy(), stat(full).numpy()).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("dims", [(40, 24, 56), (30, 50, 20), (12, 12, 12), (60, 30, 10)])
+def test_two_factor_model_matches_dense_products(dims):
+    # the Dumitriu–Edelman bidiagonal in place of A, a Bartlett triangle (or a p×m Gaussian) in place of G,
+    # against the SVD of A @ G from full Gaussian factors: λ_max, trace, t and the pooled λ/median all agree
+    n, k, m = dims
+    draws = 4000
+    fast = nulls.two_factor_spectra(n, k, m, draws, seed=2).numpy()
+    g = gen(7)
+    AG = torch.randn(draws, n, k, generator=g, dtype=torch.float64) @ torch.randn(draws, k, m, generator=g,
+                                                                                 dtype=torch.float64)
+    dense = (torch.linalg.svdvals(AG)[:, : min(dims)] ** 2).numpy()
+    assert fast.shape == dense.shape
+    for stat in (lambda x: x[:, 0], lambda x: x.sum(1), lambda x: x[:, 0] / np.median(x, 1),
+                 lambda x: (x / np.median(x, 1, keepdims=True))[:, ::3].ravel()):
+        assert stats.ks_2samp(stat(fast), stat(dense)).pvalue > 1e-3
+    assert abs(fast.sum(1).mean() / (n * k * m) - 1) < 0.02  # E tr (AG)(AG)ᵀ = n·k·m
 
 
 def head_factors(trials, seed):

@@ -89,9 +89,9 @@ def _scan(x: torch.Tensor, candidates: torch.Tensor) -> tuple[torch.Tensor, torc
         xmin = candidates[lo:hi, None]  # (c, 1)
         s = start[lo:hi, None].to(torch.float64)  # (c, 1)
         n = N - s  # (c, 1) tail sizes
-        ratio = (x / xmin).clamp(min=1)  # (c, N) x / xmin in the tail, 1 below it
-        alpha = 1 + n / ratio.log().sum(dim=1, keepdim=True)  # (c, 1)
-        cdf_fit = 1 - ratio.pow(1 - alpha)  # (c, N) 0 below the tail
+        log_ratio = (x / xmin).clamp(min=1).log()  # (c, N) ln(x / xmin) in the tail, 0 below it
+        alpha = 1 + n / log_ratio.sum(dim=1, keepdim=True)  # (c, 1)
+        cdf_fit = -torch.expm1((1 - alpha) * log_ratio)  # (c, N) 1 − (x/xmin)^(1−α), 0 below the tail
         cdf_emp = (below - s).clamp(min=0) / n  # (c, N) 0 below the tail
         alpha_out[lo:hi] = alpha[:, 0]
         dist_out[lo:hi] = (cdf_fit - cdf_emp).abs().amax(dim=1)
