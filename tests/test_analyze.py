@@ -181,3 +181,48 @@ def test_a_nan_head_gets_an_error_row_and_the_other_heads_are_analysed():
     heads = df[df["head"] >= 0].set_index("head")
     assert "non-finite" in heads.loc[1, "error"] and heads.drop(index=1)["error"].eq("").all()
     assert heads.drop(index=1)["lambda_max"].gt(0).all()
+
+
+def _anonymous_rss() -> int:
+    """Bytes of this process's private anonymous memory (RssAnon): what a copy of a tensor costs, whereas the
+    memory-mapped checkpoint's pages are file-backed and not counted."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no RssAnon line in /proc/self/status")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RssAnon from Linux's /proc")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_sharded_checkpoint_is_read_tensor_by_tensor(tmp_path, dtype):
+    # 24 matrices in 3 shards: 230 MB once in float64, the precision every spectrum is computed in. Reading
+    # tensor by tensor, the process's own memory must stay near one matrix (9.6 MB in float64), not the model.
+    import json
+
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    rows, cols, count, per_shard = 20_000, 60, 24, 8
+    weight_map = {}
+    for s in range(count // per_shard):
+        shard = f"model-{s + 1:05d}-of-{count // per_shard:05d}.safetensors"
+        names = [f"blocks.{i}.proj.weight" for i in range(s * per_shard, (s + 1) * per_shard)]
+        save_file({n: torch.randn(rows, cols, generator=g).to(dtype) for n in names}, tmp_path / shard)
+        weight_map.update(dict.fromkeys(names, shard))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    float64_model = count * rows * cols * 8
+
+    rs.diagnose(torch.randn(rows, cols))  # the null of this shape: simulated (or read) before measuring
+    base, peak = _anonymous_rss(), [0]
+
+    def watch(done, total, what):
+        peak[0] = max(peak[0], _anonymous_rss() - base)
+
+    result = analyze_full(tmp_path, kinds=["weights"], progress=watch)
+    table = result.table
+    assert len(table) == count and table["error"].eq("").all() and table["lambda_max"].gt(0).all()
+    assert peak[0] < 0.25 * float64_model, f"{peak[0] / 2**20:.0f} MB held for a {float64_model / 2**20:.0f} MB model"
+    # and the spectra are those of the stored values: no rounding on the way (bf16 → float64 is exact)
+    first = load_file(tmp_path / "model-00001-of-00003.safetensors")["blocks.0.proj.weight"].double()
+    dense = torch.linalg.svdvals(first).square()
+    np.testing.assert_allclose(result.diagnoses[0].eigenvalues.numpy(), dense.numpy(), rtol=1e-9)
