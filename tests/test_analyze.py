@@ -138,9 +138,33 @@ def test_cli_analyze_writes_rows_and_a_figure(tmp_path):
     assert result.exit_code == 0, result.output
     rows = pd.read_csv(tmp_path / "analysis.csv")
     assert len(rows) == 6 and (rows["head"] == -1).all()
+    assert "Per layer: the layer's form" in result.output  # --per-layer: the summary shows the layer forms
+    printed = [line.split("│")[1:-1] for line in result.output.splitlines() if line.count("│") == 8]
+    assert [(int(c[0]), c[1].strip(), int(c[3])) for c in printed] == list(
+        zip(rows["layer"], rows["kind"], rows["outliers"], strict=True))
     assert (tmp_path / "esd.png").stat().st_size > 10_000
     d = rs.diagnose(torch.randn(5, 5))  # the public API still answers after the CLI ran
     assert d.rank == 5
+    bare = CliRunner().invoke(app, ["analyze", str(minilm_dir()), "--per-layer", "--kinds", "qk", "--no-figure",
+                                    "--out", str(tmp_path / "bare"), "--format", "csv"], env={"COLUMNS": "200"})
+    assert bare.exit_code == 0, bare.output
+    assert (tmp_path / "bare" / "analysis.csv").exists() and not (tmp_path / "bare" / "esd.png").exists()
+
+
+def test_cli_summary_names_each_layers_spikiest_head_and_the_layer_forms_outliers(tmp_path):
+    result = CliRunner().invoke(app, ["analyze", str(minilm_dir()), "--kinds", "qk", "--out", str(tmp_path),
+                                      "--format", "csv", "--no-figure"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    rows = pd.read_csv(tmp_path / "analysis.csv")
+    printed = [[c.strip() for c in line.split("│")[1:-1]] for line in result.output.splitlines()
+               if line.count("│") == 9]
+    assert len(printed) == 6
+    for layer, kind, head, outliers, _, _, layer_form, kv in printed:
+        heads = rows[(rows["layer"] == int(layer)) & (rows["kind"] == kind) & (rows["head"] >= 0)]
+        whole = rows[(rows["layer"] == int(layer)) & (rows["kind"] == kind) & (rows["head"] < 0)].iloc[0]
+        assert int(outliers) == heads["outliers"].max() and int(head) in set(heads["head"][heads["outliers"]
+                                                                                           == int(outliers)])
+        assert layer_form == f"{whole['outliers']} of {whole['rank']}" and int(kv) == 2 * 12 * 32
 
 
 def test_the_console_script_exits_fast_without_losing_output(tmp_path):

@@ -117,17 +117,27 @@ def _write_rows(df, out: Path, fmt: str) -> Path:
 
 
 def _summary(df) -> Table:
-    """Per layer: the worst head of each attention kind (most outliers, then spike strength)."""
-    table = Table(title="Per layer: the spikiest head")
-    for col in ("layer", "kind", "worst head", "outliers", "spike strength", "stable rank", "KV floats/token"):
+    """Per layer: the worst head of each attention kind (most outliers, then spike strength); with
+    --per-layer, the layer's own form."""
+    from rankscope.analysis import ATTENTION_KINDS
+
+    ok = df[df["error"].eq("") & df["kind"].isin(ATTENTION_KINDS)] if "outliers" in df else df.iloc[0:0]
+    per_head = (ok["head"] >= 0).any()
+    rows = ok[ok["head"] >= 0] if per_head else ok
+    table = Table(title="Per layer: the spikiest head" if per_head else "Per layer: the layer's form")
+    columns = ["layer", "kind", "worst head" if per_head else "form", "outliers", "spike strength", "stable rank"]
+    layer_form = {(r.layer, r.kind): f"{int(r.outliers)} of {int(r.rank)}" for r in ok[ok["head"] < 0].itertuples()}
+    for col in [*columns, *(["layer form outliers"] if per_head and layer_form else []), "KV floats/token"]:
         table.add_column(col, justify="right")
-    heads = df[(df["head"] >= 0) & df["error"].eq("")] if "outliers" in df else df.iloc[0:0]
-    for (layer, kind), g in heads.groupby(["layer", "kind"], sort=True):
+    for (layer, kind), g in rows.groupby(["layer", "kind"], sort=True):
         w = g.sort_values(["outliers", "spike_strength"], ascending=False).iloc[0]
         kv = w["kv_cache_floats"]
         kv = "" if kv is None or kv != kv else str(int(kv))  # None or NaN: no KV cache for this row
-        table.add_row(str(layer), kind, str(int(w["head"])), str(int(w["outliers"])), f"{w['spike_strength']:.2f}",
-                      f"{w['stable_rank']:.1f}", kv)
+        cells = [str(layer), kind, str(int(w["head"])) if per_head else "layer", str(int(w["outliers"])),
+                 f"{w['spike_strength']:.2f}", f"{w['stable_rank']:.1f}"]
+        if per_head and layer_form:
+            cells.append(layer_form.get((layer, kind), ""))
+        table.add_row(*cells, kv)
     return table
 
 
@@ -140,6 +150,8 @@ def analyze(
     fpr: float = typer.Option(0.01, help="false-positive rate of the outlier test, per spectrum"),
     out: Path | None = typer.Option(None, help="directory for the rows file and the ESD figure"),
     fmt: str = typer.Option("table", "--format", help="table | csv | parquet | json"),
+    figure: bool = typer.Option(True, "--figure/--no-figure",
+                                help="with --out, also draw esd.png: the spikiest head's and layer's spectra"),
 ) -> None:
     """Diagnose every attention head, layer and weight matrix of a checkpoint."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -176,9 +188,9 @@ def analyze(
     if out is not None:
         if fmt != "table":
             console.print(f"rows: {_write_rows(df, out, fmt)}")
-        figure = _esd(result, out)
-        if figure:
-            console.print(f"figure: {figure}")
+        drawn = _esd(result, out) if figure else None
+        if drawn:
+            console.print(f"figure: {drawn}")
     elif fmt != "table":
         console.print("[yellow]note:[/yellow] --format needs --out DIR; printed the summary only")
     console.print(f"[dim]{len(df)} rows ({result.architecture or 'unknown architecture'}) in "
