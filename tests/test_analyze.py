@@ -132,7 +132,10 @@ def test_cli_bad_input_exits_2_with_one_clear_line(tmp_path, case):
     assert not marker.exists()  # the pickled code never ran
 
 
-def test_cli_analyze_writes_rows_and_a_figure(tmp_path):
+def test_cli_analyze_writes_rows_and_a_figure(tmp_path, monkeypatch):
+    import rankscope.cli
+
+    monkeypatch.setattr(rankscope.cli.console, "width", 200)  # one line a row (no terminal under xdist)
     result = CliRunner().invoke(app, ["analyze", str(minilm_dir()), "--per-layer", "--kinds", "qk",
                                       "--out", str(tmp_path), "--format", "csv"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
@@ -151,7 +154,10 @@ def test_cli_analyze_writes_rows_and_a_figure(tmp_path):
     assert (tmp_path / "bare" / "analysis.csv").exists() and not (tmp_path / "bare" / "esd.png").exists()
 
 
-def test_cli_summary_names_each_layers_spikiest_head_and_the_layer_forms_outliers(tmp_path):
+def test_cli_summary_names_each_layers_spikiest_head_and_the_layer_forms_outliers(tmp_path, monkeypatch):
+    import rankscope.cli
+
+    monkeypatch.setattr(rankscope.cli.console, "width", 200)  # one line a row (no terminal under xdist)
     result = CliRunner().invoke(app, ["analyze", str(minilm_dir()), "--kinds", "qk", "--out", str(tmp_path),
                                       "--format", "csv", "--no-figure"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output

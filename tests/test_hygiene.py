@@ -19,3 +19,30 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_the_numerics_run_on_one_torch_thread_and_give_the_callers_count_back():
+    # in a fresh process with torch's default of several threads, so the restore is not a no-op
+    code = """
+import torch
+torch.set_num_threads(2)
+import rankscope as rs
+from rankscope.spectra import kernels
+seen = []
+squared = kernels.squared_singular_values
+def spy(X):
+    seen.append(torch.get_num_threads())
+    return squared(X)
+kernels.squared_singular_values = spy
+rs.diagnose([torch.randn(30, 4), torch.randn(4, 30)])
+rs.analyze(torch.nn.Sequential(torch.nn.Linear(8, 6)))
+try:
+    rs.diagnose(torch.full((3, 3), float("nan")))
+except rs.InputError:
+    pass
+assert seen and set(seen) == {1}, seen
+assert torch.get_num_threads() == 2, torch.get_num_threads()  # restored, after an error too
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

@@ -111,7 +111,8 @@ def test_bartlett_reduced_simulation_matches_full_factors(dims, ratios):
         assert stats.ks_2samp(stat(reduced).numpy(), stat(full).numpy()).pvalue > 1e-3
 
 
-@pytest.mark.parametrize("dims", [(40, 24, 56), (30, 50, 20), (12, 12, 12), (60, 30, 10)])
+@pytest.mark.parametrize("dims", [(40, 24, 56), (30, 50, 20), (12, 12, 12), (60, 30, 10),
+                                  (90, 70, 80), (80, 72, 40)])  # p > 64: one draw at a time (dlauum when p ≤ m)
 def test_two_factor_model_matches_dense_products(dims):
     # the Dumitriu–Edelman bidiagonal in place of A, a Bartlett triangle (or a p×m Gaussian) in place of G,
     # against the SVD of A @ G from full Gaussian factors: λ_max, trace, t and the pooled λ/median all agree

@@ -22,6 +22,7 @@ from rankscope.errors import InputError
 from rankscope.probes import NamedForm, detect_architecture, hf_forms, multihead_attention_forms, stack_heads
 from rankscope.spectra import Diagnosis
 from rankscope.spectra.diagnose import diagnose_nulls
+from rankscope.spectra.threads import with_one_torch_thread
 
 MAX_ELEMENTS = 2**28  # a single matrix larger than this (2 GB in float64) is reported as skipped, by name
 ATTENTION_KINDS = ("qk", "qk_content", "qk_rope", "ov")
@@ -120,6 +121,7 @@ def _source(model_or_path) -> tuple[dict | None, _Weights, list[NamedForm]]:
     return ckpt.config, _Weights(list(ckpt.names), ckpt.tensor, ckpt.shape, ckpt.dtype), []
 
 
+@with_one_torch_thread  # see spectra.threads: 2× faster on 2 cores
 def analyze_full(model_or_path, *, per_head: bool = True, kinds=("qk", "ov", "mlp", "weights"),
                  null: str | tuple[str, ...] = "product", fpr: float = 0.01,
                  progress: Callable[[int, int, str], None] | None = None) -> Analysis:

@@ -35,6 +35,7 @@ from rankscope.spectra.nulls import (
     sum_null,
 )
 from rankscope.spectra.tail import power_law_fit
+from rankscope.spectra.threads import with_one_torch_thread
 
 NULLS = ("product", "mp", "tw")
 
@@ -175,6 +176,7 @@ def _diagnose_form(form: Form, nulls: tuple[str, ...], fpr: float, draws: int | 
     return out
 
 
+@with_one_torch_thread  # numpy's BLAS does the heavy work: torch's spinning workers would slow it
 def diagnose_nulls(form, nulls: tuple[str, ...], *, fpr: float = 0.01, name: str = "form", batched: bool = False,
                    draws: int | None = None) -> dict[str, list[Diagnosis]]:
     """Null → diagnoses (a list: one per batch item, or one for an unbatched form), the spectrum computed once.

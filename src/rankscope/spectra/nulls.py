@@ -58,6 +58,7 @@ from rankscope.spectra.laws import (
     mp_tracy_widom_edge,
     tracy_widom1_quantile,
 )
+from rankscope.spectra.threads import with_one_torch_thread
 
 NULL_VERSION = 2
 MIN_EXCEEDANCES = 4  # simulated t above the edge needed to place it by the empirical quantile
@@ -345,6 +346,7 @@ def _save(path: Path, key: str, null: ProductNull) -> None:
         pass  # a read-only cache costs time, not correctness
 
 
+@with_one_torch_thread
 def product_null(dims: Sequence[Sequence[int]], ratios: Sequence[float] | None = None,
                  draws: int | None = None) -> ProductNull:
     """The structure-matched null of a form with chain dims (n, k1, …, m) and block-norm ratios, cached."""
@@ -411,16 +413,15 @@ def two_factor_spectra(n: int, k: int, m: int, draws: int, seed: int) -> torch.T
     With A = U S Vᵀ, σ(A G) = σ(S · VᵀG), and VᵀG is Gaussian again, independent of S: only the law of
     A's singular values matters, so A can be replaced by the p×p Dumitriu–Edelman bidiagonal B
     (p = min(n, k)) and G by a p×m Gaussian. When p ≤ m, G enters only through the Bartlett R of its
-    transpose's QR (G Gᵀ = Rᵀ R), so the spectrum is that of U Uᵀ with U = R Bᵀ upper triangular:
-    O(p²) to form, and LAPACK's dlauum makes U Uᵀ in a third of a Gram's work. A 384·384·384 draw costs
-    7 ms here against 17 ms for the generic path (two Bartlett factors, their product, its Gram).
+    transpose's QR (G Gᵀ = Rᵀ R), so the spectrum is that of U Uᵀ with U = R Bᵀ upper triangular,
+    O(p²) to form. A 384·384·384 draw costs 6 ms here against 17 ms for the generic path (two Bartlett
+    factors, their product, its Gram). All of it is numpy: alternating with scipy's LAPACK (a second
+    OpenBLAS, with its own threads) made every draw 3× slower with two BLAS threads, and 90× at p = 70.
     """
-    from scipy.linalg import lapack
-
     rng = np.random.default_rng(seed)
     p, r = min(n, k), min(n, k, m)
     a, b = _wishart_bidiagonal(max(n, k), p, draws, rng)  # (draws, p), (draws, p − 1)
-    # small p: batches of draws, so numpy's per-call overhead is shared; large p: one draw at a time, dlauum
+    # small p: batches of draws, so numpy's per-call overhead is shared; large p: one draw at a time
     chunk = 1 if p > 64 else max(1, 2**22 // (p * max(p, m)))
     lam = np.empty((draws, r))
     for lo in range(0, draws, chunk):
@@ -431,13 +432,7 @@ def two_factor_spectra(n: int, k: int, m: int, draws: int, seed: int) -> torch.T
             R[:, np.arange(p), np.arange(p)] = np.sqrt(rng.chisquare(np.arange(m, m - p, -1), size=(c, p)))
             U = R * a_  # (c, p, p) = R Bᵀ: column j is a_j R[:, j] + b_{j−1} R[:, j−1]
             U[..., 1:] += R[..., :-1] * b_
-            if c == 1:
-                gram, info = lapack.dlauum(U[0], lower=0)  # U Uᵀ in the upper triangle
-                _lapack_check(info, "dlauum", f"a {n}·{k}·{m} null")
-                gram = gram[None]
-            else:
-                gram = U @ U.swapaxes(-1, -2)  # (c, p, p)
-            lam[lo : lo + c] = np.linalg.eigvalsh(gram, UPLO="U")[:, ::-1]
+            lam[lo : lo + c] = np.linalg.eigvalsh(U @ U.swapaxes(-1, -2))[:, ::-1]  # (c, p)
         else:
             G = rng.standard_normal((c, p, m))
             X = G * a_.swapaxes(-1, -2)  # (c, p, m) = B G: row j is a_j G[j] + b_{j−1} G[j−1]
