@@ -7,7 +7,6 @@ the edge an outlier. Under the null, a spectrum has any outlier with probability
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,12 +24,12 @@ from rankscope.spectra.kernels import (
     structural_rank,
 )
 from rankscope.spectra.nulls import (
-    MIN_DRAWS,
-    MIN_EXCEEDANCES,
+    FIT_MIN_RANK,
     NaiveMPNull,
     TracyWidomNull,
     default_draws,
     median,
+    min_draws,
     product_null,
     sum_null,
 )
@@ -74,6 +73,10 @@ class Diagnosis:
 def _null_for(form: Form, null: str, fpr: float, draws: int | None, norms: list[float] | None = None):
     n, m = form_shape(form)
     dims = [chain_dims(c) for c in form]
+    if draws is not None and null == "product" and draws < min_draws(dims, fpr):
+        how = "Tracy–Widom fit" if structural_rank(dims) >= FIT_MIN_RANK else "empirical quantile"
+        raise InputError(f"draws={draws} is too few to place a null's edge at fpr={fpr} by the {how}: "
+                         f"at least {min_draws(dims, fpr)}")
     draws = draws or default_draws(dims, fpr)
     if null == "mp":
         return NaiveMPNull(q=structural_rank(dims) / max(n, m))
@@ -144,9 +147,8 @@ def _check_options(null: str, fpr: float, draws: int | None) -> None:
         raise InputError(f"null must be one of {NULLS}, got {null!r}")
     if not 0 < fpr < 1:
         raise InputError(f"fpr must lie in (0, 1), got {fpr}")
-    needed = min(MIN_DRAWS, math.ceil(MIN_EXCEEDANCES / fpr))  # the Tracy–Widom fit, or the empirical quantile
-    if draws is not None and draws < needed:
-        raise InputError(f"draws={draws} is too few to place a null's edge at fpr={fpr}: at least {needed}")
+    if draws is not None and draws < 1:
+        raise InputError(f"draws must be a positive number of null draws, got {draws}")
 
 
 @torch.no_grad()

@@ -20,15 +20,22 @@ Simulation is exact in distribution and cheap: a Gaussian G (N×k, N ≥ k) ente
 the R of its QR, which has the Bartlett law (R_ii ~ χ_{N−i}, R_ij ~ N(0, 1) above the diagonal), so the
 tall outer factors of every chain are drawn as k×k triangles and never as N×k matrices.
 
-How many draws: as many as a fixed budget of compute buys (``default_draws``), at most 2000. With at least
-``MIN_EXCEEDANCES`` draws expected above the edge, the edge is the empirical (1 − fpr) quantile of t. A
-large form (rank in the hundreds: a draw costs O(r³)) gets fewer draws, down to ``MIN_DRAWS``, and its edge
-comes from a Tracy–Widom fit: t ≈ a + b·TW₁ with a, b matched to the mean and standard deviation of the
-draws. The largest eigenvalue of every ensemble simulated here has TW₁ fluctuations at its soft edge
-(Johnstone 2001 for Wishart; Liu, Wang & Zhang 2016 for products of Gaussian matrices), and at these ranks
-the median's own noise is a small part of t's. The fit's quantile has a standard error of ≈ 2.1/√draws
-standard deviations of t, the empirical one ≈ 4.7/√draws (at fpr 0.01), so 64 draws fitted are worth
-about 300 counted. Both are tested against fresh noise (test_nulls.py).
+The edge, and how many draws (``default_draws``):
+
+- A form of rank below ``FIT_MIN_RANK`` (a head, a narrow matrix): the empirical (1 − fpr) quantile of t,
+  from as many draws as ``EMPIRICAL_BUDGET`` buys (at most 2000, at least enough to put
+  ``MIN_EXCEEDANCES`` draws above the edge).
+- From rank ``FIT_MIN_RANK`` on (a layer's summed form, a wide matrix: a draw costs O(r³)): a Tracy–Widom
+  fit, t ≈ a + b·TW₁ with a and b matched to the mean and standard deviation of ``FIT_DRAWS`` draws. The
+  largest eigenvalue of every ensemble simulated here has TW₁ fluctuations at its soft edge (Johnstone 2001
+  for Wishart; Liu, Wang & Zhang 2016 for products of Gaussian matrices), and at these ranks the median's
+  own noise is a small part of t's. Measured against 20,000 draws, the fitted 0.99 quantile was within
+  0.05 standard deviations of t of the empirical one at ranks 100–768 (realized fpr 0.92–1.09 %), but
+  0.1–0.2 below it at ranks 32–64 (1.26–1.34 %), hence the threshold. Its standard error is
+  ≈ 2.3/√draws standard deviations of t against ≈ 4.7/√draws for the empirical quantile (fpr 0.01), so
+  256 fitted draws are worth about 1,100 counted: a shape's realized fpr is then within a factor 1.26 of
+  the nominal one at one standard error. Only where a draw costs more than ``FIT_BUDGET``/256 seconds
+  (ranks in the thousands) are there fewer, down to ``MIN_DRAWS``.
 Simulated nulls are cached per shape (and block-norm ratio on a 0.1-decade grid, interpolated between),
 in memory and under the user cache dir (override with ``RANKSCOPE_CACHE_DIR``).
 """
@@ -49,6 +56,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rankscope.errors import InputError
 from rankscope.spectra.kernels import clamp_numerical_zeros, squared_singular_values, structural_rank
 from rankscope.spectra.laws import (
     mp_cdf,
@@ -60,12 +68,14 @@ from rankscope.spectra.laws import (
 )
 from rankscope.spectra.threads import with_one_torch_thread
 
-NULL_VERSION = 2
+NULL_VERSION = 3
 MIN_EXCEEDANCES = 4  # simulated t above the edge needed to place it by the empirical quantile
-MIN_DRAWS = 64  # below the budget's draws, a large form's edge comes from the Tracy–Widom fit
-MAX_DRAWS = 2000
-CHAIN_BUDGET = 0.25  # seconds of one core to simulate a chain's null (roughly; once per shape, then cached)
-MATRIX_BUDGET = 0.03  # a single matrix: its t is a Wishart's, whose TW₁ edge law is the best established
+MAX_DRAWS = 2000  # an empirical edge: 20 draws above it at fpr 0.01
+EMPIRICAL_BUDGET = 0.25  # seconds of one core for an empirical null (roughly; once per shape, then cached)
+FIT_MIN_RANK = 100  # from this structural rank on, the edge comes from the Tracy–Widom fit
+FIT_DRAWS = 256  # draws of a fitted null: its edge is then as precise as ~1,100 counted draws
+FIT_BUDGET = 10.0  # seconds of one core at most for a fitted null, once per shape...
+MIN_DRAWS = 64  # ...but never fewer draws than this (a 4096·4096·4096 layer form: 64 draws of 8 s)
 TW1_MEAN, TW1_SD = -1.2065335745820, math.sqrt(1.6077810345810)  # GOE Tracy–Widom (Bornemann 2010, table 4)
 RATIO_GRID = 0.1  # block-norm ratios are rounded to this step in log10
 QUANTILE_POINTS = 1025  # resolution of the stored λ/median distribution (for the KS distance)
@@ -151,14 +161,18 @@ class ProductNull:
     t: np.ndarray  # (draws,) sorted ascending
     ratio_quantiles: np.ndarray  # (QUANTILE_POINTS,) quantiles of λ/median, pooled over draws
     mean_ratio: float  # E[λ / median]
+    fitted: bool = False  # the edge from the Tracy–Widom fit of t (rank ≥ FIT_MIN_RANK), else t's quantile
     name: str = "product"
     reference: str = "median"
 
     def edge_ratio(self, fpr: float) -> float:
-        """The (1 − fpr) quantile of t: empirical when enough draws exceed it, else by the Tracy–Widom fit."""
-        if self.t.size * fpr >= MIN_EXCEEDANCES:
-            return float(np.quantile(self.t, 1 - fpr))
-        return tracy_widom_fit_quantile(self.t, 1 - fpr)
+        """The (1 − fpr) quantile of t: by the Tracy–Widom fit, or empirical (then enough draws must exceed it)."""
+        if self.fitted:
+            return tracy_widom_fit_quantile(self.t, 1 - fpr)
+        if self.t.size * fpr < MIN_EXCEEDANCES:
+            raise InputError(f"{self.t.size} null draws cannot place the edge at fpr={fpr}: the empirical "
+                             f"quantile needs at least {math.ceil(MIN_EXCEEDANCES / fpr)}")
+        return float(np.quantile(self.t, 1 - fpr))
 
     def cdf(self, ratio: np.ndarray) -> np.ndarray:
         probs = np.linspace(0, 1, len(self.ratio_quantiles))
@@ -223,7 +237,7 @@ def simulate_spectra(dims: Sequence[Sequence[int]], ratios: Sequence[float], dra
 
 def seconds_per_draw(dims: Sequence[Sequence[int]]) -> float:
     """Rough cost of one simulated spectrum on one core, for ``default_draws``. Measured here: 0.23 ms for a
-    384-wide matrix (bisection on the bidiagonal model), 8 ms for a 384·384·384 chain (``two_factor_spectra``),
+    384-wide matrix (bisection on the bidiagonal model), 7.5 ms for a 384·384·384 chain (``two_factor_spectra``),
     27 ms for a 384-wide core of the generic path."""
     if len(dims) == 1 and len(dims[0]) == 2:
         return 7.5e-7 * min(dims[0])  # bisection for three eigenvalues, O(p) each
@@ -237,12 +251,18 @@ def seconds_per_draw(dims: Sequence[Sequence[int]]) -> float:
 
 
 def default_draws(dims: Sequence[Sequence[int]], fpr: float = 0.01) -> int:
-    """As many draws as the budget buys, between ``MIN_DRAWS`` and ``MAX_DRAWS`` (more if fpr is so small
-    that MAX_DRAWS would not put MIN_EXCEEDANCES above the edge, and the budget allows)."""
-    wanted = max(MAX_DRAWS, math.ceil(MIN_EXCEEDANCES / fpr))
-    budget = MATRIX_BUDGET if len(dims) == 1 and len(dims[0]) == 2 else CHAIN_BUDGET
-    affordable = int(budget / seconds_per_draw(dims))
-    return max(MIN_DRAWS, min(wanted, affordable))
+    """Draws for a form's null: below rank ``FIT_MIN_RANK``, what ``EMPIRICAL_BUDGET`` buys up to ``MAX_DRAWS``
+    but never fewer than ``MIN_EXCEEDANCES / fpr``; from it on, ``FIT_DRAWS`` for the Tracy–Widom fit, fewer
+    (down to ``MIN_DRAWS``) only where they would cost more than ``FIT_BUDGET``."""
+    per = seconds_per_draw(dims)
+    if structural_rank(dims) < FIT_MIN_RANK:
+        return max(math.ceil(MIN_EXCEEDANCES / fpr), min(MAX_DRAWS, int(EMPIRICAL_BUDGET / per)))
+    return max(MIN_DRAWS, min(FIT_DRAWS, int(FIT_BUDGET / per)))
+
+
+def min_draws(dims: Sequence[Sequence[int]], fpr: float) -> int:
+    """The fewest draws that can place the edge of this form's null at this fpr."""
+    return MIN_DRAWS if structural_rank(dims) >= FIT_MIN_RANK else math.ceil(MIN_EXCEEDANCES / fpr)
 
 
 @dataclass(frozen=True)
@@ -325,12 +345,13 @@ def _seed(dims, draws) -> int:
     return int(hashlib.sha256(payload.encode()).hexdigest()[:8], 16)
 
 
-def _load(path: Path, key: str) -> ProductNull | None:
+def _load(path: Path, key: str, fitted: bool) -> ProductNull | None:
     try:
         with np.load(path, allow_pickle=False) as z:
             if str(z["key"]) != key:
                 return None
-            return ProductNull(t=z["t"], ratio_quantiles=z["ratio_quantiles"], mean_ratio=float(z["mean_ratio"]))
+            return ProductNull(t=z["t"], ratio_quantiles=z["ratio_quantiles"], mean_ratio=float(z["mean_ratio"]),
+                               fitted=fitted)
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # missing, truncated, foreign: redo
         return None
 
@@ -360,9 +381,10 @@ def product_null(dims: Sequence[Sequence[int]], ratios: Sequence[float] | None =
         return _MEMORY[key]
     digest = hashlib.sha256(key.encode()).hexdigest()
     path = cache_dir() / f"{digest[:32]}.npz"
-    null = _load(path, key)
+    fitted = structural_rank(dims) >= FIT_MIN_RANK
+    null = _load(path, key, fitted)
     if null is None:
-        null = _simulate(dims, ratios, draws, seed=_seed(dims, draws))
+        null = _simulate(dims, ratios, draws, seed=_seed(dims, draws), fitted=fitted)
         _save(path, key, null)
     _MEMORY[key] = null
     return null
@@ -441,13 +463,13 @@ def two_factor_spectra(n: int, k: int, m: int, draws: int, seed: int) -> torch.T
     return clamp_numerical_zeros(torch.from_numpy(lam).clamp_min(0))
 
 
-def _simulate(dims, ratios, draws: int, seed: int, chunk_bytes: float = 2**28) -> ProductNull:
+def _simulate(dims, ratios, draws: int, seed: int, fitted: bool = False, chunk_bytes: float = 2**28) -> ProductNull:
     probs = np.linspace(0, 1, QUANTILE_POINTS)
     if len(dims) == 1 and len(dims[0]) == 2:  # a single matrix: the MP law and the exact law of t
         n, m = dims[0]
         q = min(n, m) / max(n, m)
         return ProductNull(t=wishart_t(n, m, draws, seed), ratio_quantiles=mp_quantile(probs, q) / mp_median(q),
-                           mean_ratio=1 / mp_median(q))
+                           mean_ratio=1 / mp_median(q), fitted=fitted)
     if len(dims) == 1 and len(dims[0]) == 3:  # one two-factor chain (a layer's or a head's form)
         lam = two_factor_spectra(*dims[0], draws, seed)  # (draws, r)
     else:
@@ -466,4 +488,5 @@ def _simulate(dims, ratios, draws: int, seed: int, chunk_bytes: float = 2**28) -
         t=np.sort(ratio[:, 0].numpy()),
         ratio_quantiles=torch.quantile(pooled, torch.from_numpy(probs)).numpy(),
         mean_ratio=float(ratio.mean()),
+        fitted=fitted,
     )
