@@ -137,7 +137,8 @@ def run_model(label: str, model_dir: Path, tmp: Path, repeat: int) -> dict:
     runs: dict[str, list[float]] = {}
     for r in range(repeat):  # interleaved, so a slow spell of the machine hits every tool alike
         for figure, flag in (("", []), (", rows only", ["--no-figure"])):
-            cache = {**ENV, "RANKSCOPE_CACHE_DIR": str(tmp / f"cache-{label}-{r}{flag}")}  # empty: nulls simulated
+            folder = tmp / f"cache-{label}-{r}{'-rows' if flag else ''}"  # empty: the first run simulates the nulls
+            cache = {**ENV, "RANKSCOPE_CACHE_DIR": str(folder)}
             runs.setdefault(f"rankscope cold{figure}", []).append(timed([*rk_cmd, *flag], cache))
             runs.setdefault(f"rankscope warm{figure}", []).append(timed([*rk_cmd, *flag], cache))
         for mode, flag in (("default", []), ("mp_fit", ["--mp-fit"])):

@@ -209,3 +209,22 @@ def test_train_and_sql_cli_bad_input_exit_2(tmp_path):
     assert result.exit_code == 2 and "unknown attention" in result.output
     result = runner.invoke(app, ["sql", str(tmp_path / "missing"), "select 1"])
     assert result.exit_code == 2 and "no such run directory" in result.output
+
+
+def test_a_run_gives_the_callers_thread_counts_back(tmp_path):
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    def blas():
+        return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+
+    before_torch = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with threadpool_limits(2, user_api="blas"):
+            seen = []
+            train(tiny(steps=2, eval_every=2, ckpt_every=2), tmp_path / "r", progress=False,
+                  on_step=lambda step, loss: seen.append((torch.get_num_threads(), blas())))
+            assert seen and all(t == 1 and set(b) == {1} for t, b in seen)  # the run: threads=1
+            assert torch.get_num_threads() == 2 and set(blas()) == {2}  # given back
+    finally:
+        torch.set_num_threads(before_torch)

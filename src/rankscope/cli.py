@@ -438,8 +438,13 @@ def run() -> None:
     except SystemExit as exc:
         code = exc.code
     if len(sys.argv) > 1 and sys.argv[1] in FAST_EXIT_COMMANDS:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        try:
+            if isinstance(code, str):  # sys.exit("message"): say it, as Python's own exit would
+                print(code, file=sys.stderr)
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except BrokenPipeError:  # e.g. `rankscope analyze … | head`: the reader has gone, nothing is lost
+            pass
         os._exit(code if isinstance(code, int) else (0 if code is None else 1))
     sys.exit(code)
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from rankscope.errors import InputError
+from rankscope.spectra.threads import with_one_torch_thread
 
 Chain = tuple[torch.Tensor, ...]
 Form = tuple[Chain, ...]  # a sum of chains
@@ -186,6 +187,7 @@ def clamp_numerical_zeros(lam: torch.Tensor) -> torch.Tensor:
     return torch.where(lam > tol, lam, torch.zeros_like(lam))
 
 
+@with_one_torch_thread  # torch's small steps between numpy's BLAS calls: see spectra.threads
 def spectrum(form: Form) -> torch.Tensor:
     """Eigenvalues of B Bᵀ for the form B, nonzero part (structural rank r), descending: (…, r) float64."""
     if len(form) == 1 and len(form[0]) == 1:

@@ -436,7 +436,7 @@ def two_factor_spectra(n: int, k: int, m: int, draws: int, seed: int) -> torch.T
     A's singular values matters, so A can be replaced by the p×p Dumitriu–Edelman bidiagonal B
     (p = min(n, k)) and G by a p×m Gaussian. When p ≤ m, G enters only through the Bartlett R of its
     transpose's QR (G Gᵀ = Rᵀ R), so the spectrum is that of U Uᵀ with U = R Bᵀ upper triangular,
-    O(p²) to form. A 384·384·384 draw costs 6 ms here against 17 ms for the generic path (two Bartlett
+    O(p²) to form. A 384·384·384 draw costs 7.5 ms here against 17 ms for the generic path (two Bartlett
     factors, their product, its Gram). All of it is numpy: alternating with scipy's LAPACK (a second
     OpenBLAS, with its own threads) made every draw 3× slower with two BLAS threads, and 90× at p = 70.
     """

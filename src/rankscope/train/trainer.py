@@ -14,7 +14,8 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,6 +180,23 @@ def evaluate(model: torch.nn.Module, stream: np.ndarray, cfg: RunConfig, device,
     return float(np.mean(losses))
 
 
+@contextmanager
+def _cpu_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op threads and numpy's BLAS threads (the monitor's eigensolver) for a run, restored after."""
+    if threads is None:
+        yield
+        return
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with threadpool_limits(threads, user_api="blas"):
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
           on_step: Callable[[int, float], bool | None] | None = None) -> TrainResult:
     """Train ``cfg`` in ``run_dir`` (config, checkpoints, metrics); ``resume`` continues the newest checkpoint.
@@ -186,10 +204,18 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
     Under ``torchrun`` (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel (gloo on CPU, nccl on
     CUDA); every process draws its own batches, and only rank 0 evaluates, diagnoses and writes.
     ``on_step(step, loss)`` is called after each update; returning True stops the run as Ctrl-C does.
+    On the CPU the run uses ``threads`` (default: the free cores) and gives the caller's counts back after.
     """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    on_cpu = _device(cfg.train.device).type == "cpu"
+    with _cpu_threads((cfg.train.threads or max(1, free_cores() // world)) if on_cpu else None):
+        return _train(cfg, Path(run_dir), resume=resume, progress=progress, on_step=on_step)
+
+
+def _train(cfg: RunConfig, run_dir: Path, *, resume: bool, progress: bool,
+           on_step: Callable[[int, float], bool | None] | None) -> TrainResult:
     from rankscope.data import prepare
 
-    run_dir = Path(run_dir)
     tc = cfg.train
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -202,12 +228,6 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
-    if device.type == "cpu":
-        from threadpoolctl import threadpool_limits  # numpy's BLAS (the monitor's eigensolver) obeys too
-
-        threads = tc.threads or max(1, free_cores() // world)
-        torch.set_num_threads(threads)
-        threadpool_limits(threads, user_api="blas")
     use_bf16 = tc.amp == "bf16" or (tc.amp == "auto" and device.type == "cuda")
 
     def amp():
