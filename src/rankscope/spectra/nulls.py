@@ -32,10 +32,10 @@ The edge, and how many draws (``default_draws``):
   own noise is a small part of t's. Measured against 20,000 draws, the fitted 0.99 quantile was within
   0.05 standard deviations of t of the empirical one at ranks 100–768 (realized fpr 0.92–1.09 %), but
   0.1–0.2 below it at ranks 32–64 (1.26–1.34 %), hence the threshold. Its standard error is
-  ≈ 2.3/√draws standard deviations of t against ≈ 4.7/√draws for the empirical quantile (fpr 0.01), so
-  256 fitted draws are worth about 1,100 counted: a shape's realized fpr is then within a factor 1.26 of
-  the nominal one at one standard error. Only where a draw costs more than ``FIT_BUDGET``/256 seconds
-  (ranks in the thousands) are there fewer, down to ``MIN_DRAWS``.
+  ≈ 2.3/√draws standard deviations of t against ≈ 4.3–4.7/√draws for the empirical quantile (fpr 0.01),
+  so 256 fitted draws are worth about 1,100 counted: a shape's realized fpr then lies in 0.67–1.37 % for
+  80 % of shapes at a nominal 1 % (0.40–1.65 % with 64 draws; test_nulls.py). Only where 256 draws would
+  cost more than ``FIT_BUDGET`` (ranks from ~700 on) are there fewer, down to ``MIN_DRAWS``.
 Simulated nulls are cached per shape (and block-norm ratio on a 0.1-decade grid, interpolated between),
 in memory and under the user cache dir (override with ``RANKSCOPE_CACHE_DIR``).
 """
