@@ -125,19 +125,19 @@ def _summary(df) -> Table:
     per_head = (ok["head"] >= 0).any()
     rows = ok[ok["head"] >= 0] if per_head else ok
     table = Table(title="Per layer: the spikiest head" if per_head else "Per layer: the layer's form")
-    columns = ["layer", "kind", "worst head" if per_head else "form", "outliers", "spike strength", "stable rank"]
+    # beside the spikiest head, its layer's own form (when the layer rows are there)
     layer_form = {(r.layer, r.kind): f"{int(r.outliers)} of {int(r.rank)}" for r in ok[ok["head"] < 0].itertuples()}
-    for col in [*columns, *(["layer form outliers"] if per_head and layer_form else []), "KV floats/token"]:
+    beside = per_head and bool(layer_form)
+    for col in ("layer", "kind", "worst head" if per_head else "form", "outliers", "spike strength", "stable rank",
+                *(["layer form outliers"] if beside else []), "KV floats/token"):
         table.add_column(col, justify="right")
     for (layer, kind), g in rows.groupby(["layer", "kind"], sort=True):
         w = g.sort_values(["outliers", "spike_strength"], ascending=False).iloc[0]
         kv = w["kv_cache_floats"]
         kv = "" if kv is None or kv != kv else str(int(kv))  # None or NaN: no KV cache for this row
-        cells = [str(layer), kind, str(int(w["head"])) if per_head else "layer", str(int(w["outliers"])),
-                 f"{w['spike_strength']:.2f}", f"{w['stable_rank']:.1f}"]
-        if per_head and layer_form:
-            cells.append(layer_form.get((layer, kind), ""))
-        table.add_row(*cells, kv)
+        table.add_row(str(layer), kind, str(int(w["head"])) if per_head else "layer", str(int(w["outliers"])),
+                      f"{w['spike_strength']:.2f}", f"{w['stable_rank']:.1f}",
+                      *([layer_form.get((layer, kind), "")] if beside else []), kv)
     return table
 
 

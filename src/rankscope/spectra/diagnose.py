@@ -24,12 +24,10 @@ from rankscope.spectra.kernels import (
     structural_rank,
 )
 from rankscope.spectra.nulls import (
-    FIT_MIN_RANK,
     NaiveMPNull,
     TracyWidomNull,
     default_draws,
     median,
-    min_draws,
     product_null,
     sum_null,
 )
@@ -73,10 +71,6 @@ class Diagnosis:
 def _null_for(form: Form, null: str, fpr: float, draws: int | None, norms: list[float] | None = None):
     n, m = form_shape(form)
     dims = [chain_dims(c) for c in form]
-    if draws is not None and null == "product" and draws < min_draws(dims, fpr):
-        how = "Tracy–Widom fit" if structural_rank(dims) >= FIT_MIN_RANK else "empirical quantile"
-        raise InputError(f"draws={draws} is too few to place a null's edge at fpr={fpr} by the {how}: "
-                         f"at least {min_draws(dims, fpr)}")
     draws = draws or default_draws(dims, fpr)
     if null == "mp":
         return NaiveMPNull(q=structural_rank(dims) / max(n, m))

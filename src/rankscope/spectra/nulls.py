@@ -49,7 +49,7 @@ import math
 import os
 import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -166,12 +166,15 @@ class ProductNull:
     reference: str = "median"
 
     def edge_ratio(self, fpr: float) -> float:
-        """The (1 − fpr) quantile of t: by the Tracy–Widom fit, or empirical (then enough draws must exceed it)."""
+        """The (1 − fpr) quantile of t: by the Tracy–Widom fit (at least ``MIN_DRAWS`` draws), or the empirical
+        quantile (at least ``MIN_EXCEEDANCES`` draws above it)."""
+        needed = MIN_DRAWS if self.fitted else math.ceil(MIN_EXCEEDANCES / fpr)
+        if self.t.size < needed:
+            how = "Tracy–Widom fit" if self.fitted else "empirical quantile"
+            raise InputError(f"{self.t.size} null draws are too few to place the edge at fpr={fpr} by the {how}: "
+                             f"at least {needed}")
         if self.fitted:
             return tracy_widom_fit_quantile(self.t, 1 - fpr)
-        if self.t.size * fpr < MIN_EXCEEDANCES:
-            raise InputError(f"{self.t.size} null draws cannot place the edge at fpr={fpr}: the empirical "
-                             f"quantile needs at least {math.ceil(MIN_EXCEEDANCES / fpr)}")
         return float(np.quantile(self.t, 1 - fpr))
 
     def cdf(self, ratio: np.ndarray) -> np.ndarray:
@@ -260,11 +263,6 @@ def default_draws(dims: Sequence[Sequence[int]], fpr: float = 0.01) -> int:
     return max(MIN_DRAWS, min(FIT_DRAWS, int(FIT_BUDGET / per)))
 
 
-def min_draws(dims: Sequence[Sequence[int]], fpr: float) -> int:
-    """The fewest draws that can place the edge of this form's null at this fpr."""
-    return MIN_DRAWS if structural_rank(dims) >= FIT_MIN_RANK else math.ceil(MIN_EXCEEDANCES / fpr)
-
-
 @dataclass(frozen=True)
 class InterpolatedNull:
     """A sum-of-chains null between grid points of block-norm ratio: log-linear in the edge.
@@ -345,13 +343,12 @@ def _seed(dims, draws) -> int:
     return int(hashlib.sha256(payload.encode()).hexdigest()[:8], 16)
 
 
-def _load(path: Path, key: str, fitted: bool) -> ProductNull | None:
+def _load(path: Path, key: str) -> ProductNull | None:
     try:
         with np.load(path, allow_pickle=False) as z:
             if str(z["key"]) != key:
                 return None
-            return ProductNull(t=z["t"], ratio_quantiles=z["ratio_quantiles"], mean_ratio=float(z["mean_ratio"]),
-                               fitted=fitted)
+            return ProductNull(t=z["t"], ratio_quantiles=z["ratio_quantiles"], mean_ratio=float(z["mean_ratio"]))
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # missing, truncated, foreign: redo
         return None
 
@@ -381,11 +378,11 @@ def product_null(dims: Sequence[Sequence[int]], ratios: Sequence[float] | None =
         return _MEMORY[key]
     digest = hashlib.sha256(key.encode()).hexdigest()
     path = cache_dir() / f"{digest[:32]}.npz"
-    fitted = structural_rank(dims) >= FIT_MIN_RANK
-    null = _load(path, key, fitted)
+    null = _load(path, key)
     if null is None:
-        null = _simulate(dims, ratios, draws, seed=_seed(dims, draws), fitted=fitted)
+        null = _simulate(dims, ratios, draws, seed=_seed(dims, draws))
         _save(path, key, null)
+    null = replace(null, fitted=structural_rank(dims) >= FIT_MIN_RANK)  # the edge's estimator
     _MEMORY[key] = null
     return null
 
@@ -463,13 +460,13 @@ def two_factor_spectra(n: int, k: int, m: int, draws: int, seed: int) -> torch.T
     return clamp_numerical_zeros(torch.from_numpy(lam).clamp_min(0))
 
 
-def _simulate(dims, ratios, draws: int, seed: int, fitted: bool = False, chunk_bytes: float = 2**28) -> ProductNull:
+def _simulate(dims, ratios, draws: int, seed: int, chunk_bytes: float = 2**28) -> ProductNull:
     probs = np.linspace(0, 1, QUANTILE_POINTS)
     if len(dims) == 1 and len(dims[0]) == 2:  # a single matrix: the MP law and the exact law of t
         n, m = dims[0]
         q = min(n, m) / max(n, m)
         return ProductNull(t=wishart_t(n, m, draws, seed), ratio_quantiles=mp_quantile(probs, q) / mp_median(q),
-                           mean_ratio=1 / mp_median(q), fitted=fitted)
+                           mean_ratio=1 / mp_median(q))
     if len(dims) == 1 and len(dims[0]) == 3:  # one two-factor chain (a layer's or a head's form)
         lam = two_factor_spectra(*dims[0], draws, seed)  # (draws, r)
     else:
@@ -488,5 +485,4 @@ def _simulate(dims, ratios, draws: int, seed: int, fitted: bool = False, chunk_b
         t=np.sort(ratio[:, 0].numpy()),
         ratio_quantiles=torch.quantile(pooled, torch.from_numpy(probs)).numpy(),
         mean_ratio=float(ratio.mean()),
-        fitted=fitted,
     )

@@ -21,25 +21,25 @@ F = TypeVar("F", bound=Callable)
 
 
 @contextmanager
-def one_torch_thread() -> Iterator[None]:
-    """Run the block with ``torch.set_num_threads(1)``, then restore the caller's count."""
-    n = torch.get_num_threads()
-    if n == 1:
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(n)``, then restore the caller's count."""
+    before = torch.get_num_threads()
+    if n == before:
         yield
         return
-    torch.set_num_threads(1)
+    torch.set_num_threads(n)
     try:
         yield
     finally:
-        torch.set_num_threads(n)
+        torch.set_num_threads(before)
 
 
 def with_one_torch_thread(fn: F) -> F:
-    """Decorator form of ``one_torch_thread``."""
+    """``fn`` run under ``torch_threads(1)``."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with one_torch_thread():
+        with torch_threads(1):
             return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from rankscope.errors import CheckpointError, InputError
 from rankscope.nn import GPT
 from rankscope.probes.native import restore_buffers
+from rankscope.spectra.threads import torch_threads
 from rankscope.train.config import RunConfig
 from rankscope.train.monitor import Monitor
 
@@ -188,13 +189,8 @@ def _cpu_threads(threads: int | None) -> Iterator[None]:
         return
     from threadpoolctl import threadpool_limits
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with threadpool_limits(threads, user_api="blas"):
-            yield
-    finally:
-        torch.set_num_threads(before)
+    with torch_threads(threads), threadpool_limits(threads, user_api="blas"):
+        yield
 
 
 def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
