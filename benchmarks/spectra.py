@@ -11,7 +11,7 @@ Measures, side by side in one run on this machine (single-threaded torch by defa
 2. One LLaMA-7B-like layer (d=4096, 32 heads, dh=128): chain spectra and diagnosis of all 32 heads; dense
    for 2 heads only, extrapolated to 32 (skip with ``--quick``).
 3. Product-null calibration for (768, 64, 768) and (4096, 128, 4096): first call (simulation), second call
-   (in-memory cache) and a call after clearing ``nulls._MEMORY`` (disk cache).
+   (in-memory cache) and a call after clearing the in-memory cache (disk cache).
 4. A summary against the targets: ≥ 40× faster than dense on GPT-2-small with the null cached, and a full
    144-head diagnosis in under 0.5 s.
 
@@ -36,8 +36,8 @@ os.environ["RANKSCOPE_CACHE_DIR"] = CACHE  # before rankscope is imported
 import torch  # noqa: E402
 
 import rankscope  # noqa: E402
-from rankscope.spectra import nulls  # noqa: E402
-from rankscope.spectra.kernels import as_form, spectrum  # noqa: E402
+from rankscope.spectra import budget, nullcache, nulls  # noqa: E402
+from rankscope.spectra.kernels import prepare, spectrum  # noqa: E402
 
 TARGET_SPEEDUP, TARGET_DIAG_S = 40.0, 0.5
 
@@ -64,7 +64,7 @@ def qk_heads(layers: int, heads: int, d: int, dh: int, seed: int) -> list[tuple[
 
 
 def chain_spectra(model):  # per layer one batched call on the chain [Wqᵀ (H, d, dh), Wk (H, dh, d)]
-    return [spectrum(as_form([wq.mT, wk], batched=True)) for wq, wk in model]
+    return [spectrum(prepare([wq.mT, wk], batched=True)) for wq, wk in model]
 
 
 def chain_diagnosis(model):
@@ -83,7 +83,7 @@ def max_rel_diff(chain: list[torch.Tensor], dense: list[torch.Tensor]) -> float:
 
 
 def reset_cache(disk: bool) -> None:
-    nulls._MEMORY.clear()
+    nullcache.CACHE.clear()
     if disk:
         shutil.rmtree(CACHE, ignore_errors=True)
         os.makedirs(CACHE)
@@ -138,19 +138,22 @@ def bench_null(dims: tuple[int, int, int], repeats: int) -> None:
     t_sim, _ = best(lambda: nulls.product_null(shape), repeats, setup=lambda: reset_cache(disk=True))
     t_mem, _ = best(lambda: nulls.product_null(shape), repeats)
     t_disk, _ = best(lambda: nulls.product_null(shape), repeats, setup=lambda: reset_cache(disk=False))
-    print(f"  {dims!s:<18} draws={nulls.default_draws(shape)}")
+    print(f"  {dims!s:<18} draws={budget.default_draws(shape)}")
     row("first call (simulate + save)", t_sim)
     row("second call (in-memory cache)", t_mem, f"simulation / memory = {t_sim / t_mem:,.0f}×")
-    row("after clearing nulls._MEMORY (disk cache)", t_disk, f"simulation / disk = {t_sim / t_disk:,.0f}×")
+    row("after clearing the memory cache (disk cache)", t_disk, f"simulation / disk = {t_sim / t_disk:,.0f}×")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch and BLAS threads (default 1)")
     p.add_argument("--repeats", type=int, default=3, help="best-of repeats for timings under ~2 s")
     p.add_argument("--quick", action="store_true", help="skip the (slow) dense LLaMA heads")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(args.threads, user_api="blas")
     print(f"rankscope {rankscope.__version__}, torch {torch.__version__}, threads={torch.get_num_threads()}, "
           f"repeats={args.repeats}, cache={CACHE}")
     print("machine load average (1/5/15 min): {:.2f} {:.2f} {:.2f}, cpus={}".format(*os.getloadavg(), os.cpu_count()))

@@ -9,18 +9,20 @@ os.environ.setdefault("RANKSCOPE_CACHE_DIR", str(Path(__file__).resolve().parent
 os.environ.setdefault("RANKSCOPE_DATA_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "data"))
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # Two workers on two cores: one intra-op thread each, or torch's spinning threads fight over the cores.
+    # Two workers on two cores: one torch thread and one BLAS thread each, whatever OPENBLAS_NUM_THREADS says,
+    # or the threads of the two workers fight over the cores.
     import torch
+    from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(1)
+    threadpool_limits(1, user_api="blas")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def one_thread():
-    """One intra-op thread for a module's tests (small matrices: threads only add contention), then restored."""
-    import torch
+    """One torch intra-op thread and one BLAS thread for a test (small matrices: threads only add contention),
+    then the counts it found."""
+    from rankscope.spectra import thread_budget
 
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with thread_budget(torch=1, blas=1):
+        yield

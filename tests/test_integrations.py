@@ -20,12 +20,7 @@ from rankscope.train.monitor import Monitor
 NULLS = {"product", "mp"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def attention_keys(steps, layers, heads):
@@ -35,7 +30,7 @@ def attention_keys(steps, layers, heads):
 
 
 def stored_keys(run_dir):
-    frame = RunStore(run_dir).sql('select step, layer, head, kind, "null" from qk')
+    frame = RunStore(run_dir).sql('select step, layer, head, kind, "null" from attention')
     return {(int(s), int(layer), int(h), k, n) for s, layer, h, k, n in frame.itertuples(index=False)}
 
 
@@ -249,5 +244,5 @@ def test_only_the_main_process_writes_and_module_names_the_model(tmp_path):
     chosen.on_train_start(SimpleNamespace(is_global_zero=True, global_step=0), module)
     chosen.on_train_end(None, module)
     assert chosen.monitor.model is module.other  # not module.model, which the search would find first
-    rows = RunStore(tmp_path / "pl").sql('select step, layer, head, kind, "null" from qk order by "null"')
+    rows = RunStore(tmp_path / "pl").sql('select step, layer, head, kind, "null" from attention order by "null"')
     assert [tuple(r) for r in rows.itertuples(index=False)] == [(0, 0, -1, "qk", "mp"), (0, 0, -1, "qk", "product")]

@@ -49,11 +49,15 @@ def small(case: str, **kw) -> ModelConfig:
     return ModelConfig(**{**SMALL, **CASES[case], **kw})
 
 
-def dense(chain: list) -> torch.Tensor:
-    out = chain[0].double()
-    for f in chain[1:]:
-        out = out @ f.double()
-    return out
+def dense(form) -> torch.Tensor:
+    """A form (or one term's factors) multiplied out by plain matmuls, float64."""
+    total = 0
+    for term in form.terms() if hasattr(form, "terms") else [form]:
+        out = term[0].double()
+        for f in term[1:]:
+            out = out @ f.double()
+        total = total + out
+    return total
 
 
 def _reinit(module: torch.nn.Module, seed: int) -> None:
@@ -121,7 +125,7 @@ def test_qk_chains_reproduce_the_modules_logits(case, monkeypatch):
     def from_form(head: int) -> torch.Tensor:
         form = forms[(3, head, "qk")].form
         if dr:  # decoupled: a sum of two chains, content and rope, each with its own per-token correction
-            content, rope = form
+            content, rope = form.terms()  # each term's factors, the shared Wdq (if any) included
             assert torch.equal(dense(content), dense(forms[(3, head, "qk_content")].form))
             assert torch.equal(dense(rope), dense(forms[(3, head, "qk_rope")].form))
             return scores(content, content_corr) + scores(rope, rope_corr)
@@ -166,7 +170,7 @@ def test_rho_buffers_track_the_latent_rms_and_fold_into_the_chains(case):
     dc = cfg.kv_lora_rank
     w_dkv = attn.kv_a_proj.weight[:dc].detach().double()
     iso = latent_rms_isotropic(w_dkv)
-    torch.testing.assert_close(chains[(0, 0, "qk" if not cfg.rope_dim else "qk_content")][-1], w_dkv / iso)
+    torch.testing.assert_close(chains[(0, 0, "qk" if not cfg.rope_dim else "qk_content")].factors[-1], w_dkv / iso)
     x1, x2 = (torch.randn(3, 5, cfg.d_model, dtype=torch.float64, generator=torch.Generator().manual_seed(s))
               for s in (4, 5))
     attn.eval()
@@ -188,9 +192,9 @@ def test_rho_buffers_track_the_latent_rms_and_fold_into_the_chains(case):
         assert float(attn.rho_q) == pytest.approx(0.99 * batch_rms(w_dq, x1) + 0.01 * batch_rms(w_dq, x2), rel=1e-12)
     forms = {f.key: f.form for f in attn.qk_chains()}
     key = (0, 1, "qk_content" if cfg.rope_dim else "qk")
-    torch.testing.assert_close(forms[key][-1], w_dkv / float(attn.rho_kv))
+    torch.testing.assert_close(forms[key].factors[-1], w_dkv / float(attn.rho_kv))
     if attn.compressed_q:
-        torch.testing.assert_close(forms[key][0], attn.q_a_proj.weight.detach().double().mT / float(attn.rho_q))
+        torch.testing.assert_close(forms[key].factors[0], attn.q_a_proj.weight.detach().double().mT / float(attn.rho_q))
 
 
 # ---- sizes ------------------------------------------------------------------------------------------------

@@ -57,12 +57,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dense(form) -> torch.Tensor:
-    """The form multiplied out: Σ_chains F1 @ F2 @ …, float64."""
-    chains = form if isinstance(form[0], list | tuple) else [form]
+    """The form multiplied out: Σ over its terms of F1 @ F2 @ …, float64."""
     total = 0
-    for chain in chains:
-        out = chain[0].double()
-        for f in chain[1:]:
+    for term in form.terms():
+        out = term[0].double()
+        for f in term[1:]:
             out = out @ f.double()
         total = total + out
     return total
@@ -304,9 +303,11 @@ def test_metadata_and_honest_shapes(case):
         assert {f.variant for f in forms} == {"mla_decoupled"}
         assert {f.kv_cache_floats for f in forms} == {dc + dr}
         head = next(f for f in forms if f.key == (0, 1, "qk_content"))
-        assert [tuple(t.shape) for t in head.form] == [(24, dq), (dq, dn), (dn, dc), (dc, 24)]
+        assert [tuple(t.shape) for t in head.form.factors] == [(24, dq), (dq, dn), (dn, dc), (dc, 24)]
         rope = next(f for f in forms if f.key == (0, -1, "qk_rope"))
-        assert [tuple(t.shape) for t in rope.form] == [(24, dq), (dq, dr), (dr, 24)]  # rank ≤ dr, honestly
+        assert [tuple(t.shape) for t in rope.form.factors] == [(24, dq), (dq, dr), (dr, 24)]  # rank ≤ dr, honestly
+        full = next(f for f in forms if f.key == (0, 1, "qk"))  # Wdqᵀ · (content + rope): one shared Wdq
+        assert tuple(full.form.left.factors[0].shape) == (24, dq) and full.form.rank_bound == min(dq, dn + dr)
     else:
         H_kv = getattr(cfg, "num_key_value_heads", H)
         dh = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
@@ -314,7 +315,7 @@ def test_metadata_and_honest_shapes(case):
         assert {f.variant for f in forms} == {want[H_kv]}
         assert {f.kv_cache_floats for f in forms} == {2 * H_kv * dh}
         layer = next(f for f in forms if f.key == (1, -1, "qk"))
-        assert layer.form[0].shape[1] == H_kv * dh  # the layer's inner width is its rank bound
+        assert layer.form.factors[0].shape[1] == H_kv * dh  # the layer's inner width is its rank bound
         assert torch.linalg.matrix_rank(dense(layer.form)) == min(H_kv * dh, cfg.hidden_size)
     # the per-head forms batch for diagnose_batch and agree with one-by-one diagnoses
     per_head = [f for f in forms if f.layer == 0 and f.kind == "qk" and f.head >= 0]
@@ -360,16 +361,16 @@ def test_rho_is_the_isotropic_latent_rms():
 
 def test_chain_algebra_mla():
     """The documented factorisation multiplies to (Wuq_h·Dq·Wdq/ρq)ᵀ (Wuk_h·Dkv·Wdkv/ρkv) + (Wqr_h·Dq·Wdq/ρq)ᵀ Wkr."""
-    from rankscope.probes import mla_forms
+    from rankscope.probes import MLAWeights, mla_forms
 
     g = torch.Generator().manual_seed(5)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
     H, dn, dr, dv, dc, dq, d = 2, 3, 2, 4, 5, 6, 7
     wdq, dqg, wqb, wkva = r(dq, d), r(dq), r(H * (dn + dr), dq), r(dc + dr, d)
     dkv, wkvb, wo = r(dc), r(H * (dn + dv), dc), r(d, H * dv)
-    forms = {f.key: f.form for f in mla_forms(0, n_heads=H, qk_nope_head_dim=dn, qk_rope_head_dim=dr, v_head_dim=dv,
-                                              kv_a=wkva, kv_a_norm=dkv, kv_b=wkvb, wo=wo, q_a=wdq, q_a_norm=dqg,
-                                              q_b=wqb, rho_q=2.0, rho_kv=3.0)}
+    weights = MLAWeights(n_heads=H, qk_nope_head_dim=dn, qk_rope_head_dim=dr, v_head_dim=dv, kv_a=wkva,
+                         kv_a_norm=dkv, kv_b=wkvb, wo=wo, q_a=wdq, q_a_norm=dqg, q_b=wqb, rho_q=2.0, rho_kv=3.0)
+    forms = {f.key: f.form for f in mla_forms(0, weights)}
     wdkv, wkr = wkva[:dc], wkva[dc:]
     total = 0
     for h in range(H):

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from sklearn.covariance import LedoitWolf
 from sklearn.decomposition import PCA
 from sklearn.preprocessing import StandardScaler
@@ -56,16 +55,14 @@ def test_ood_bad_input():
         rr.neco(H, T, dim=9)
 
 
-def test_mlp_on_digits_collapses_nc1_by_10x_past_zero_training_error():
-    torch.set_num_threads(1)
+def test_mlp_on_digits_collapses_nc1_by_10x_past_zero_training_error(one_thread):
     X, y, *_ = digits_collapse.digits()
     t = digits_collapse.train(X, y)
     assert t.train_error[-1] == 0.0
     assert t.nc1[0] / t.nc1[-1] >= 10, (t.nc1[0], t.nc1[-1])
 
 
-def test_neco_and_mahalanobis_detect_a_held_out_digit():
-    torch.set_num_threads(1)
+def test_neco_and_mahalanobis_detect_a_held_out_digit(one_thread):
     auroc = digits_collapse.ood_auroc(exclude=9, neco_dim=8)
     print(auroc)
     assert auroc["neco"] > 0.8 and auroc["mahalanobis"] > 0.8 and auroc["relative_mahalanobis"] > 0.8, auroc

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import theory_model_collapse as mc
@@ -46,8 +45,7 @@ def test_relu_measurement_rank_equals_numpy_matrix_rank():
         assert erank == pytest.approx(np.exp(-(p * np.log(p)).sum()), rel=1e-10)
 
 
-def test_relu_claim_is_evaluated_as_written():
+def test_relu_claim_is_evaluated_as_written(one_thread):
     assert relu.claimed_edim(100, 1) == pytest.approx(100 * 2 / np.pi)
-    torch.set_num_threads(1)
     res = relu.sweep(widths=(16,), n=32, depth=3, seeds=1)[16]
     assert len(res["rank"]) == len(res["effective_rank"]) == len(res["claim"]) == 3

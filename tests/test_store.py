@@ -10,16 +10,36 @@ from rankscope.store import RunStore
 
 def test_rows_round_trip_through_parts_and_views(tmp_path):
     store = RunStore(tmp_path / "run")
-    store.append("qk", [{"step": 0, "layer": 0, "head": -1, "kind": "qk", "outliers": 0, "null": "product"}])
+    store.append("attention", [{"step": 0, "layer": 0, "head": -1, "kind": "qk", "outliers": 0, "null": "product"},
+                               {"step": 0, "layer": 0, "head": -1, "kind": "ov", "outliers": 1, "null": "product"}])
     store.flush()
-    store.append("qk", [{"step": 50, "layer": 0, "head": -1, "kind": "qk", "outliers": 3, "null": "product",
-                         "error": "x"}])  # a later part may carry a new column
+    store.append("attention", [{"step": 50, "layer": 0, "head": -1, "kind": "qk", "outliers": 3, "null": "product",
+                                "error": "x"}])  # a later part may carry a new column
     store.flush()
     frame = store.sql('select step, outliers, error from qk where "null" = \'product\' order by step')
-    assert list(frame["step"]) == [0, 50] and list(frame["outliers"]) == [0, 3]
+    assert list(frame["step"]) == [0, 50] and list(frame["outliers"]) == [0, 3]  # the qk view: no ov row
     assert frame["error"].isna().iloc[0] and frame["error"].iloc[1] == "x"
-    assert store.steps("qk") == {0, 50} and store.steps("train") == set()
-    assert (store.sql("select distinct run from qk")["run"] == ["run"]).all()
+    assert list(store.sql("select outliers from ov")["outliers"]) == [1]
+    assert store.sql("select count(*) n from attention")["n"][0] == 3
+    assert store.steps("attention") == {0, 50} and store.steps("qk") == {0, 50} and store.steps("train") == set()
+    assert (store.sql("select distinct run from attention")["run"] == ["run"]).all()
+
+
+def test_parts_of_earlier_versions_are_read_as_the_attention_table(tmp_path):
+    import duckdb
+    import pandas as pd
+
+    old = tmp_path / "metrics"
+    old.mkdir()
+    frame = pd.DataFrame([{"run": "r", "step": 5, "layer": 0, "head": -1, "kind": "ov", "outliers": 2}])
+    duckdb.from_df(frame).write_parquet(str(old / "qk-00000000000000000001-abcdef12.parquet"))  # earlier versions
+    # wrote every attention row to qk-* parts
+    store = RunStore(tmp_path)
+    store.append("attention", [{"step": 6, "layer": 0, "head": -1, "kind": "qk", "outliers": 4}])
+    store.flush()
+    assert sorted(store.sql("select step from attention")["step"]) == [5, 6]
+    assert list(store.sql("select step from ov")["step"]) == [5]
+    assert list(store.sql("select step from qk")["step"]) == [6]
 
 
 def test_a_study_directory_reads_every_run(tmp_path):
@@ -50,11 +70,14 @@ def test_a_half_written_part_is_invisible(tmp_path):
 def test_readers_never_see_a_partial_file_while_a_writer_flushes(tmp_path):
     writer, reader = RunStore(tmp_path), RunStore(tmp_path)
     errors, counts = [], []
+    read_once = threading.Event()  # the writer waits for a read in the middle, so reads and writes interleave
 
     def write():
         for step in range(60):
             writer.append("train", [{"step": step, "loss": float(step)} for _ in range(50)])
             writer.flush()
+            if step == 29:
+                read_once.wait(timeout=30)
 
     thread = threading.Thread(target=write)
     thread.start()
@@ -62,10 +85,13 @@ def test_readers_never_see_a_partial_file_while_a_writer_flushes(tmp_path):
         try:
             if reader.tables():
                 counts.append(int(reader.sql("select count(*) n from train")["n"][0]))
+                read_once.set()
         except Exception as exc:
             errors.append(exc)
     thread.join()
     assert not errors
+    mid_write = [c for c in counts if 0 < c < 3000]
+    assert mid_write, f"no read happened while the writer was writing ({len(counts)} reads)"
     assert all(c % 50 == 0 for c in counts)  # whole parts only
     assert counts == sorted(counts)
     assert reader.sql("select count(*) n from train")["n"][0] == 3000

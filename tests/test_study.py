@@ -15,7 +15,8 @@ from rankscope.cli import app
 from rankscope.errors import InputError
 from rankscope.nn.config import parameter_count_formula
 from rankscope.report.html import write_report
-from rankscope.study import VARIANTS, plan, run_study, status
+from rankscope.study import plan, run_study, status
+from rankscope.vocab import STUDY_VARIANTS as VARIANTS
 
 TOY = dict(vocab_size=300, n_layer=2, d_model=32, n_head=2, kv_lora_rank=16, qk_rope_dim=4, max_seq_len=32,
            max_bytes=300_000, batch_size=4, steps=12, warmup_steps=3, eval_every=6, eval_batches=2, ckpt_every=6,

@@ -67,7 +67,7 @@ def test_interrupted_and_resumed_run_has_the_same_losses(tmp_path):
     assert sorted(a) == sorted(b) == list(range(1, 13))  # every step once, none twice
     np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=1e-6, atol=0)
     # the diagnoses after the resume match too (same weights, and the latent rms buffers were restored)
-    q = 'select step, layer, head, kind, "null", outliers, stable_rank from qk order by all'
+    q = 'select step, layer, head, kind, "null", outliers, stable_rank from attention order by all'
     fa, fb = RunStore(tmp_path / "full").sql(q), RunStore(tmp_path / "cut").sql(q)
     assert len(fa) == len(fb) > 0
     np.testing.assert_allclose(fa["stable_rank"], fb["stable_rank"], rtol=1e-6)
@@ -88,10 +88,10 @@ def test_resume_skips_a_corrupt_newest_checkpoint(tmp_path):
     newest = tmp_path / "r" / "checkpoints" / "step_000012.safetensors"
     newest.write_bytes(newest.read_bytes()[:100])  # truncated
     from rankscope.nn import GPT
-    from rankscope.train.trainer import load_checkpoint
+    from rankscope.rundir import RunDir
 
     model = GPT(cfg.model)
-    assert load_checkpoint(tmp_path / "r", model, None, "cpu") == 6
+    assert RunDir(tmp_path / "r").load_checkpoint(model, None, "cpu") == 6
 
 
 def _cli(*args: str) -> list[str]:
@@ -126,7 +126,7 @@ def test_kill_9_loses_only_unflushed_rows_and_resume_writes_no_key_twice(tmp_pat
             proc.kill()
     before = store.steps("train")
     assert len(before) >= 45
-    assert not list((run / "metrics").glob("*.parquet")) or store.sql("select count(*) n from qk")["n"][0] > 0
+    assert not list((run / "metrics").glob("*.parquet")) or store.sql("select count(*) n from attention")["n"][0] > 0
     done = subprocess.run(_cli("train", "--preset", "smoke", "--attention", "mha", "--run", str(run), "--resume",
                                *_tiny_args(steps=60, ckpt_every=20, monitor_every=10, eval_every=50)),
                           env=env, capture_output=True, timeout=300)
@@ -134,7 +134,7 @@ def test_kill_9_loses_only_unflushed_rows_and_resume_writes_no_key_twice(tmp_pat
     # resumed past the kill point (its steps ≤ 60 are all there) and wrote each key once
     keys = store.sql("select step, count(*) n from train group by step")
     assert set(keys["step"]) >= set(range(1, 61)) and keys["n"].max() == 1
-    dup = store.sql('select step, layer, head, kind, "null", count(*) n from qk group by all having n > 1')
+    dup = store.sql('select step, layer, head, kind, "null", count(*) n from attention group by all having n > 1')
     assert dup.empty
     assert set(store.steps("qk")) >= set(range(0, 61, 10))
 
@@ -181,7 +181,7 @@ def test_analyze_reads_a_run_directory_like_the_monitor_saw_the_model(tmp_path):
     import rankscope as rs
 
     train(tiny(attention="mla_decoupled", steps=8, monitor_weights=True), tmp_path / "r", progress=False)
-    seen = RunStore(tmp_path / "r").sql('select layer, head, kind, outliers, stable_rank, bulk_edge from qk '
+    seen = RunStore(tmp_path / "r").sql('select layer, head, kind, outliers, stable_rank, bulk_edge from attention '
                                         'where step = 8 and "null" = \'product\' order by layer, head, kind')
     found = rs.analyze(tmp_path / "r", kinds=("qk", "ov"))
     found = found.sort_values(["layer", "head", "kind"]).reset_index(drop=True)
@@ -228,3 +228,19 @@ def test_a_run_gives_the_callers_thread_counts_back(tmp_path):
             assert torch.get_num_threads() == 2 and set(blas()) == {2}  # given back
     finally:
         torch.set_num_threads(before_torch)
+
+
+def test_a_resumed_run_uses_the_thread_count_it_was_started_with(tmp_path, monkeypatch):
+    import json
+
+    from rankscope.train import trainer
+
+    monkeypatch.setattr(trainer, "free_cores", lambda: 1)  # "auto" resolves to one thread on the first start
+    stop_at_2 = lambda step, loss: step == 2  # noqa: E731 (stops the run as Ctrl-C does)
+    train(tiny(threads=0, steps=4, ckpt_every=2, eval_every=2), tmp_path / "r", progress=False, on_step=stop_at_2)
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["train"]["threads"] == 1
+    monkeypatch.setattr(trainer, "free_cores", lambda: 2)  # more cores are free now; the resumed run keeps 1
+    seen = []
+    train(tiny(threads=0, steps=4, ckpt_every=2, eval_every=2), tmp_path / "r", resume=True, progress=False,
+          on_step=lambda step, loss: seen.append(torch.get_num_threads()))
+    assert seen == [1, 1]

@@ -13,7 +13,6 @@ Layout: ``OUT/study.json`` (the plan, the command, parameter counts), ``OUT/<swe
 from __future__ import annotations
 
 import dataclasses
-import json
 import shlex
 import sys
 import time
@@ -24,15 +23,9 @@ from pathlib import Path
 from rankscope.errors import InputError
 from rankscope.nn import ModelConfig
 from rankscope.nn.config import parameter_count_formula
+from rankscope.rundir import RunDir, write_study
 from rankscope.train.config import RunConfig, resolve
-
-VARIANTS: dict[str, dict] = {
-    "mha": {"attention": "mha"},
-    "mla_prerope_input": {"attention": "mla_prerope", "rope_mode": "input"},
-    "mla_prerope_coupled": {"attention": "mla_prerope", "rope_mode": "coupled"},
-    "mla_decoupled": {"attention": "mla_decoupled"},
-}
-REFERENCE = "mla_decoupled"  # the variant every other is compared with (claim iii)
+from rankscope.vocab import MHA, STUDY_VARIANTS
 
 
 @dataclass(frozen=True)
@@ -77,10 +70,10 @@ def parse_sweep(sweep: str | None) -> tuple[str, list[str]] | None:
 def plan(out: Path, preset: str = "cpu", seeds: int = 3, variants: list[str] | None = None,
          overrides: dict | None = None, sweep: str | None = None) -> list[RunSpec]:
     """Every run of the study: variants × seeds (× sweep values), budgets matched to MHA's."""
-    variants = list(VARIANTS) if not variants else variants
-    unknown = [v for v in variants if v not in VARIANTS]
+    variants = list(STUDY_VARIANTS) if not variants else variants
+    unknown = [v for v in variants if v not in STUDY_VARIANTS]
     if unknown:
-        raise InputError(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+        raise InputError(f"unknown variant(s) {unknown}; choose from {list(STUDY_VARIANTS)}")
     if seeds < 1:
         raise InputError(f"--seeds must be at least 1, got {seeds}")
     axis = parse_sweep(sweep)
@@ -88,12 +81,12 @@ def plan(out: Path, preset: str = "cpu", seeds: int = 3, variants: list[str] | N
     specs = []
     for label, point in points:
         common = {**(overrides or {}), **point}
-        reference = resolve(preset, {**common, "attention": "mha"})
+        reference = resolve(preset, {**common, "attention": MHA})
         target = parameter_count_formula(reference.model)
         for seed in range(seeds):  # seed-major: an interrupted study has whole seeds of every variant
             for variant in variants:
-                cfg = resolve(preset, {**common, **VARIANTS[variant], "seed": seed})
-                if variant != "mha" and "d_ff" not in common:
+                cfg = resolve(preset, {**common, **STUDY_VARIANTS[variant], "seed": seed})
+                if variant != MHA and "d_ff" not in common:
                     cfg = dataclasses.replace(cfg, model=match_budget(cfg.model, target))
                 name = f"{variant}-s{seed}"
                 specs.append(RunSpec(name, Path(out) / label / name, variant, seed, label, cfg))
@@ -102,10 +95,7 @@ def plan(out: Path, preset: str = "cpu", seeds: int = 3, variants: list[str] | N
 
 def status(spec: RunSpec) -> str:
     """"done", "partial" (checkpoints, not finished) or "new"."""
-    folder = spec.directory / "checkpoints"
-    if (folder / "final").exists():
-        return "done"
-    return "partial" if any(folder.glob("step_*.safetensors")) else "new"
+    return RunDir(spec.directory).status()
 
 
 def _run_one(spec: RunSpec, threads: int) -> str:
@@ -124,10 +114,9 @@ def run_study(out: Path, specs: list[RunSpec], *, jobs: int = 1, command: str | 
               log=print) -> dict:
     """Train every unfinished run (``jobs`` processes at a time) and write ``study.json``."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     meta = {"command": command or shlex.join(["rankscope", *sys.argv[1:]]), "started": time.strftime("%F %T"),
             "runs": [s.record() for s in specs]}
-    (out / "study.json").write_text(json.dumps(meta, indent=1) + "\n")
+    write_study(out, meta)
     todo = [s for s in specs if status(s) != "done"]
     log(f"{len(specs) - len(todo)} of {len(specs)} runs already done; training {len(todo)} "
         f"({jobs} at a time)")
@@ -143,5 +132,5 @@ def run_study(out: Path, specs: list[RunSpec], *, jobs: int = 1, command: str | 
                 log(line)
     meta["seconds"] = time.perf_counter() - t0
     meta["finished"] = time.strftime("%F %T")
-    (out / "study.json").write_text(json.dumps(meta, indent=1) + "\n")
+    write_study(out, meta)
     return meta

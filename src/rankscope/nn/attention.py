@@ -5,7 +5,7 @@
   (``mla_decoupled``) or RoPE without a decoupled part (``mla_prerope``, ``rope_mode`` "input" or "coupled").
 
 RoPE is RoFormer's rotary embedding (Su et al., arXiv 2104.09864) in LLaMA's rotate-half convention. Every
-module has ``qk_chains(heads)`` and ``ov_chains(heads)`` returning ``NamedForm``s (``probes.chain``), so probes
+module has ``qk_chains(heads)`` and ``ov_chains(heads)`` returning ``NamedForm``s (``attention_forms``), so probes
 and the monitor never switch on the variant. Forms are read at relative offset 0 (RoPE = identity), unscaled.
 """
 
@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rankscope.attention_forms import MLAWeights, NamedForm, mha_forms, mla_forms
 from rankscope.nn.config import ModelConfig
-from rankscope.probes.chain import NamedForm, mha_forms, mla_forms
+from rankscope.vocab import MLA_DECOUPLED, OV, QK, QK_CONTENT, QK_ROPE, ROPE_COUPLED, ROPE_INPUT
 
 
 class RMSNorm(nn.Module):
@@ -115,11 +116,11 @@ class MHA(nn.Module):
 
     def qk_chains(self, heads: bool = True) -> list[NamedForm]:
         """The ``qk`` forms ``B_h = Wq_hᵀ Wk_g(h)``: the layer sum (head −1), then each head if ``heads``."""
-        return self._forms(heads, ["qk"])
+        return self._forms(heads, [QK])
 
     def ov_chains(self, heads: bool = True) -> list[NamedForm]:
         """The ``ov`` forms ``Wo_h Wv_g(h)``: the layer sum (head −1), then each head if ``heads``."""
-        return self._forms(heads, ["ov"])
+        return self._forms(heads, [OV])
 
 
 class MLA(nn.Module):
@@ -151,7 +152,7 @@ class MLA(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.variant = cfg.attention
-        self.mode = "decoupled" if cfg.attention == "mla_decoupled" else cfg.rope_mode
+        self.mode = "decoupled" if cfg.attention == MLA_DECOUPLED else cfg.rope_mode
         self.kv_cache_floats = cfg.kv_cache_floats_per_layer()
         d, H, dh, dc, dr, dq = (cfg.d_model, cfg.n_head, cfg.head_dim, cfg.kv_lora_rank, cfg.rope_dim,
                                 cfg.q_lora_rank)
@@ -167,7 +168,7 @@ class MLA(nn.Module):
         self.kv_a_norm = RMSNorm(dc, cfg.norm_eps)
         self.kv_b_proj = nn.Linear(dc, H * 2 * dh, bias=False)
         self.o_proj = nn.Linear(H * dh, d, bias=False)
-        rope_width = {"decoupled": dr, "coupled": dh, "input": d}[self.mode]
+        rope_width = {"decoupled": dr, ROPE_COUPLED: dh, ROPE_INPUT: d}[self.mode]
         self.rotary = Rotary(rope_width, cfg.max_seq_len, cfg.rope_theta)
         nan = torch.tensor(float("nan"), dtype=torch.float64)
         self.register_buffer("rho_kv", nan.clone(), persistent=False)
@@ -203,14 +204,14 @@ class MLA(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
         H, dh, dc = self.n_head, self.head_dim, self.kv_lora_rank
-        x_qk = self.rotary(x) if self.mode == "input" else x  # (B, T, d): rotated before compression
+        x_qk = self.rotary(x) if self.mode == ROPE_INPUT else x  # (B, T, d): rotated before compression
         q = self._queries(x_qk)  # (B, H, T, dh + dr)
         kv_a = self.kv_a_proj(x_qk)  # (B, T, dc + dr)
         c_kv = kv_a[..., :dc]  # (B, T, dc)
         if self.training:
             self._track_rms(self.rho_kv, c_kv, self.kv_a_norm.eps)
         k, v = self._up(c_kv)  # (B, H, T, dh) each
-        if self.mode == "coupled":
+        if self.mode == ROPE_COUPLED:
             q, k = self.rotary(q), self.rotary(k)
         elif self.mode == "decoupled":
             q_nope, q_rope = q.split([dh, self.rope_dim], dim=-1)  # (B, H, T, dh), (B, H, T, dr)
@@ -223,22 +224,22 @@ class MLA(nn.Module):
     def _forms(self, heads: bool, kinds: list[str]) -> list[NamedForm]:
         q = (dict(q_a=self.q_a_proj.weight, q_a_norm=self.q_a_norm.weight, q_b=self.q_b_proj.weight)
              if self.compressed_q else dict(wq=self.q_proj.weight))
-        return list(mla_forms(
-            self.layer_idx, n_heads=self.n_head, qk_nope_head_dim=self.head_dim, qk_rope_head_dim=self.rope_dim,
-            v_head_dim=self.head_dim, kv_a=self.kv_a_proj.weight, kv_a_norm=self.kv_a_norm.weight,
-            kv_b=self.kv_b_proj.weight, wo=self.o_proj.weight, **q,
-            rho_q=_measured(self.rho_q), rho_kv=_measured(self.rho_kv), heads=heads, kinds=kinds,
-            variant=self.variant, kv_cache_floats=self.kv_cache_floats))
+        weights = MLAWeights(n_heads=self.n_head, qk_nope_head_dim=self.head_dim, qk_rope_head_dim=self.rope_dim,
+                             v_head_dim=self.head_dim, kv_a=self.kv_a_proj.weight, kv_a_norm=self.kv_a_norm.weight,
+                             kv_b=self.kv_b_proj.weight, wo=self.o_proj.weight, **q,
+                             rho_q=_measured(self.rho_q), rho_kv=_measured(self.rho_kv))
+        return list(mla_forms(self.layer_idx, weights, heads=heads, kinds=kinds, variant=self.variant,
+                              kv_cache_floats=self.kv_cache_floats))
 
     def qk_chains(self, heads: bool = True) -> list[NamedForm]:
         """``qk`` forms (layer sum, then heads); ``mla_decoupled`` adds ``qk_content`` and ``qk_rope`` and its
         ``qk`` is their sum. Per head: content ``[Wdqᵀ/ρq, Dq·Wuq_hᵀ, Wuk_h·Dkv, Wdkv/ρkv]``, rope
         ``[Wdqᵀ/ρq, Dq·Wqr_hᵀ, Wkr]`` (no Wdq factor for uncompressed queries)."""
-        return self._forms(heads, ["qk", "qk_content", "qk_rope"])
+        return self._forms(heads, [QK, QK_CONTENT, QK_ROPE])
 
     def ov_chains(self, heads: bool = True) -> list[NamedForm]:
-        """``ov`` forms ``[Wo_h, Wuv_h·Dkv, Wdkv/ρkv]``: the layer sum (head −1), then each head if ``heads``."""
-        return self._forms(heads, ["ov"])
+        """``ov`` forms ``Wo_h · Wuv_h·Dkv · Wdkv/ρkv``: the layer sum (head −1), then each head if ``heads``."""
+        return self._forms(heads, [OV])
 
 
 def make_attention(cfg: ModelConfig, layer_idx: int = 0) -> MHA | MLA:

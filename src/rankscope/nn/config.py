@@ -10,9 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from rankscope.errors import InputError
-
-ATTENTIONS = ("mha", "gqa", "mqa", "mla_prerope", "mla_decoupled")
-ROPE_MODES = ("input", "coupled")
+from rankscope.vocab import ATTENTIONS, GQA, MHA, MLA_DECOUPLED, MLA_PREROPE, MQA, ROPE_INPUT, ROPE_MODES
 
 
 def _default_d_ff(d_model: int) -> int:
@@ -39,11 +37,11 @@ class ModelConfig:
     n_head: int = 4
     head_dim: int | None = None
     n_kv_head: int | None = None
-    attention: str = "mha"
+    attention: str = MHA
     kv_lora_rank: int = 64
     q_lora_rank: int | None = None
     qk_rope_dim: int = 16
-    rope_mode: str = "input"
+    rope_mode: str = ROPE_INPUT
     d_ff: int | None = None
     max_seq_len: int = 128
     rope_theta: float = 10000.0
@@ -76,12 +74,12 @@ class ModelConfig:
         if self.head_dim <= 0 or self.head_dim % 2:
             bad(f"head_dim must be a positive even number (RoPE rotates pairs), got {self.head_dim}")
         H, kv = self.n_head, self.n_kv_head
-        if self.attention == "gqa":
+        if self.attention == GQA:
             kv = H // 2 if kv is None else kv
             if kv < 1 or H % kv:
                 bad(f"gqa: n_kv_head={kv} must divide n_head={H} (query head h uses KV group h // (H/H_kv))")
         else:
-            want = 1 if self.attention == "mqa" else H
+            want = 1 if self.attention == MQA else H
             if kv is not None and kv != want:
                 bad(f"{self.attention}: n_kv_head must be {want} (or None), got {kv}; use attention='gqa' for "
                     "grouped heads")
@@ -96,19 +94,19 @@ class ModelConfig:
                 bad(f"{self.attention}: kv_lora_rank (dc) must be > 0, got {self.kv_lora_rank}")
             if self.q_lora_rank is not None and self.q_lora_rank <= 0:
                 bad(f"{self.attention}: q_lora_rank (dq) must be > 0 or None, got {self.q_lora_rank}")
-        if self.attention == "mla_decoupled" and (self.qk_rope_dim <= 0 or self.qk_rope_dim % 2):
+        if self.attention == MLA_DECOUPLED and (self.qk_rope_dim <= 0 or self.qk_rope_dim % 2):
             bad(f"mla_decoupled: qk_rope_dim (dr) must be a positive even number, got {self.qk_rope_dim}")
-        if self.attention == "mla_prerope" and self.rope_mode == "input" and self.d_model % 2:
+        if self.attention == MLA_PREROPE and self.rope_mode == ROPE_INPUT and self.d_model % 2:
             bad(f"mla_prerope with rope_mode='input' rotates d_model pairs; d_model={self.d_model} is odd")
 
     @property
     def is_mla(self) -> bool:
-        return self.attention.startswith("mla")
+        return self.attention in (MLA_PREROPE, MLA_DECOUPLED)
 
     @property
     def rope_dim(self) -> int:
         """dr: the per-head decoupled rope width (0 unless ``mla_decoupled``)."""
-        return self.qk_rope_dim if self.attention == "mla_decoupled" else 0
+        return self.qk_rope_dim if self.attention == MLA_DECOUPLED else 0
 
     def kv_cache_floats_per_layer(self) -> int:
         """Floats cached per token in one layer: 2·H_kv·dh (MHA/GQA/MQA), dc + dr (MLA, DESIGN §4)."""
@@ -154,7 +152,7 @@ def parameter_count_formula(cfg: ModelConfig) -> int:
 
 def describe(cfg: ModelConfig) -> dict:
     """One summary row: variant, parameters (formula), KV-cache floats per token (whole model and per layer)."""
-    label = cfg.attention + (f"/{cfg.rope_mode}" if cfg.attention == "mla_prerope" else "")
+    label = cfg.attention + (f"/{cfg.rope_mode}" if cfg.attention == MLA_PREROPE else "")
     return {
         "variant": label,
         "attention": cfg.attention,
@@ -168,7 +166,7 @@ def _variant_configs(cfg: ModelConfig) -> list[ModelConfig]:
     base = {**cfg.to_dict(), "n_kv_head": None}
     out = []
     for attention in ATTENTIONS:
-        modes = ROPE_MODES if attention == "mla_prerope" else (cfg.rope_mode,)
+        modes = ROPE_MODES if attention == MLA_PREROPE else (cfg.rope_mode,)
         out += [ModelConfig.from_dict({**base, "attention": attention, "rope_mode": m}) for m in modes]
     return out
 

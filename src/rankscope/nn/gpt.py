@@ -9,6 +9,7 @@ each with ``qk_chains()`` / ``ov_chains()`` for the probes. Device-agnostic; run
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +78,20 @@ class GPT(nn.Module):
                     p.normal_(0.0, resid_std)
                 else:
                     p.normal_(0.0, std)
+
+    @classmethod
+    def from_run(cls, path: str | Path) -> GPT | None:
+        """A rankscope run directory (its final or newest checkpoint) or one of its ``step_*.safetensors`` files as
+        a model with those weights and saved buffers, in eval mode; None when ``path`` is not a run."""
+        from rankscope.rundir import RunDir
+
+        path = Path(path)
+        run = RunDir(path) if path.is_dir() else RunDir.of_checkpoint(path)
+        config = run.read_config() if run is not None else None
+        if config is None:
+            return None
+        weights = run.newest_checkpoint() if path.is_dir() else path
+        return run.load_weights(cls(ModelConfig.from_dict(config["model"])), weights).eval()
 
     def attention_layers(self) -> list[MHA | MLA]:
         """The attention modules in layer order (each has ``layer_idx``, ``qk_chains()``, ``ov_chains()``)."""

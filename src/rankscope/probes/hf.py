@@ -13,7 +13,8 @@ Supported ``model_type``s and the parameter names read (any prefix before them, 
   kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj}``; block-wise FP8 weights (``weight_scale_inv``)
   are dequantised.
 
-Biases (Qwen2's q/k/v, BERT's, GPT-2's) and the softmax scale are not part of the forms (see ``chain``).
+Each architecture is one row of the registry ``LAYOUTS`` (model_type → layout), read by one loop. Biases
+(Qwen2's q/k/v, BERT's, GPT-2's) and the softmax scale are not part of the forms (see ``attention_forms``).
 Anything else: ``detect_architecture`` returns None and ``hf_forms`` raises ``InputError``; analyse its
 weights as plain matrices instead.
 """
@@ -22,31 +23,90 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from rankscope.attention_forms import MLAWeights, NamedForm, mha_forms, mla_forms
 from rankscope.errors import CheckpointError, InputError
-from rankscope.probes.chain import NamedForm, mha_forms, mla_forms
 
-FAMILIES = {
-    "bert": "bert",
-    "roberta": "bert",
-    "gpt2": "gpt2",
-    "llama": "llama",
-    "mistral": "llama",
-    "qwen2": "llama",
-    "deepseek_v2": "mla",
-    "deepseek_v3": "mla",
-}
 
-# Per family, the parameter whose name carries the layer number (a regex for the part after the prefix).
-_ANCHORS = {
-    "bert": r"encoder\.layer\.(\d+)\.attention\.self\.query\.weight",
-    "gpt2": r"h\.(\d+)\.attn\.c_attn\.weight",
-    "llama": r"layers\.(\d+)\.self_attn\.q_proj\.weight",
-    "mla": r"layers\.(\d+)\.self_attn\.kv_a_proj_with_mqa\.weight",
+@dataclass(frozen=True)
+class MHALayout:
+    """Where an MHA/GQA/MQA checkpoint keeps one layer's attention weights (names after the stack's prefix, with
+    ``{i}`` for the layer). ``fused_qkv``: one ``[in, out]`` Conv1D with columns q | k | v (GPT-2)."""
+
+    family: str
+    anchor: str  # the parameter whose name carries the layer number (a regex, one group)
+    q: str = ""
+    k: str = ""
+    v: str = ""
+    o: str = ""
+    fused_qkv: str = ""
+    conv1d: bool = False  # weights stored [in, out] (GPT-2's Conv1D)
+
+    def forms(self, i: int, w, has, cfg: dict, heads: bool, kinds) -> Iterator[NamedForm]:
+        d, H, H_kv, _ = _mha_head_dims(cfg)
+        orient = (lambda t: t.mT) if self.conv1d else (lambda t: t)
+        if self.fused_qkv:
+            name = self.fused_qkv.format(i=i)
+            qkv = w(name)  # Conv1D (d, 3d): y = x @ W
+            if qkv.shape != (d, 3 * d):
+                raise CheckpointError(f"state dict: {name} is {tuple(qkv.shape)}, expected ({d}, {3 * d})")
+            wq, wk, wv = (qkv[:, j * d:(j + 1) * d].mT for j in range(3))  # each (out, in)
+        else:
+            wq, wk, wv = (orient(w(t.format(i=i))) for t in (self.q, self.k, self.v))
+        return mha_forms(i, wq, wk, wv, orient(w(self.o.format(i=i))), H, H_kv, heads=heads, kinds=kinds)
+
+
+@dataclass(frozen=True)
+class MLALayout:
+    """Where a DeepSeek-V2/V3 checkpoint keeps one MLA layer (``{a}`` is the layer's attention prefix)."""
+
+    family: str
+    anchor: str
+    attention: str = "layers.{i}.self_attn."
+
+    def forms(self, i: int, w, has, cfg: dict, heads: bool, kinds) -> Iterator[NamedForm]:
+        a = self.attention.format(i=i)
+        compressed = has(a + "q_a_proj.weight")
+        weights = MLAWeights(
+            n_heads=_get(cfg, "num_attention_heads"), qk_nope_head_dim=_get(cfg, "qk_nope_head_dim"),
+            qk_rope_head_dim=_get(cfg, "qk_rope_head_dim"), v_head_dim=_get(cfg, "v_head_dim"),
+            kv_a=w(a + "kv_a_proj_with_mqa.weight"), kv_a_norm=w(a + "kv_a_layernorm.weight"),
+            kv_b=w(a + "kv_b_proj.weight"), wo=w(a + "o_proj.weight") if has(a + "o_proj.weight") else None,
+            q_a=w(a + "q_a_proj.weight") if compressed else None,
+            q_a_norm=w(a + "q_a_layernorm.weight") if compressed else None,
+            q_b=w(a + "q_b_proj.weight") if compressed else None,
+            wq=None if compressed else w(a + "q_proj.weight"))
+        return mla_forms(i, weights, heads=heads, kinds=kinds)
+
+
+_BERT = MHALayout("bert", r"encoder\.layer\.(\d+)\.attention\.self\.query\.weight",
+                  q="encoder.layer.{i}.attention.self.query.weight",
+                  k="encoder.layer.{i}.attention.self.key.weight",
+                  v="encoder.layer.{i}.attention.self.value.weight",
+                  o="encoder.layer.{i}.attention.output.dense.weight")
+_GPT2 = MHALayout("gpt2", r"h\.(\d+)\.attn\.c_attn\.weight", fused_qkv="h.{i}.attn.c_attn.weight",
+                  o="h.{i}.attn.c_proj.weight", conv1d=True)
+_LLAMA = MHALayout("llama", r"layers\.(\d+)\.self_attn\.q_proj\.weight", q="layers.{i}.self_attn.q_proj.weight",
+                   k="layers.{i}.self_attn.k_proj.weight", v="layers.{i}.self_attn.v_proj.weight",
+                   o="layers.{i}.self_attn.o_proj.weight")
+_DEEPSEEK = MLALayout("mla", r"layers\.(\d+)\.self_attn\.kv_a_proj_with_mqa\.weight")
+
+# model_type → layout: one row per architecture
+LAYOUTS: dict[str, MHALayout | MLALayout] = {
+    "bert": _BERT,
+    "roberta": _BERT,
+    "gpt2": _GPT2,
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "deepseek_v2": _DEEPSEEK,
+    "deepseek_v3": _DEEPSEEK,
 }
+FAMILIES = {model_type: layout.family for model_type, layout in LAYOUTS.items()}
 
 
 def _config_dict(config) -> dict:
@@ -75,9 +135,15 @@ def detect_architecture(config) -> str | None:
     return FAMILIES.get(_config_dict(config).get("model_type"))
 
 
-def _find_prefix(state_dict: Mapping, family: str, prefix: str | None) -> tuple[str, list[int]]:
+def layout_of(config) -> MHALayout | MLALayout | None:
+    """The registry's layout for a transformers config, None if its model_type is not in ``LAYOUTS``."""
+    return LAYOUTS.get(_config_dict(config).get("model_type"))
+
+
+def _find_prefix(state_dict: Mapping, layout, prefix: str | None) -> tuple[str, list[int]]:
     """The name prefix of the attention stack and its layer numbers, sorted numerically."""
-    pattern = re.compile(r"^(.*?)" + _ANCHORS[family] + "$")
+    family = layout.family
+    pattern = re.compile(r"^(.*?)" + layout.anchor + "$")
     found: dict[str, set[int]] = {}
     for name in state_dict:
         m = pattern.match(name)
@@ -90,7 +156,7 @@ def _find_prefix(state_dict: Mapping, family: str, prefix: str | None) -> tuple[
                                   f"found prefixes {sorted(found)}")
     elif not found:
         raise CheckpointError(f"state dict: no parameter matches the {family} attention layout "
-                              f"(looked for names ending in {_ANCHORS[family]!r})")
+                              f"(looked for names ending in {layout.anchor!r})")
     elif len(found) > 1:
         raise InputError(f"state dict: {family} attention weights under several prefixes {sorted(found)}; "
                          "pass prefix= to choose one")
@@ -141,11 +207,11 @@ def hf_forms(config, state_dict: Mapping, *, prefix: str | None = None, heads: b
     BERT's optional relative-position scores and GPT-2's 1/(layer+1) scaling are outside the forms.
     """
     cfg = _config_dict(config)
-    family = detect_architecture(cfg)
-    if family is None:
+    layout = layout_of(cfg)
+    if layout is None:
         raise InputError(f"config: model_type {cfg.get('model_type')!r} has no attention probe "
-                         f"(supported: {sorted(FAMILIES)}); analyse its weight matrices instead")
-    prefix, layers = _find_prefix(state_dict, family, prefix)
+                         f"(supported: {sorted(LAYOUTS)}); analyse its weight matrices instead")
+    prefix, layers = _find_prefix(state_dict, layout, prefix)
 
     def w(name: str) -> torch.Tensor:
         return _weight(state_dict, prefix + name, cfg)
@@ -154,45 +220,7 @@ def hf_forms(config, state_dict: Mapping, *, prefix: str | None = None, heads: b
         return prefix + name in state_dict
 
     for i in layers:
-        if family == "bert":
-            _, H, _, _ = _mha_head_dims(cfg)
-            a = f"encoder.layer.{i}.attention."
-            yield from mha_forms(i, w(a + "self.query.weight"), w(a + "self.key.weight"), w(a + "self.value.weight"),
-                                 w(a + "output.dense.weight"), H, heads=heads, kinds=kinds)
-        elif family == "gpt2":
-            d, H, _, _ = _mha_head_dims(cfg)
-            qkv = w(f"h.{i}.attn.c_attn.weight")  # Conv1D (d, 3d): y = x @ W
-            if qkv.shape != (d, 3 * d):
-                raise CheckpointError(f"state dict: {prefix}h.{i}.attn.c_attn.weight is {tuple(qkv.shape)}, "
-                                      f"expected ({d}, {3 * d})")
-            wq, wk, wv = (qkv[:, j * d:(j + 1) * d].mT for j in range(3))  # each (out, in)
-            wo = w(f"h.{i}.attn.c_proj.weight").mT  # Conv1D (in, out) → (out, in)
-            yield from mha_forms(i, wq, wk, wv, wo, H, heads=heads, kinds=kinds)
-        elif family == "llama":
-            _, H, H_kv, _ = _mha_head_dims(cfg)
-            a = f"layers.{i}.self_attn."
-            yield from mha_forms(i, w(a + "q_proj.weight"), w(a + "k_proj.weight"), w(a + "v_proj.weight"),
-                                 w(a + "o_proj.weight"), H, H_kv, heads=heads, kinds=kinds)
-        else:  # mla
-            a = f"layers.{i}.self_attn."
-            compressed = has(a + "q_a_proj.weight")
-            yield from mla_forms(
-                i,
-                n_heads=_get(cfg, "num_attention_heads"),
-                qk_nope_head_dim=_get(cfg, "qk_nope_head_dim"),
-                qk_rope_head_dim=_get(cfg, "qk_rope_head_dim"),
-                v_head_dim=_get(cfg, "v_head_dim"),
-                kv_a=w(a + "kv_a_proj_with_mqa.weight"),
-                kv_a_norm=w(a + "kv_a_layernorm.weight"),
-                kv_b=w(a + "kv_b_proj.weight"),
-                wo=w(a + "o_proj.weight") if has(a + "o_proj.weight") else None,
-                q_a=w(a + "q_a_proj.weight") if compressed else None,
-                q_a_norm=w(a + "q_a_layernorm.weight") if compressed else None,
-                q_b=w(a + "q_b_proj.weight") if compressed else None,
-                wq=None if compressed else w(a + "q_proj.weight"),
-                heads=heads,
-                kinds=kinds,
-            )
+        yield from layout.forms(i, w, has, cfg, heads, kinds)
 
 
 def hf_model_forms(model: nn.Module, **kwargs) -> Iterator[NamedForm]:

@@ -15,6 +15,7 @@ import pandas as pd
 from rankscope.report import study_figures as figs
 from rankscope.report.data import StudyData, load
 from rankscope.report.verdict import CLAIMS, MIN_SEEDS, per_run_table, verdict
+from rankscope.vocab import PRODUCT, REFERENCE_VARIANT
 
 CAPTIONS = {
     "heatmaps": "Per variant, layer × step (mean over seeds): outliers under the structure-matched product null and "
@@ -32,7 +33,7 @@ CAPTIONS = {
 
 STATS_HTML = """<details><summary>What the statistics are</summary><ul>
 <li>All from the layer-level query–key forms at the monitored steps after initialisation, per run, then the mean
-and a bootstrap CI across seeds; "− mla_decoupled" rows are paired by seed.</li>
+and a bootstrap CI across seeds; "− {reference}" rows are paired by seed.</li>
 <li><b>cells_with_outliers</b>: share of (layer, step) cells with at least one eigenvalue above the bulk edge;
 <b>head_cells_with_outliers</b>: the same per head.</li>
 <li><b>outlier_fraction</b>: mean outliers / rank per cell; <b>outlier_energy</b>: mean share of Σλ in outliers.</li>
@@ -122,7 +123,7 @@ def _unfinished(data: StudyData) -> str:
 def _verdict_html(summary: dict) -> str:
     parts = []
     for point in summary["points"]:
-        null = "product null" if point["null"] == "product" else "naive MP null"
+        null = "product null" if point["null"] == PRODUCT else "naive MP null"
         parts.append(f"<h3>{html.escape(point['sweep'])} — {null}</h3><table><tr><th class=l>claim</th>"
                      "<th class=l>verdict</th><th class=l>evidence</th></tr>")
         for key, claim in point["claims"].items():
@@ -139,7 +140,7 @@ def _verdict_html(summary: dict) -> str:
             parts.append(f"<tr><td class=l>{html.escape(variant)}</td>"
                          + "".join(f"<td>{_fmt(values[s])}</td>" for s in stats) + "</tr>")
         for variant, values in point["vs_reference"].items():
-            parts.append(f"<tr><td class=l>{html.escape(variant)} − mla_decoupled</td>"
+            parts.append(f"<tr><td class=l>{html.escape(variant)} − {html.escape(REFERENCE_VARIANT)}</td>"
                          + "".join(f"<td>{_fmt(values[s])}</td>" for s in stats) + "</tr>")
         parts.append("</table>")
     return "\n".join(parts)
@@ -150,7 +151,7 @@ def write_report(root: str | Path) -> Path:
     data = load(root)
     root = Path(root)
     out = root / "figures"
-    per_run = per_run_table(data.qk, data.runs)
+    per_run = per_run_table(data.attention, data.runs)
     summary = verdict(per_run)
     summary["per_run"] = per_run.to_dict("records")
     summary["command"] = data.meta.get("command")
@@ -182,7 +183,7 @@ product null (the correct null for a product of matrices) and under the naive Ma
 at least {MIN_SEEDS} seeds; CIs are 95 % percentile bootstraps across seeds (differences paired by seed).</p>
 <p>Reproduce with: <code>{html.escape(command)}</code></p>
 <h2>Runs</h2>{_runs_table(data)}{_unfinished(data)}
-<h2>Verdict</h2>{STATS_HTML}{_verdict_html(summary)}
+<h2>Verdict</h2>{STATS_HTML.format(reference=html.escape(REFERENCE_VARIANT))}{_verdict_html(summary)}
 {''.join(sections)}
 <h2>Configurations</h2><details><summary>resolved config of every run</summary>
 <pre>{html.escape(json.dumps(configs, indent=1))}</pre></details>

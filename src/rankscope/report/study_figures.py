@@ -1,6 +1,8 @@
 """The figures of a study (matplotlib, PNG): one function per figure, each reading ``StudyData`` only.
 
-Colours are fixed per variant across every figure. Heatmaps average over seeds.
+Colours are fixed per variant across every figure. Heatmaps average over seeds. Figures are drawn on
+``matplotlib.figure.Figure`` objects directly: no pyplot, so no GUI backend is chosen and no global figure
+registry is touched.
 """
 
 from __future__ import annotations
@@ -11,19 +13,35 @@ import numpy as np
 import pandas as pd
 
 from rankscope.report.data import StudyData
+from rankscope.vocab import (
+    GQA,
+    MHA,
+    MLA_DECOUPLED,
+    MLA_PREROPE,
+    MLA_PREROPE_COUPLED,
+    MLA_PREROPE_INPUT,
+    MONITOR_NULLS,
+    MP,
+    MQA,
+    PRODUCT,
+    QK,
+    QK_CONTENT,
+    QK_ROPE,
+)
 
-COLORS = {"mha": "tab:red", "mla_prerope_input": "tab:orange", "mla_prerope_coupled": "tab:purple",
-          "mla_decoupled": "tab:blue", "gqa": "tab:green", "mqa": "tab:olive", "mla_prerope": "tab:orange"}
-ORDER = ["mha", "mla_prerope_input", "mla_prerope_coupled", "mla_decoupled", "gqa", "mqa"]
+COLORS = {MHA: "tab:red", MLA_PREROPE_INPUT: "tab:orange", MLA_PREROPE_COUPLED: "tab:purple",
+          MLA_DECOUPLED: "tab:blue", GQA: "tab:green", MQA: "tab:olive", MLA_PREROPE: "tab:orange"}
+ORDER = [MHA, MLA_PREROPE_INPUT, MLA_PREROPE_COUPLED, MLA_DECOUPLED, GQA, MQA]
+NULL_LABEL = {PRODUCT: "product null", MP: "naive MP"}
 
 
-def _plt():
-    import matplotlib
+def _figure(rows: int = 1, cols: int = 1, **kwargs):
+    """(figure, axes as a rows × cols array), without pyplot."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=kwargs.pop("figsize", (6, 3.5)))
+    axes = fig.subplots(rows, cols, squeeze=False, **kwargs)
+    return fig, axes
 
 
 def _variants(frame: pd.DataFrame) -> list[str]:
@@ -34,13 +52,12 @@ def _variants(frame: pd.DataFrame) -> list[str]:
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90, bbox_inches="tight")
-    _plt().close(fig)
     return path
 
 
-def _layers(data: StudyData, sweep: str, kind: str = "qk") -> pd.DataFrame:
-    qk = data.qk
-    return qk[(qk["sweep"] == sweep) & (qk["kind"] == kind) & (qk["head"] < 0)]
+def _layers(data: StudyData, sweep: str, kind: str = QK) -> pd.DataFrame:
+    rows = data.attention
+    return rows[(rows["sweep"] == sweep) & (rows["kind"] == kind) & (rows["head"] < 0)]
 
 
 def _grid(frame: pd.DataFrame, value: str) -> pd.DataFrame:
@@ -66,17 +83,15 @@ def _heat(ax, grid: pd.DataFrame, title: str, cmap: str = "viridis", log: bool =
 
 def heatmaps(data: StudyData, sweep: str, out: Path) -> Path:
     """Per variant, layer × step: outliers under both nulls, spike strength, stable and effective rank."""
-    plt = _plt()
     frame = _layers(data, sweep)
     variants = _variants(frame)
-    cols = [("outliers", "product", "outliers — product null", "magma", False),
-            ("outliers", "mp", "outliers — naive MP", "magma", False),
-            ("spike_strength", "product", "spike strength λmax/edge", "viridis", True),
-            ("stable_rank", "product", "stable rank", "cividis", False),
-            ("effective_rank", "product", "effective rank", "cividis", False)]
+    cols = [("outliers", PRODUCT, "outliers — product null", "magma", False),
+            ("outliers", MP, "outliers — naive MP", "magma", False),
+            ("spike_strength", PRODUCT, "spike strength λmax/edge", "viridis", True),
+            ("stable_rank", PRODUCT, "stable rank", "cividis", False),
+            ("effective_rank", PRODUCT, "effective rank", "cividis", False)]
     vmax_out = frame["outliers"].max()
-    fig, axes = plt.subplots(len(variants), len(cols), figsize=(3.2 * len(cols), 2.3 * len(variants)),
-                             squeeze=False)
+    fig, axes = _figure(len(variants), len(cols), figsize=(3.2 * len(cols), 2.3 * len(variants)))
     for i, variant in enumerate(variants):
         mine = frame[frame["variant"] == variant]
         for j, (value, null, title, cmap, log) in enumerate(cols):
@@ -91,14 +106,12 @@ def heatmaps(data: StudyData, sweep: str, out: Path) -> Path:
 
 def head_maps(data: StudyData, sweep: str, out: Path) -> Path:
     """Per variant, outliers per (layer, head) at an early, a middle and the final monitored step."""
-    plt = _plt()
-    qk = data.qk
-    frame = qk[(qk["sweep"] == sweep) & (qk["kind"] == "qk") & (qk["head"] >= 0) & (qk["null"] == "product")]
+    rows = data.attention
+    frame = rows[(rows["sweep"] == sweep) & (rows["kind"] == QK) & (rows["head"] >= 0) & (rows["null"] == PRODUCT)]
     variants = _variants(frame)
     steps = sorted(s for s in frame["step"].unique() if s > 0)
     picks = [steps[0], steps[len(steps) // 2], steps[-1]] if steps else []
-    fig, axes = plt.subplots(len(variants), len(picks), figsize=(3.2 * len(picks), 2.3 * len(variants)),
-                             squeeze=False)
+    fig, axes = _figure(len(variants), max(1, len(picks)), figsize=(3.2 * len(picks), 2.3 * len(variants)))
     vmax = frame["outliers"].max()
     for i, variant in enumerate(variants):
         for j, step in enumerate(picks):
@@ -119,17 +132,16 @@ def head_maps(data: StudyData, sweep: str, out: Path) -> Path:
 
 def decoupled_blocks(data: StudyData, sweep: str, out: Path) -> Path | None:
     """MLA-Decoupled: the content block and the shared rope block of the query–key form, side by side."""
-    qk = data.qk
-    frame = qk[(qk["sweep"] == sweep) & (qk["variant"] == "mla_decoupled") & (qk["head"] < 0)
-               & (qk["null"] == "product")]
+    rows = data.attention
+    frame = rows[(rows["sweep"] == sweep) & (rows["variant"] == MLA_DECOUPLED) & (rows["head"] < 0)
+                 & (rows["null"] == PRODUCT)]
     if frame.empty:
         return None
-    plt = _plt()
-    fig, axes = plt.subplots(1, 4, figsize=(15, 3.3), squeeze=False)
+    fig, axes = _figure(1, 4, figsize=(15, 3.3))
     vmax = frame["outliers"].max()
-    for j, (kind, value, log) in enumerate([("qk_content", "outliers", False), ("qk_rope", "outliers", False),
-                                            ("qk_content", "spike_strength", True),
-                                            ("qk_rope", "spike_strength", True)]):
+    for j, (kind, value, log) in enumerate([(QK_CONTENT, "outliers", False), (QK_ROPE, "outliers", False),
+                                            (QK_CONTENT, "spike_strength", True),
+                                            (QK_ROPE, "spike_strength", True)]):
         sub = frame[frame["kind"] == kind]
         _heat(axes[0, j], _grid(sub, value), f"{kind}: {value}", "magma" if value == "outliers" else "viridis",
               log, vmax=vmax if value == "outliers" else None)
@@ -143,16 +155,15 @@ def decoupled_blocks(data: StudyData, sweep: str, out: Path) -> Path | None:
 def esd_steps(data: StudyData, sweep: str, out: Path) -> Path | None:
     """Eigenvalue histogram of the spikiest layer-level form at three steps, with the fitted null and edge."""
     frame = _layers(data, sweep)
-    frame = frame[(frame["null"] == "product") & (frame["step"] == frame["step"].max())]
+    frame = frame[(frame["null"] == PRODUCT) & (frame["step"] == frame["step"].max())]
     if frame.empty:
         return None
     top = frame.loc[frame["spike_strength"].idxmax()]
-    spectra = data.spectra(top["name"], sweep, f"layer = {int(top['layer'])} and head = -1 and kind = 'qk' "
-                                                 "and \"null\" = 'product'")
+    spectra = data.spectra(top["name"], sweep, f"layer = {int(top['layer'])} and head = -1 and kind = '{QK}' "
+                                                 f"and \"null\" = '{PRODUCT}'")
     steps = sorted(spectra["step"].unique())
     picks = sorted({steps[0], steps[len(steps) // 4], steps[-1]})
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(picks), figsize=(4.3 * len(picks), 3.2), squeeze=False)
+    fig, axes = _figure(1, len(picks), figsize=(4.3 * len(picks), 3.2))
     for ax, step in zip(axes[0], picks, strict=True):
         row = spectra[spectra["step"] == step].iloc[0]
         lam = np.asarray(row["eigenvalues"], float)
@@ -178,12 +189,11 @@ def esd_steps(data: StudyData, sweep: str, out: Path) -> Path | None:
 
 def spike_onset(data: StudyData, sweep: str, out: Path) -> Path:
     """First step each layer crosses the bulk edge, against layer index (does the spike propagate?)."""
-    plt = _plt()
     frame = _layers(data, sweep)
     frame = frame[frame["step"] > 0]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.3), squeeze=False, sharey=True)
+    fig, axes = _figure(1, 2, figsize=(10, 3.3), sharey=True)
     total = int(data.runs["steps"].max())
-    for ax, null in zip(axes[0], ("product", "mp"), strict=True):
+    for ax, null in zip(axes[0], MONITOR_NULLS, strict=True):
         sub = frame[frame["null"] == null]
         for k, variant in enumerate(_variants(sub)):
             mine = sub[sub["variant"] == variant]
@@ -197,8 +207,7 @@ def spike_onset(data: StudyData, sweep: str, out: Path) -> Path:
             lo, hi = first.min().to_numpy(), first.max().to_numpy()
             hi = np.where(np.isfinite(hi), hi, total)
             ax.vlines(x, np.where(np.isfinite(lo), lo, np.nan), hi, color=COLORS.get(variant), alpha=0.4)
-        ax.set_title(f"{'product null' if null == 'product' else 'naive MP'}: first step with an outlier",
-                     fontsize=9)
+        ax.set_title(f"{NULL_LABEL[null]}: first step with an outlier", fontsize=9)
         ax.set_xlabel("layer")
         ax.set_xticks(sorted(sub["layer"].unique()))
         ax.set_ylabel("step (median over seeds; bars: min–max)")
@@ -208,16 +217,15 @@ def spike_onset(data: StudyData, sweep: str, out: Path) -> Path:
 
 def rank_vs_outliers(data: StudyData, sweep: str, out: Path) -> Path:
     """Effective rank (÷ rank) against outlier energy, one dot per (run, layer, step), coloured by variant."""
-    plt = _plt()
     frame = _layers(data, sweep)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), squeeze=False, sharey=True)
-    for ax, null in zip(axes[0], ("product", "mp"), strict=True):
+    fig, axes = _figure(1, 2, figsize=(10, 3.5), sharey=True)
+    for ax, null in zip(axes[0], MONITOR_NULLS, strict=True):
         sub = frame[(frame["null"] == null) & (frame["step"] > 0)]
         for variant in _variants(sub):
             mine = sub[sub["variant"] == variant]
             ax.scatter(mine["outlier_energy"], mine["effective_rank"] / mine["rank"], s=8, alpha=0.5,
                        color=COLORS.get(variant), label=variant)
-        ax.set_xlabel(f"outlier energy ({'product null' if null == 'product' else 'naive MP'})")
+        ax.set_xlabel(f"outlier energy ({NULL_LABEL[null]})")
         ax.set_title("rank collapse vs outliers", fontsize=9)
     axes[0, 0].set_ylabel("effective rank / rank")
     axes[0, 0].legend(fontsize=7)
@@ -230,8 +238,8 @@ def loss_curves(data: StudyData, sweep: str, out: Path) -> Path | None:
     if tr.empty or "val_loss" not in tr:
         return None
     tr = tr[(tr["sweep"] == sweep) & tr["val_loss"].notna()]
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, axes = _figure(figsize=(6, 3.5))
+    ax = axes[0, 0]
     for variant in _variants(tr):
         grid = tr[tr["variant"] == variant].pivot_table(index="step", columns="seed", values="val_loss")
         ax.plot(grid.index, grid.mean(axis=1), color=COLORS.get(variant), label=variant)
@@ -247,17 +255,16 @@ def sweep_summary(per_run: pd.DataFrame, out: Path) -> Path | None:
     """Outlier fraction (outliers / rank, mean over layer × step) per variant at each sweep value, both nulls."""
     if per_run["sweep"].nunique() < 2:
         return None
-    plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.3), squeeze=False, sharey=True)
+    fig, axes = _figure(1, 2, figsize=(10, 3.3), sharey=True)
     points = sorted(per_run["sweep"].unique())
-    for ax, null in zip(axes[0], ("product", "mp"), strict=True):
+    for ax, null in zip(axes[0], MONITOR_NULLS, strict=True):
         sub = per_run[per_run["null"] == null]
         for variant in _variants(sub):
             g = sub[sub["variant"] == variant].groupby("sweep")["outlier_fraction"]
             ax.errorbar(range(len(points)), g.mean().reindex(points), yerr=g.std().reindex(points).fillna(0),
                         marker="o", capsize=3, color=COLORS.get(variant), label=variant)
         ax.set_xticks(range(len(points)), points)
-        ax.set_title(f"{'product null' if null == 'product' else 'naive MP'}", fontsize=9)
+        ax.set_title(NULL_LABEL[null], fontsize=9)
     axes[0, 0].set_ylabel("outlier fraction (outliers / rank)\nmean ± sd over seeds")
     axes[0, 0].legend(fontsize=7)
     return _save(fig, out / "sweep.png")

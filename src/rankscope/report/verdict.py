@@ -23,7 +23,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-NULLS = ("product", "mp")
+from rankscope.vocab import MHA, MLA_PREROPE, MONITOR_NULLS, QK, REFERENCE_VARIANT
+
 CLAIMS = {
     "i": "MHA and MLA-PreRoPE show sharp, early spectral spikes in specific layers that persist and propagate",
     "ii": "these spikes coincide with rank collapse",
@@ -88,13 +89,14 @@ def _reading(ci: tuple[float, float, float], direction: int, n: int) -> str:
     return "unclear"
 
 
-def per_run_table(qk: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per (run, null) with every statistic; ``qk`` holds all runs' attention rows with ``name`` and
-    ``sweep`` columns matching ``runs``."""
+def per_run_table(attention: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per (run, null) with every statistic; ``attention`` holds all runs' attention rows with ``name``
+    and ``sweep`` columns matching ``runs``."""
     rows = []
+    a = attention
     for run in runs.itertuples():
-        mine = qk[(qk["name"] == run.name) & (qk["sweep"] == run.sweep) & (qk["kind"] == "qk")]
-        for null in NULLS:
+        mine = a[(a["name"] == run.name) & (a["sweep"] == run.sweep) & (a["kind"] == QK)]
+        for null in MONITOR_NULLS:
             sub = mine[mine["null"] == null]
             stats = run_statistics(sub[sub["head"] < 0], sub[sub["head"] >= 0], run.steps)
             rows.append({"name": run.name, "sweep": run.sweep, "variant": run.variant, "seed": run.seed,
@@ -102,7 +104,7 @@ def per_run_table(qk: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def verdict(table: pd.DataFrame, reference: str = "mla_decoupled") -> dict:
+def verdict(table: pd.DataFrame, reference: str = REFERENCE_VARIANT) -> dict:
     """Means and CIs per (sweep, null, variant, statistic), differences from ``reference`` paired by seed, and
     a reading of each claim per sweep point and null."""
     stats = [c for c in table.columns if c not in ("name", "sweep", "variant", "seed", "null")]
@@ -125,7 +127,7 @@ def verdict(table: pd.DataFrame, reference: str = "mla_decoupled") -> dict:
 
 def _claims(point: dict, reference: str) -> dict:
     diffs = point["vs_reference"]
-    spiky = [v for v in diffs if v == "mha" or v.startswith("mla_prerope")]
+    spiky = [v for v in diffs if v == MHA or v.startswith(MLA_PREROPE)]
     readings: dict[str, dict] = {}
 
     def combine(parts: dict[str, str]) -> str:

@@ -13,28 +13,12 @@ import numpy as np
 import torch
 
 from rankscope.errors import InputError
-from rankscope.spectra import metrics
-from rankscope.spectra.kernels import (
-    Form,
-    as_form,
-    block_norms,
-    chain_dims,
-    form_shape,
-    spectrum,
-    structural_rank,
-)
-from rankscope.spectra.nulls import (
-    NaiveMPNull,
-    TracyWidomNull,
-    default_draws,
-    median,
-    product_null,
-    sum_null,
-)
+from rankscope.spectra import budget, metrics
+from rankscope.spectra.form import Form, Structure
+from rankscope.spectra.kernels import prepare, spectrum
+from rankscope.spectra.nulls import NaiveMPNull, TracyWidomNull, median, product_null, sum_null
 from rankscope.spectra.tail import power_law_fit
-from rankscope.spectra.threads import with_one_torch_thread
-
-NULLS = ("product", "mp", "tw")
+from rankscope.vocab import MP, NULLS, TW
 
 
 @dataclass(frozen=True)
@@ -68,19 +52,17 @@ class Diagnosis:
         return {k: v for k, v in self.__dict__.items() if k not in ("eigenvalues", "null_quantiles")}
 
 
-def _null_for(form: Form, null: str, fpr: float, draws: int | None, norms: list[float] | None = None):
-    n, m = form_shape(form)
-    dims = [chain_dims(c) for c in form]
-    draws = draws or default_draws(dims, fpr)
-    if null == "mp":
-        return NaiveMPNull(q=structural_rank(dims) / max(n, m))
-    if null == "tw":
-        if not (len(form) == 1 and len(form[0]) == 1):
+def _null_for(s: Structure, null: str, fpr: float, draws: int | None, norms: list[float] | None = None):
+    draws = draws or budget.default_draws(s, fpr)
+    if null == MP:
+        return NaiveMPNull(q=s.rank_bound / max(s.n, s.m))
+    if null == TW:
+        if not s.is_matrix:
             raise InputError('null="tw" (Tracy–Widom edge) is defined for a single matrix, not a chain')
-        return TracyWidomNull(n, m)
-    if len(form) > 1:
-        return sum_null(dims, norms, draws)
-    return product_null(dims, None, draws)
+        return TracyWidomNull(s.n, s.m)
+    if len(s.chains) > 1:
+        return sum_null(s, norms, draws)
+    return product_null(s, None, draws)
 
 
 def _ks(bulk_ratio: np.ndarray, null) -> float:
@@ -149,7 +131,8 @@ def _check_options(null: str, fpr: float, draws: int | None) -> None:
 def _diagnose_form(form: Form, nulls: tuple[str, ...], fpr: float, draws: int | None,
                    name: str) -> dict[str, list[Diagnosis]]:
     """Null → the diagnoses of a batch of forms; the spectra and null-free metrics are computed once."""
-    n, m = form_shape(form)
+    s = form.structure
+    n, m = s.n, s.m
     overflow = InputError(f"{name}: the spectrum overflows float64 (entries too large); rescale the factors")
     try:
         lam = spectrum(form)  # (B, r)
@@ -163,16 +146,15 @@ def _diagnose_form(form: Form, nulls: tuple[str, ...], fpr: float, draws: int | 
     shared = _shared_metrics(lam)
     out = {}
     for null in nulls:
-        if len(form) == 1 or null == "mp":
-            null_objs = [_null_for(form, null, fpr, draws)] * lam.shape[0]
+        if len(s.chains) == 1 or null == MP:
+            null_objs = [_null_for(s, null, fpr, draws)] * lam.shape[0]
         else:  # a sum of chains: the null depends on each spectrum's block-norm ratios
-            norms = block_norms(form).to("cpu").expand(lam.shape[0], len(form))  # (B, C)
-            null_objs = [_null_for(form, null, fpr, draws, row.tolist()) for row in norms]
+            norms = form.block_norms().to("cpu").expand(lam.shape[0], len(s.chains))  # (B, C)
+            null_objs = [_null_for(s, null, fpr, draws, row.tolist()) for row in norms]
         out[null] = _diagnose_spectra(lam, n, m, null_objs, null, fpr, shared)
     return out
 
 
-@with_one_torch_thread  # numpy's BLAS does the heavy work: torch's spinning workers would slow it
 def diagnose_nulls(form, nulls: tuple[str, ...], *, fpr: float = 0.01, name: str = "form", batched: bool = False,
                    draws: int | None = None) -> dict[str, list[Diagnosis]]:
     """Null → diagnoses (a list: one per batch item, or one for an unbatched form), the spectrum computed once.
@@ -181,9 +163,9 @@ def diagnose_nulls(form, nulls: tuple[str, ...], *, fpr: float = 0.01, name: str
     """
     for null in nulls:
         _check_options(null, fpr, draws)
-    form = as_form(form, name=name, batched=batched)
-    if not batched or all(f.ndim == 2 for chain in form for f in chain):
-        form = tuple(tuple(f[None] for f in chain) for chain in form)
+    form = prepare(form, name=name, batched=batched)
+    if form.batch is None:
+        form = form.map(lambda f: f[None])
     return _diagnose_form(form, tuple(nulls), fpr, draws, name)
 
 

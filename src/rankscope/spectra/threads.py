@@ -1,28 +1,48 @@
-"""One torch intra-op thread while rankscope's spectral numerics run on the CPU.
+"""Thread budgets, explicit: the caller opens one; nothing in rankscope changes a process's threads on its own.
 
-The heavy work of a diagnosis is numpy's BLAS and LAPACK (Gram products, eigensolves); torch does only small
-steps between them (dtype conversions, reductions, QRs of head factors). With several torch threads, torch's
-OpenMP workers spin after each of those steps and take the cores that the next BLAS call's threads need: on
-this 2-core machine that doubled MiniLM's analysis (1.3 s against 0.65 s) and made GPT-2-small's 1.6× slower,
-while BLAS threads alone keep their speed-up on wide matrices (768-wide eigensolves 31 → 22 ms on 2 threads).
-The thread count is restored on exit; nested uses cost nothing.
+``thread_budget(torch=…, blas=…)`` sets torch's intra-op threads and the BLAS libraries' threads (numpy's and
+scipy's OpenBLAS or MKL, through threadpoolctl) for a block and gives the caller's counts back after, errors
+included. Both settings are process-wide, so open it where you own the process: a command, a training run, a
+script. The heavy work of a diagnosis is BLAS and LAPACK (Gram products, eigensolves); torch does small steps
+between them, and with several torch threads its OpenMP workers spin after each step and take the cores the
+next BLAS call needs. So the commands run the numerics with one torch thread and ``free_cores()`` BLAS threads
+(README, "Speed").
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import TypeVar
+import os
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 
 import torch
 
-F = TypeVar("F", bound=Callable)
+
+def free_cores() -> int:
+    """Cores not busy right now: usable cores minus the 1-minute load average (at least 1)."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:
+        busy = 0.0
+    return max(1, min(usable, int(usable - busy + 0.5)))
 
 
 @contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run the block with ``torch.set_num_threads(n)``, then restore the caller's count."""
+def thread_budget(torch: int | None = None, blas: int | None = None) -> Iterator[None]:
+    """Run the block with ``torch`` intra-op threads and ``blas`` BLAS threads (None: leave it), then restore."""
+    with ExitStack() as stack:
+        if torch is not None:
+            stack.enter_context(_torch_threads(torch))
+        if blas is not None:
+            from threadpoolctl import threadpool_limits
+
+            stack.enter_context(threadpool_limits(blas, user_api="blas"))
+        yield
+
+
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
     before = torch.get_num_threads()
     if n == before:
         yield
@@ -32,14 +52,3 @@ def torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def with_one_torch_thread(fn: F) -> F:
-    """``fn`` run under ``torch_threads(1)``."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with torch_threads(1):
-            return fn(*args, **kwargs)
-
-    return wrapper  # type: ignore[return-value]

@@ -1,14 +1,16 @@
-"""The run store: diagnosis rows as Parquet parts, read through DuckDB views (DESIGN.md §6).
+"""The run store: diagnosis rows as Parquet parts, read through DuckDB views (docs/design.md §6).
 
-A run directory holds ``metrics/<table>-<stamp>.parquet`` parts. A part is written to a hidden temporary
-name and renamed into place, so a reader (``rankscope sql`` while training runs) never sees half a file and
-a ``kill -9`` loses at most the rows since the last flush. Rows are flushed whole steps at a time, so a
-step is either fully stored or absent; ``steps(table)`` lets a resumed run skip steps already written,
-and a (run, step, layer, head, kind) key is never written twice.
+A run directory holds ``metrics/<table>-<stamp>.parquet`` parts. A part is written to a hidden temporary name
+and renamed into place, so a reader (``rankscope sql`` while training runs) never sees half a file. A flush
+writes one part per table, one after the other: the parts of one flush are not written atomically together, so
+a ``kill -9`` between two of them can leave a step with some tables' rows and not others' (the monitor keeps
+whole steps per table, and a resumed run skips a step found in any of its tables).
 
-Tables: ``qk`` (attention forms: qk, qk_content, qk_rope, ov), ``weights`` (single matrices), ``spectra``
-(eigenvalues and fitted-null quantiles of each attention form, for figures), ``repr`` (representation
-metrics) and ``train`` (loss, validation loss, learning rate, throughput, monitor time).
+Tables: ``attention`` (every attention form: qk, qk_content, qk_rope, ov), ``weights`` (single matrices),
+``spectra`` (eigenvalues and fitted-null quantiles of each attention form, for figures), ``repr``
+(representation metrics) and ``train`` (loss, validation loss, learning rate, throughput, monitor time); views
+``qk`` (the query–key kinds of ``attention``) and ``ov``. Parts named ``qk-*`` (earlier versions kept every
+attention row there) are read as ``attention``.
 """
 
 from __future__ import annotations
@@ -22,21 +24,27 @@ from pathlib import Path
 import pandas as pd
 
 from rankscope.errors import InputError
+from rankscope.rundir import METRICS
+from rankscope.vocab import OV, QK_KINDS
 
-TABLES = ("qk", "weights", "spectra", "repr", "train")
+TABLES = ("attention", "weights", "spectra", "repr", "train")
+VIEWS = {  # views over the tables, by kind
+    "qk": ("attention", "kind in (" + ", ".join(f"'{k}'" for k in QK_KINDS) + ")"),
+    "ov": ("attention", f"kind = '{OV}'"),
+}
+_LEGACY_PARTS = {"attention": ("qk",)}  # part-name prefixes of earlier versions read into a table
 
 
-def _part_glob(root: Path, table: str) -> str:
-    """The parts of ``table`` under ``root``: a run directory, or a study directory holding many runs."""
-    if (root / "metrics").is_dir():
-        return str(root / "metrics" / f"{table}-*.parquet")
-    return str(root / "**" / "metrics" / f"{table}-*.parquet")
+def _part_globs(root: Path, table: str) -> list[str]:
+    """The part globs of ``table`` under ``root``: a run directory, or a study directory holding many runs."""
+    base = root / METRICS if (root / METRICS).is_dir() else root / "**" / METRICS
+    return [str(base / f"{prefix}-*.parquet") for prefix in (table, *_LEGACY_PARTS.get(table, ()))]
 
 
 class RunStore:
     """Append rows to a run's Parquet parts and query them (and any run or study directory) with SQL.
 
-    >>> store = RunStore(run_dir); store.append("qk", rows); store.flush()
+    >>> store = RunStore(run_dir); store.append("attention", rows); store.flush()
     >>> store.sql("select layer, max(outliers) from qk group by layer")
     """
 
@@ -58,7 +66,7 @@ class RunStore:
         import duckdb
 
         written = []
-        directory = self.root / "metrics"
+        directory = self.root / METRICS
         directory.mkdir(parents=True, exist_ok=True)
         with duckdb.connect() as con:
             for table, rows in list(self._pending.items()):
@@ -79,24 +87,34 @@ class RunStore:
         return written
 
     # ---- reading ----------------------------------------------------------------------------------------
-    def tables(self) -> list[str]:
-        """The tables that have at least one part."""
+    def _parts(self) -> dict[str, list[str]]:
+        """Table → its part globs that match at least one file (tables without parts are left out)."""
         import glob
 
-        return [t for t in TABLES if glob.glob(_part_glob(self.root, t), recursive=True)]
+        found = {t: [g for g in _part_globs(self.root, t) if glob.glob(g, recursive=True)] for t in TABLES}
+        return {t: globs for t, globs in found.items() if globs}
+
+    def tables(self) -> list[str]:
+        """The tables and views that have at least one part."""
+        have = list(self._parts())
+        return have + [v for v, (base, _) in VIEWS.items() if base in have]
 
     def connect(self):
-        """A DuckDB connection with one view per table that has parts."""
+        """A DuckDB connection with one view per table that has parts, and the kind views over them."""
         import duckdb
 
         con = duckdb.connect()
-        for table in self.tables():
-            pattern = _part_glob(self.root, table).replace("'", "''")
-            con.execute(f"create view {table} as select * from read_parquet('{pattern}', union_by_name=true)")
+        parts = self._parts()
+        for table, globs in parts.items():
+            patterns = ", ".join("'" + g.replace("'", "''") + "'" for g in globs)
+            con.execute(f"create view {table} as select * from read_parquet([{patterns}], union_by_name=true)")
+        for view, (base, where) in VIEWS.items():
+            if base in parts:
+                con.execute(f"create view {view} as select * from {base} where {where}")
         return con
 
     def sql(self, query: str) -> pd.DataFrame:
-        """Run a query over the views (``qk``, ``weights``, ``spectra``, ``repr``, ``train``)."""
+        """Run a query over the views (``attention``, ``qk``, ``ov``, ``weights``, ``spectra``, ``repr``, ``train``)."""
         import duckdb
 
         with self.connect() as con:

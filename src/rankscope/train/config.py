@@ -44,7 +44,7 @@ class TrainConfig:
     monitor_weights: bool = True  # also diagnose MLP and embedding matrices
     fpr: float = 0.01  # false-positive rate of the outlier test
     repr_every: int = 0  # linguistic collapse of the top layer on a fixed probe batch every N steps (0 = off)
-    threads: int = 0  # torch intra-op threads; 0 = the cores actually free now
+    threads: int = 0  # CPU threads, torch and BLAS; 0 = the cores free when the run starts (then saved)
     device: str = "auto"  # "auto" (cuda when present), "cpu", "cuda", "cuda:1", ...
     amp: str = "auto"  # "auto" (bf16 autocast on CUDA), "bf16", "off"
 

@@ -2,8 +2,10 @@
 
 Every ``every`` steps it diagnoses each layer's and each head's attention forms (query–key, and OV) under
 both nulls (the structure-matched product null and the naive MP fit, side by side), and the other weight
-matrices, under ``torch.no_grad``; rows go to the store's ``qk``/``weights`` tables, eigenvalues and the
-fitted null's quantiles to ``spectra``. It records its own wall time, so its overhead is measured.
+matrices, under ``torch.no_grad``; rows go to the store's ``attention``/``weights`` tables, eigenvalues and the
+fitted null's quantiles to ``spectra``. It records its own wall time, so its overhead is measured. With
+``threads`` it runs its numerics under that thread budget (one torch thread, ``threads`` BLAS threads); without,
+it leaves the process's threads alone (the trainer sets them for the whole run).
 
     mon = rs.Monitor(model, "runs/x", every=50)   # rows reach disk every 30 s, at checkpoints and at close
     for step in range(steps): ...; mon.step(step)
@@ -18,8 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rankscope.analysis import ATTENTION_KINDS, analyze_full
+from rankscope.analysis import analyze_full
 from rankscope.store import RunStore
+from rankscope.vocab import ALL_GROUPS, ATTENTION_KINDS, MONITOR_NULLS, QK
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -35,18 +38,19 @@ class Monitor:
     """Training-time diagnostics; ``step(step)`` in any loop, ``log(step, loss=…)`` for scalars."""
 
     def __init__(self, model: torch.nn.Module, run_dir: str | Path, every: int = 50, *,
-                 nulls: tuple[str, ...] = ("product", "mp"), per_head: bool = True,
-                 kinds: tuple[str, ...] = ("qk", "ov", "mlp", "weights"), fpr: float = 0.01,
+                 nulls: tuple[str, ...] = MONITOR_NULLS, per_head: bool = True,
+                 kinds: tuple[str, ...] = ALL_GROUPS, fpr: float = 0.01,
                  run: str | None = None, store: RunStore | None = None, flush_seconds: float = 30.0,
-                 tensorboard: bool = True):
+                 tensorboard: bool = True, threads: int | None = None):
         self.model = model
         self.every, self.nulls, self.per_head, self.kinds, self.fpr = every, tuple(nulls), per_head, tuple(kinds), fpr
+        self.threads = threads
         self.store = store or RunStore(run_dir, run=run)
         self.flush_seconds = flush_seconds  # write a Parquet part when the last one is this old (0: every step)
         self._last_flush = time.perf_counter()
         self.seconds = 0.0  # wall time spent in diagnostics and writing
         self.calls = 0
-        self._done = self.store.steps("qk") | self.store.steps("weights")  # resumed runs skip these steps
+        self._done = self.store.steps("attention") | self.store.steps("weights")  # resumed runs skip these steps
         self._logged = self.store.steps("train")
         self._repr_done = self.store.steps("repr")
         self._tb = _tensorboard(Path(run_dir) / "events") if tensorboard else None
@@ -70,14 +74,15 @@ class Monitor:
     def diagnose(self, step: int) -> None:
         model = _unwrap(self.model)
         variant = getattr(getattr(model, "config", None), "attention", None)
-        found = analyze_full(model, per_head=self.per_head, kinds=self.kinds, null=self.nulls, fpr=self.fpr)
+        found = analyze_full(model, per_head=self.per_head, kinds=self.kinds, null=self.nulls, fpr=self.fpr,
+                             threads=self.threads)
         table = found.table
         if not table.empty:
             table = table.assign(step=step)
             if variant is not None:
                 table["variant"] = table["variant"].where(table["variant"].astype(bool), variant)
             attention = table["kind"].isin(ATTENTION_KINDS)
-            self.store.append("qk", table[attention])
+            self.store.append("attention", table[attention])
             self.store.append("weights", table[~attention])
             spectra = []
             kinds, layers, heads = (table[c].to_numpy() for c in ("kind", "layer", "head"))
@@ -90,7 +95,7 @@ class Monitor:
                                     np.asarray(d.null_quantiles, dtype=np.float64).tolist()})
             self.store.append("spectra", spectra)
             if self._tb is not None:
-                layers = table[attention & (table["head"] < 0) & (table["kind"] == "qk")]
+                layers = table[attention & (table["head"] < 0) & (table["kind"] == QK)]
                 for r in layers.itertuples():
                     for key in ("outliers", "spike_strength", "stable_rank", "effective_rank"):
                         self._tb.add_scalar(f"qk_{r.null}/layer{r.layer}/{key}", float(getattr(r, key)), step)

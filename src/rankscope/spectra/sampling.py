@@ -1,0 +1,164 @@
+"""Exact samplers of null spectra: what a form's eigenvalues are when its factors are independent Gaussians.
+
+All three are exact in distribution at any finite size, and cheap:
+
+- ``wishart_t``: t = λ_max / median(λ) of a single Gaussian n×m matrix, from the Dumitriu–Edelman (2002)
+  bidiagonal model: O(p) per eigenvalue by bisection.
+- ``two_factor_spectra``: the spectrum of A G for Gaussian A (n×k), G (k×m): only the law of A's singular
+  values matters (σ(A G) = σ(S VᵀG), and VᵀG is Gaussian again), so A becomes the bidiagonal model and G a
+  Bartlett triangle.
+- ``simulate_spectra``: any structure (chains, sums, shared outer chains, block-norm ratios). A Gaussian G
+  (N×k, N ≥ k) on the outside of a form enters its spectrum only through the R of its QR, which has Bartlett's
+  law (R_ii ~ χ_{N−i}, R_ij ~ N(0, 1) above the diagonal), so tall outer factors are drawn as k×k triangles.
+
+Everything is numpy except the final eigensolve: alternating with scipy's LAPACK (a second OpenBLAS with its
+own thread pool) made small draws many times slower (benchmarks/spectra.py).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from rankscope.spectra.form import Structure
+from rankscope.spectra.kernels import clamp_numerical_zeros, squared_singular_values
+
+
+def gaussian(rng: np.random.Generator, *shape: int) -> torch.Tensor:
+    """Standard Gaussian entries, float64."""
+    return torch.from_numpy(rng.standard_normal(shape))
+
+
+def bartlett(k: int, dof: int, draws: int, rng: np.random.Generator) -> torch.Tensor:
+    """R of the QR of a dof×k standard Gaussian (dof ≥ k): (draws, k, k), R_ii ~ χ_{dof−i}, N(0, 1) above."""
+    upper = gaussian(rng, draws, k, k).triu(1)
+    diag = np.sqrt(rng.chisquare(np.arange(dof, dof - k, -1), size=(draws, k)))
+    return upper + torch.diag_embed(torch.from_numpy(diag))
+
+
+def outer_factor(n: int, k: int, draws: int, rng: np.random.Generator) -> torch.Tensor:
+    """An n×k Gaussian on the outside of a form, as its Bartlett R when tall: (draws, min(n, k)·, k)."""
+    return bartlett(k, n, draws, rng) if n >= k else gaussian(rng, draws, n, k)
+
+
+def wishart_bidiagonal(N: int, p: int, draws: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Dumitriu & Edelman (2002): the lower bidiagonal B with diagonal χ_N, χ_{N−1}, …, χ_{N−p+1} and
+    subdiagonal χ_{p−1}, …, χ_1 has the singular values of a Gaussian N×p matrix (B Bᵀ: a real Wishart).
+    Returns its diagonal (draws, p) and subdiagonal (draws, p − 1)."""
+    a = np.sqrt(rng.chisquare(np.arange(N, N - p, -1), size=(draws, p)))
+    b = np.sqrt(rng.chisquare(np.arange(p - 1, 0, -1), size=(draws, p - 1)))
+    return a, b
+
+
+def wishart_t(n: int, m: int, draws: int, seed: int) -> np.ndarray:
+    """t = λ_max / median(λ) of WᵀW for Gaussian W (n×m), sorted ascending, exact at any size.
+
+    The eigenvalues of B Bᵀ (``wishart_bidiagonal``, a tridiagonal matrix): the top and middle ones come from
+    LAPACK's bisection (dstebz) to 1e-9 relative.
+    """
+    from scipy.linalg import lapack
+
+    N, p = max(n, m), min(n, m)
+    if p == 1:  # one eigenvalue is its own median
+        return np.ones(draws)
+    a, b = wishart_bidiagonal(N, p, draws, np.random.default_rng(seed))
+    diag = a**2 + np.pad(b**2, ((0, 0), (1, 0)))  # (draws, p) of B Bᵀ
+    off = a[:, :-1] * b  # (draws, p − 1)
+    tol = 1e-9 * (math.sqrt(N) + math.sqrt(p)) ** 2  # absolute, against λ_max ≈ (√N + √p)²
+    lo, hi = (p - 1) // 2 + 1, p // 2 + 1  # 1-based ascending indices of the middle one or two
+    t = np.empty(draws)
+    for i in range(draws):
+        _, top, _, _, info_top = lapack.dstebz(diag[i], off[i], 3, 0.0, 0.0, p, p, tol, b"E")
+        count, mid, _, _, info_mid = lapack.dstebz(diag[i], off[i], 3, 0.0, 0.0, lo, hi, tol, b"E")
+        if info_top or info_mid:
+            raise RuntimeError(f"LAPACK dstebz failed (info {info_top or info_mid}) simulating a {N}×{p} null")
+        t[i] = top[0] / mid[:count].mean()
+    return np.sort(t)
+
+
+def two_factor_spectra(n: int, k: int, m: int, draws: int, seed: int) -> torch.Tensor:
+    """Squared singular values (draws, r), descending, of A G for Gaussian A (n×k) and G (k×m), exact in law.
+
+    With A = U S Vᵀ, σ(A G) = σ(S · VᵀG), and VᵀG is Gaussian again, independent of S: A can be replaced by
+    the p×p Dumitriu–Edelman bidiagonal B (p = min(n, k)) and G by a p×m Gaussian. When p ≤ m, G enters only
+    through the Bartlett R of its transpose's QR (G Gᵀ = Rᵀ R), so the spectrum is that of U Uᵀ with
+    U = R Bᵀ upper triangular, O(p²) to form.
+    """
+    rng = np.random.default_rng(seed)
+    p, r = min(n, k), min(n, k, m)
+    a, b = wishart_bidiagonal(max(n, k), p, draws, rng)  # (draws, p), (draws, p − 1)
+    # small p: batches of draws, so numpy's per-call overhead is shared; large p: one draw at a time
+    chunk = 1 if p > 64 else max(1, 2**22 // (p * max(p, m)))
+    lam = np.empty((draws, r))
+    for lo in range(0, draws, chunk):
+        a_, b_ = a[lo : lo + chunk, None, :], b[lo : lo + chunk, None, :]  # (c, 1, p), (c, 1, p − 1)
+        c = a_.shape[0]
+        if p <= m:
+            R = np.triu(rng.standard_normal((c, p, p)), 1)  # (c, p, p) Bartlett: N(0, 1) above the diagonal
+            R[:, np.arange(p), np.arange(p)] = np.sqrt(rng.chisquare(np.arange(m, m - p, -1), size=(c, p)))
+            U = R * a_  # (c, p, p) = R Bᵀ: column j is a_j R[:, j] + b_{j−1} R[:, j−1]
+            U[..., 1:] += R[..., :-1] * b_
+            lam[lo : lo + c] = np.linalg.eigvalsh(U @ U.swapaxes(-1, -2))[:, ::-1]  # (c, p)
+        else:
+            G = rng.standard_normal((c, p, m))
+            X = G * a_.swapaxes(-1, -2)  # (c, p, m) = B G: row j is a_j G[j] + b_{j−1} G[j−1]
+            X[:, 1:] += G[:, :-1] * b_.swapaxes(-1, -2)
+            lam[lo : lo + c] = np.linalg.eigvalsh(X.swapaxes(-1, -2) @ X)[:, ::-1]  # (c, m)
+    return clamp_numerical_zeros(torch.from_numpy(lam).clamp_min(0))
+
+
+def _product(factors: Sequence[torch.Tensor]) -> torch.Tensor:
+    out = factors[0]
+    for f in factors[1:]:
+        out = out @ f
+    return out
+
+
+def _shared_chain(dims: Sequence[int], side: str, draws: int, rng: np.random.Generator) -> torch.Tensor:
+    """A shared outer chain of Gaussians, its outermost factor reduced to a Bartlett triangle when possible."""
+    pairs = list(itertools.pairwise(dims))
+    if side == "left":
+        first = outer_factor(*pairs[0], draws, rng)  # (draws, ·, k1)
+        return _product([first, *(gaussian(rng, draws, a, b) for a, b in pairs[1:])])
+    last = outer_factor(pairs[-1][1], pairs[-1][0], draws, rng).mT  # (draws, k_last, ·)
+    return _product([*(gaussian(rng, draws, a, b) for a, b in pairs[:-1]), last])
+
+
+def simulate_spectra(structure, ratios: Sequence[float], draws: int, seed: int) -> torch.Tensor:
+    """Spectra (draws, r) of random forms of this structure: every factor an independent standard Gaussian of
+    its shape (a shared outer chain drawn once per draw for all blocks), block c scaled to Frobenius norm
+    ``ratios[c]``."""
+    s = Structure.of(structure)
+    rng = np.random.default_rng(seed)
+    plain = any(len(d) == 2 for d in s.chains)  # a plain matrix inside a sum: simulate every block whole
+    # The blocks' own outermost factors, stacked side by side (one Gaussian), when nothing is shared there.
+    left_side = None if (plain or s.left) else outer_factor(s.n, sum(d[1] for d in s.chains), draws, rng)
+    right_side = None if (plain or s.right) else outer_factor(s.m, sum(d[-2] for d in s.chains), draws, rng)
+    left = _shared_chain(s.left, "left", draws, rng) if s.left else None  # (draws, ·, p)
+    right = _shared_chain(s.right, "right", draws, rng) if s.right else None  # (draws, q, ·)
+    core, col_l, col_r = 0, 0, 0
+    for d, ratio in zip(s.chains, ratios, strict=True):
+        pairs = list(itertools.pairwise(d))
+        if len(pairs) == 1:
+            factors = [gaussian(rng, draws, *pairs[0])]
+        else:
+            if left_side is not None:
+                first = left_side[..., col_l : col_l + d[1]]  # (draws, ·, k1)
+                col_l += d[1]
+            else:
+                first = gaussian(rng, draws, *pairs[0])
+            mids = [gaussian(rng, draws, a, b) for a, b in pairs[1:-1]]
+            if right_side is not None:
+                last = right_side[..., col_r : col_r + d[-2]].mT  # (draws, k_last, ·)
+                col_r += d[-2]
+            else:
+                last = gaussian(rng, draws, *pairs[-1])
+            factors = [first, *mids, last]
+        block = _product(([left] if left is not None else []) + factors + ([right] if right is not None else []))
+        norm = block.square().sum(dim=(-2, -1), keepdim=True).sqrt()
+        core = core + block * (ratio / norm)
+    return clamp_numerical_zeros(squared_singular_values(core)[..., : s.rank_bound])

@@ -1,0 +1,58 @@
+"""One vocabulary: the names of form kinds, kind groups, nulls and attention variants (docs/design.md §1).
+
+Every module spells these names through the constants here, so a row's ``kind``, a diagnosis' ``null`` and a
+run's ``variant`` mean one thing everywhere: in the probes, the monitor, the store, the CLI and the report.
+"""
+
+from __future__ import annotations
+
+# ---- form kinds: the ``kind`` column of every row -------------------------------------------------------------
+QK = "qk"  # an attention head's (or layer's) query–key form B with score(x_i, x_j) = x_iᵀ B x_j
+QK_CONTENT = "qk_content"  # decoupled MLA: the content block of qk
+QK_ROPE = "qk_rope"  # decoupled MLA: the rope block of qk (its key shared by all heads)
+OV = "ov"  # the map x ↦ Wo_h Wv_h x a head writes into the residual stream
+EMBEDDING, MLP_IN, MLP_OUT, ATTN_WEIGHT, WEIGHT = "embedding", "mlp_in", "mlp_out", "attn_weight", "weight"
+
+QK_KINDS = (QK, QK_CONTENT, QK_ROPE)
+ATTENTION_KINDS = (*QK_KINDS, OV)
+MATRIX_KINDS = (EMBEDDING, MLP_IN, MLP_OUT, ATTN_WEIGHT, WEIGHT)  # plain weight matrices, by parameter name
+
+# ---- kind groups: what ``analyze(kinds=…)``, ``--kinds`` and ``Monitor(kinds=…)`` select ---------------------
+KIND_GROUPS: dict[str, tuple[str, ...]] = {
+    "qk": QK_KINDS,
+    "ov": (OV,),
+    "mlp": (MLP_IN, MLP_OUT),
+    "weights": (EMBEDDING, ATTN_WEIGHT, WEIGHT),
+}
+ALL_GROUPS = tuple(KIND_GROUPS)
+
+# ---- nulls -------------------------------------------------------------------------------------------------------
+PRODUCT = "product"  # structure-matched: every factor an independent Gaussian of its shape (the default)
+MP = "mp"  # the naive Marchenko–Pastur fit of papers (σ² = mean λ), for comparison
+TW = "tw"  # a single matrix's MP fit with Johnstone's analytic Tracy–Widom edge
+PERMUTATION = "permutation"  # each (balanced) factor's own entries, permuted: robust to heavy tails
+NULLS = (PRODUCT, MP, TW)
+MONITOR_NULLS = (PRODUCT, MP)  # what a training run records, side by side
+
+# ---- attention variants ---------------------------------------------------------------------------------------
+MHA, GQA, MQA, MLA_PREROPE, MLA_DECOUPLED = "mha", "gqa", "mqa", "mla_prerope", "mla_decoupled"
+ATTENTIONS = (MHA, GQA, MQA, MLA_PREROPE, MLA_DECOUPLED)  # ModelConfig.attention, and the variant of HF forms
+ROPE_INPUT, ROPE_COUPLED = "input", "coupled"
+ROPE_MODES = (ROPE_INPUT, ROPE_COUPLED)  # mla_prerope: rotate the token before compression, or the heads' q, k
+
+# The study's variants: an attention variant with its rope mode. ``variant_of`` maps a model config back.
+MLA_PREROPE_INPUT, MLA_PREROPE_COUPLED = "mla_prerope_input", "mla_prerope_coupled"
+STUDY_VARIANTS: dict[str, dict[str, str]] = {
+    MHA: {"attention": MHA},
+    MLA_PREROPE_INPUT: {"attention": MLA_PREROPE, "rope_mode": ROPE_INPUT},
+    MLA_PREROPE_COUPLED: {"attention": MLA_PREROPE, "rope_mode": ROPE_COUPLED},
+    MLA_DECOUPLED: {"attention": MLA_DECOUPLED},
+}
+REFERENCE_VARIANT = MLA_DECOUPLED  # the variant every other is compared with (the paper's claim iii)
+
+
+def variant_of(attention: str, rope_mode: str | None = None) -> str:
+    """The study variant of a model config: ``mla_prerope`` is split by its rope mode, the rest keep their name."""
+    if attention == MLA_PREROPE:
+        return MLA_PREROPE_COUPLED if rope_mode == ROPE_COUPLED else MLA_PREROPE_INPUT
+    return attention
