@@ -147,13 +147,19 @@ def test_all_equal_or_too_few_distinct_values_gives_nan():
     assert not math.isnan(power_law_fit(torch.tensor([1.0, 2.0, 3.0, 4.0]).repeat(10)).alpha)
 
 
+def same_fit(a, b) -> bool:
+    """The same fit up to float rounding (the same numbers, perhaps summed in another order)."""
+    close = all(getattr(a, k) == pytest.approx(getattr(b, k), rel=1e-12) for k in ("alpha", "xmin", "ks"))
+    return close and a.n_tail == b.n_tail
+
+
 def test_zeros_negatives_order_and_dtype_are_ignored():
     x = torch.from_numpy(_pareto(2.5, 500, seed=0))
     fit = power_law_fit(x)
     zeros, tiny_negatives = torch.zeros(100, dtype=x.dtype), torch.full((5,), -1e-12, dtype=x.dtype)
     padded = torch.cat([zeros, x, tiny_negatives])
-    assert power_law_fit(padded) == fit
-    assert power_law_fit(x[torch.randperm(500, generator=torch.Generator().manual_seed(0))]) == fit
+    assert same_fit(power_law_fit(padded), fit)
+    assert same_fit(power_law_fit(x[torch.randperm(500, generator=torch.Generator().manual_seed(0))]), fit)
     assert power_law_fit(x.float()).alpha == pytest.approx(fit.alpha, rel=1e-5)
     assert isinstance(fit.alpha, float) and isinstance(fit.n_tail, int)
 
@@ -162,4 +168,4 @@ def test_chunking_does_not_change_the_result(monkeypatch):
     x = torch.from_numpy(_spectrum("student_t2_wishart"))
     fit = power_law_fit(x)
     monkeypatch.setattr("rankscope.spectra.tail._CHUNK_ELEMENTS", 7 * x.numel())  # 7 candidates per chunk
-    assert power_law_fit(x) == fit
+    assert same_fit(power_law_fit(x), fit)

@@ -15,7 +15,7 @@ def __getattr__(name: str):
         from rankscope.analysis import analyze
 
         return analyze
-    if name == "Monitor":  # training-time diagnostics (DESIGN §3), on first use
+    if name == "Monitor":  # training-time diagnostics (docs/design.md §3), on first use
         from rankscope.train.monitor import Monitor
 
         return Monitor

@@ -1,7 +1,7 @@
 """``rankscope study``: the three-variant comparison of Jha & Reagen (arXiv 2507.09394), resumable.
 
 Variants: ``mha``, ``mla_prerope_input`` and ``mla_prerope_coupled`` (the two readings of "RoPE before
-compression", DESIGN §4) and ``mla_decoupled``. Every variant runs with the same seeds, hence the same
+compression", docs/design.md §4) and ``mla_decoupled``. Every variant runs with the same seeds, hence the same
 initial RNG stream and the same batches (the batch of a step depends only on seed and step), and with
 parameter budgets matched by the SwiGLU width (``match_budget``). A sweep axis (``lr=5e-4,2e-3``) repeats
 the comparison at each value. Re-running skips finished runs and resumes interrupted ones.

@@ -1,4 +1,4 @@
-"""Causal self-attention with switchable variants (DESIGN §4), each exposing its own query–key and OV chains.
+"""Causal self-attention with switchable variants (docs/design.md §4), each exposing its own query–key and OV chains.
 
 - ``MHA``: multi-head attention and its grouped forms GQA / MQA (LLaMA layout, ``repeat_kv`` grouping).
 - ``MLA``: multi-head latent attention (DeepSeek-V2, arXiv 2405.04434) with either decoupled RoPE
@@ -140,7 +140,7 @@ class MLA(nn.Module):
       small-model "MLA + RoPE"; caches dc (the up-projection cannot be absorbed, but the cache is still c_kv).
     Scale 1/√dh for both prerope modes.
 
-    Latent RMSNorm folding (DESIGN §4): the chains use Dkv·Wdkv/ρkv (and Dq·Wdq/ρq). ``rho_kv``/``rho_q`` are
+    Latent RMSNorm folding (docs/design.md §4): the chains use Dkv·Wdkv/ρkv (and Dq·Wdq/ρq). ``rho_kv``/``rho_q`` are
     non-persistent float64 buffers holding an EMA (momentum 0.99, started at the first batch) of the latents'
     per-token rms √(mean(c²) + eps), updated in ``forward`` while training; NaN = not measured, then the chains
     use the isotropic value ‖W‖_F/√rows.

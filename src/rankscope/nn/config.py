@@ -1,7 +1,7 @@
 """ModelConfig: the frozen configuration of the rankscope decoder, its parameter count and KV-cache size.
 
 The closed forms here (``parameter_count_formula``, ``kv_cache_floats_per_token``) are written from the
-weight shapes of DESIGN §4, independently of the module code, so tests can compare the two.
+weight shapes of docs/design.md §4, independently of the module code, so tests can compare the two.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def _default_d_ff(d_model: int) -> int:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A LLaMA-style decoder with switchable attention (``attention`` ∈ ATTENTIONS, DESIGN §4).
+    """A LLaMA-style decoder with switchable attention (``attention`` ∈ ATTENTIONS, docs/design.md §4).
 
     ``None`` fields are resolved at construction (``head_dim`` → d_model // n_head; ``n_kv_head`` → n_head for
     mha, n_head // 2 for gqa, 1 for mqa, n_head for MLA; ``d_ff`` → the multiple of 32 nearest 8/3·d_model), so
@@ -109,7 +109,7 @@ class ModelConfig:
         return self.qk_rope_dim if self.attention == MLA_DECOUPLED else 0
 
     def kv_cache_floats_per_layer(self) -> int:
-        """Floats cached per token in one layer: 2·H_kv·dh (MHA/GQA/MQA), dc + dr (MLA, DESIGN §4)."""
+        """Floats cached per token in one layer: 2·H_kv·dh (MHA/GQA/MQA), dc + dr (MLA, docs/design.md §4)."""
         if not self.is_mla:
             return 2 * self.n_kv_head * self.head_dim
         return self.kv_lora_rank + self.rope_dim

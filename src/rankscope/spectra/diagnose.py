@@ -1,6 +1,6 @@
 """``diagnose``: one spectrum, its null, its outliers and its rank metrics, as a flat record.
 
-The outlier test (DESIGN.md §5): fit the null's scale to the observed spectrum by its median (robust to
+The outlier test (docs/design.md §5): fit the null's scale to the observed spectrum by its median (robust to
 spikes), put the bulk edge at the null's (1 − fpr) quantile of λ_max, and call every eigenvalue above
 the edge an outlier. Under the null, a spectrum has any outlier with probability ≈ fpr.
 """
@@ -18,7 +18,7 @@ from rankscope.spectra.form import Form, Structure
 from rankscope.spectra.kernels import prepare, spectrum
 from rankscope.spectra.nulls import NaiveMPNull, TracyWidomNull, median, product_null, sum_null
 from rankscope.spectra.tail import power_law_fit
-from rankscope.vocab import MP, NULLS, TW
+from rankscope.vocab import MP, NULLS, PRODUCT, TW
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class Diagnosis:
     n: int  # rows of the form
     m: int  # columns of the form
     rank: int  # structural rank r: the length of the spectrum
-    null: str  # "product" (structure-matched), "mp" (naive mean fit) or "tw" (analytic Tracy–Widom edge)
+    null: str  # vocab.NULLS: product (structure-matched), mp (naive mean fit), tw (analytic Tracy–Widom edge)
     fpr: float  # false-positive rate of the outlier test
     lambda_max: float
     scale: float  # fitted null's mean eigenvalue (σ² of an MP law)
@@ -169,7 +169,7 @@ def diagnose_nulls(form, nulls: tuple[str, ...], *, fpr: float = 0.01, name: str
     return _diagnose_form(form, tuple(nulls), fpr, draws, name)
 
 
-def diagnose_batch(form, *, null: str = "product", fpr: float = 0.01, name: str = "form",
+def diagnose_batch(form, *, null: str = PRODUCT, fpr: float = 0.01, name: str = "form",
                    draws: int | None = None) -> list[Diagnosis]:
     """Diagnoses of a batch of forms of one shape: factors carry a leading batch axis (e.g. heads).
 
@@ -178,7 +178,7 @@ def diagnose_batch(form, *, null: str = "product", fpr: float = 0.01, name: str 
     return diagnose_nulls(form, (null,), fpr=fpr, name=name, batched=True, draws=draws)[null]
 
 
-def diagnose(form, *, null: str = "product", fpr: float = 0.01, name: str = "form",
+def diagnose(form, *, null: str = PRODUCT, fpr: float = 0.01, name: str = "form",
              draws: int | None = None) -> Diagnosis:
     """Diagnosis of a matrix W, a chain [A, C] (= A @ C) or a sum of chains [[A1, C1], [A2, C2]].
 

@@ -74,7 +74,7 @@ def two_factor(form: Form) -> tuple[torch.Tensor, torch.Tensor]:
     factors allow: (…, n', K), (…, K, m'). Spectrum and block norms are those of B."""
     form = reduced(form)
     parts = [split_at_bottleneck(c) for c in form.chains]
-    # numpy's broadcast_shapes: torch's imports sympy on first use (0.3 s of a CLI start)
+    # numpy's broadcast_shapes: torch's imports sympy on first use, a noticeable part of a CLI start
     batch = np.broadcast_shapes(*(tuple(p.shape[:-2]) for xy in parts for p in xy))
     X = torch.cat([xy[0].expand(*batch, *xy[0].shape[-2:]) for xy in parts], dim=-1)  # (…, p, K)
     Y = torch.cat([xy[1].expand(*batch, *xy[1].shape[-2:]) for xy in parts], dim=-2)  # (…, K, q)

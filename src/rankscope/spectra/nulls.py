@@ -212,7 +212,7 @@ def product_null(structure, ratios: Sequence[float] | None = None, draws: int | 
     ratios = tuple(ratios) if ratios is not None else (1.0,) * len(s.chains)
     draws = draws or budget.default_draws(s)
     shape = s.as_dict()
-    arrays = CACHE.get(key("product", shape, ratios, draws), lambda: _simulate(s, ratios, draws, seed(shape, draws)))
+    arrays = CACHE.get(key(PRODUCT, shape, ratios, draws), lambda: _simulate(s, ratios, draws, seed(shape, draws)))
     return ProductNull(t=arrays["t"], ratio_quantiles=arrays["ratio_quantiles"],
                        mean_ratio=float(arrays["mean_ratio"]), fitted=budget.fitted(s))
 

@@ -80,7 +80,7 @@ def _scan(x: torch.Tensor, candidates: torch.Tensor) -> tuple[torch.Tensor, torc
     N = x.numel()
     below = torch.searchsorted(x, x).to(torch.float64)  # (N,) number of values < x_j
     start = torch.searchsorted(x, candidates)  # (C,) number of values < xmin
-    # (C,) results, written in place: small per-chunk tensors kept in a list fragmented the heap (~1 GB RSS)
+    # (C,) results, written in place: small per-chunk tensors kept in a list fragment the heap
     alpha_out = torch.empty_like(candidates)
     dist_out = torch.empty_like(candidates)
     chunk = max(1, _CHUNK_ELEMENTS // N)

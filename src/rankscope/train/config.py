@@ -77,11 +77,11 @@ class RunConfig:
 
 
 PRESETS: dict[str, dict] = {
-    # Under a minute on 2 cores, tokenizer included: a plumbing check, not a study.
+    # A plumbing check, not a study: 2 layers, 100 steps (README, "Two commands", for its time).
     "smoke": dict(vocab_size=512, n_layer=2, d_model=64, n_head=4, kv_lora_rank=32, qk_rope_dim=8, max_seq_len=64,
                   max_bytes=2_000_000, batch_size=8, steps=100, lr=2e-3, min_lr=2e-4, warmup_steps=10, eval_every=50,
                   eval_batches=4, ckpt_every=50, monitor_every=25, repr_every=50),
-    # The CPU-scale study: about 5 minutes per run on 2 cores (4 layers, d=128, 4 heads of 32).
+    # The CPU-scale study: 4 layers, d=128, 4 heads of 32, 1200 steps (README, "Results", for its time).
     "cpu": dict(vocab_size=1024, n_layer=4, d_model=128, n_head=4, kv_lora_rank=64, qk_rope_dim=16, max_seq_len=128,
                 max_bytes=12_000_000, batch_size=16, steps=1200, lr=2e-3, min_lr=2e-4, warmup_steps=100,
                 eval_every=100, eval_batches=8, ckpt_every=200, monitor_every=50, repr_every=100),
