@@ -12,13 +12,26 @@ import rankscope as rs
 from rankscope.spectra.tail import MIN_EIGENVALUES
 
 ALLOWED_NAN = {"pl_alpha", "pl_xmin"}
+# NaN by definition, each in its documented case (checked below)
+SPIKE_NAN = {"spikes", "bulk_stat", "bulk_threshold", "erank_vs_null", "spikes_gap", "excess_kurtosis"}
 
 
 def check_well_defined(d: rs.Diagnosis):
     row = d.as_dict()
     for k, v in row.items():
         if isinstance(v, float) and math.isnan(v):
-            assert k in ALLOWED_NAN, f"{k} is NaN"
+            assert k in ALLOWED_NAN | SPIKE_NAN, f"{k} is NaN"
+    # spikes is a count exactly where the bulk check passed (or the form is zero); else NaN, never a silent number
+    if d.bulk_fits is True:
+        assert d.spikes == int(d.spikes) and 0 <= d.spikes < d.rank
+    elif d.lambda_max > 0:
+        assert math.isnan(d.spikes)
+    if d.bulk_fits is None and d.lambda_max > 0:  # not tested: a spectrum too small to hold a bulk
+        assert d.rank <= 4 and math.isnan(d.bulk_stat)
+    assert math.isnan(d.spikes_gap) == (d.rank < 10)
+    # NaN kurtosis only for a constant factor (a zero matrix, a single entry)
+    assert len(d.factor_kurtosis) >= 1
+    assert math.isnan(d.excess_kurtosis) == all(math.isnan(k) for k in d.factor_kurtosis)
     positive = d.eigenvalues[d.eigenvalues > 0]
     if positive.numel() >= MIN_EIGENVALUES and torch.unique(positive).numel() >= MIN_EIGENVALUES:
         assert not math.isnan(d.pl_alpha)

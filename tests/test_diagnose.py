@@ -107,7 +107,8 @@ def test_diagnosis_has_every_design_field_and_a_flat_row():
     assert set(DESIGN_FIELDS) <= names
     row = d.as_dict()
     assert "eigenvalues" not in row and set(DESIGN_FIELDS) - {"eigenvalues"} <= set(row)
-    assert all(isinstance(v, int | float | str) for v in row.values())
+    assert all(isinstance(v, int | float | str) for k, v in row.items() if k != "bulk_fits")
+    assert isinstance(row["bulk_fits"], bool) and len(d.factor_kurtosis) == 1
     assert row["n"] == 40 and row["m"] == 30 and row["rank"] == 30
 
 

@@ -237,10 +237,10 @@ def test_the_memory_cache_is_bounded_and_keeps_the_most_recently_used(tmp_path, 
         return lambda: made.append(i) or {"t": np.array([float(i)])}
 
     for i in range(5):
-        cache.get(nullcache.key("test", {"i": i}, (), 1), make(i))
+        cache.get(nullcache.key("test", (i,), (), 1), make(i))
     assert len(cache) == 3
-    cache.get(nullcache.key("test", {"i": 4}, (), 1), make(99))  # in memory: not made again
+    cache.get(nullcache.key("test", (4,), (), 1), make(99))  # in memory: not made again
     for path in tmp_path.glob("*.npz"):
         path.unlink()  # only the memory holds them now
-    cache.get(nullcache.key("test", {"i": 0}, (), 1), make(100))  # evicted first: made again
+    cache.get(nullcache.key("test", (0,), (), 1), make(100))  # evicted first: made again
     assert made == [0, 1, 2, 3, 4, 100]

@@ -31,7 +31,7 @@ PRODUCT = "product"  # structure-matched: every factor an independent Gaussian o
 MP = "mp"  # the naive Marchenko–Pastur fit of papers (σ² = mean λ), for comparison
 TW = "tw"  # a single matrix's MP fit with Johnstone's analytic Tracy–Widom edge
 PERMUTATION = "permutation"  # each (balanced) factor's own entries, permuted: robust to heavy tails
-NULLS = (PRODUCT, MP, TW)
+NULLS = (PRODUCT, MP, TW, PERMUTATION)
 MONITOR_NULLS = (PRODUCT, MP)  # what a training run records, side by side
 
 # ---- attention variants ---------------------------------------------------------------------------------------

@@ -38,11 +38,11 @@ def fitted(structure) -> bool:
 
 def seconds_per_draw(structure) -> float:
     """A rough cost model of one simulated spectrum on one core (coefficients from benchmarks/spectra.py):
-    O(p) bisection for a matrix, one p-wide eigensolve for a two-factor chain, products and a K-wide core
-    eigensolve for anything else."""
+    a p-wide tridiagonal eigensolve for a matrix, one p-wide eigensolve for a two-factor chain, products and a
+    K-wide core eigensolve for anything else."""
     s = Structure.of(structure)
     if s.is_matrix:
-        return 7.5e-7 * min(s.chains[0])
+        return 2e-5 + 1.3e-8 * min(s.chains[0]) ** 2
     if s.is_chain and len(s.chains[0]) == 3:
         n, k, m = s.chains[0]
         p = min(n, k)

@@ -1,8 +1,17 @@
-"""``diagnose``: one spectrum, its null, its outliers and its rank metrics, as a flat record.
+"""``diagnose``: one spectrum, its null, its outliers, spikes and rank metrics, as a flat record.
 
-The outlier test (docs/design.md §5): fit the null's scale to the observed spectrum by its median (robust to
-spikes), put the bulk edge at the null's (1 − fpr) quantile of λ_max, and call every eigenvalue above
-the edge an outlier. Under the null, a spectrum has any outlier with probability ≈ fpr.
+Two counts of what stands above the noise (docs/design.md §5):
+
+- ``outliers``: eigenvalues above the bulk edge of the null fitted to the *whole* spectrum by its median. Under the
+  null a spectrum has any outlier with probability ≈ fpr. On a trained matrix the median moves up with the
+  signal (masking) and a smoothly decaying bulk crosses the edge without any spike, so ``outliers`` says "not
+  noise", not "how many spikes".
+- ``spikes``: the sequential count against deflated nulls with a scale fitted to the lower quantiles, reported
+  only where the bulk left after the spikes fits the null's shape (``sequential``); NaN otherwise. Defined for the
+  structure-matched null; rows of the other nulls carry NaN.
+
+``spikes_gap`` (Onatski's gap count) and the factors' excess kurtosis do not depend on the null. The false-positive
+rates hold for Gaussian-like entries; ``null="permutation"`` is the check against heavy tails.
 """
 
 from __future__ import annotations
@@ -12,13 +21,18 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+import math
+
 from rankscope.errors import InputError
-from rankscope.spectra import budget, metrics
+from rankscope.spectra import budget, metrics, permutation
 from rankscope.spectra.form import Form, Structure
 from rankscope.spectra.kernels import prepare, spectrum
-from rankscope.spectra.nulls import NaiveMPNull, TracyWidomNull, median, product_null, sum_null
+from rankscope.spectra.nulls import QUANTILE_POINTS, NaiveMPNull, TracyWidomNull, median, product_null, sum_null
+from rankscope.spectra.nullcache import seed as shape_seed
+from rankscope.spectra.sequential import SpikeCount, count_spikes
+from rankscope.spectra.spikes import onatski_count
 from rankscope.spectra.tail import power_law_fit
-from rankscope.vocab import MP, NULLS, PRODUCT, TW
+from rankscope.vocab import MP, NULLS, PERMUTATION, PRODUCT, TW
 
 
 @dataclass(frozen=True)
@@ -29,12 +43,17 @@ class Diagnosis:
     n: int  # rows of the form
     m: int  # columns of the form
     rank: int  # structural rank r: the length of the spectrum
-    null: str  # vocab.NULLS: product (structure-matched), mp (naive mean fit), tw (analytic Tracy–Widom edge)
+    null: str  # vocab.NULLS: product (structure-matched), mp (naive mean fit), tw (Tracy–Widom edge), permutation
     fpr: float  # false-positive rate of the outlier test
     lambda_max: float
     scale: float  # fitted null's mean eigenvalue (σ² of an MP law)
     bulk_edge: float  # eigenvalues above it are outliers
-    outliers: int
+    outliers: int  # eigenvalues above the whole-spectrum null's edge: "not noise"
+    spikes: float  # eigenvalues above this spectrum's own noise bulk (sequential); NaN where the bulk does not fit
+    bulk_fits: bool | None  # the bulk left after the spikes fits the null's shape (None: not tested)
+    bulk_stat: float  # Anderson–Darling A² of that bulk against the deflated null
+    bulk_threshold: float  # A²'s (1 − fpr) quantile on pure noise of the same structure
+    spikes_gap: float  # Onatski's (2010) gap count, a cross-check (NaN below 10 eigenvalues)
     outlier_energy: float  # Σ outlier λ / Σ λ
     spike_strength: float  # λ_max / bulk_edge (inf when the median, hence the bulk, is zero: low rank)
     mp_soft_rank: float  # bulk_edge / λ_max
@@ -45,11 +64,14 @@ class Diagnosis:
     ks: float  # KS distance between the bulk's empirical CDF and the fitted null
     pl_alpha: float  # power-law tail exponent (NaN below 10 positive or 4 distinct eigenvalues)
     pl_xmin: float  # where the power-law tail starts
+    erank_vs_null: float  # effective rank / the structure-matched null's mean effective rank (1 = noise-like)
+    excess_kurtosis: float  # the largest excess kurtosis of a factor's entries (0 for Gaussian entries)
+    factor_kurtosis: tuple[float, ...] = field(default=(), repr=False)  # each factor's, in factor order (not a row)
     null_quantiles: np.ndarray | None = field(default=None, repr=False, compare=False)  # fitted null's λ quantiles
 
     def as_dict(self) -> dict:
-        """Flat dict of every field but the eigenvalues: one row of the store."""
-        return {k: v for k, v in self.__dict__.items() if k not in ("eigenvalues", "null_quantiles")}
+        """Flat dict of every scalar field (not the eigenvalues, null quantiles or per-factor kurtosis): a row."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("eigenvalues", "null_quantiles", "factor_kurtosis")}
 
 
 def _null_for(s: Structure, null: str, fpr: float, draws: int | None, norms: list[float] | None = None):
@@ -76,7 +98,7 @@ def _ks(bulk_ratio: np.ndarray, null) -> float:
 
 
 def _diagnose_spectra(lam: torch.Tensor, n: int, m: int, null_objs: list, null: str, fpr: float,
-                      shared: tuple[dict, list]) -> list[Diagnosis]:
+                      shared: tuple[dict, list, list], counts: list[SpikeCount]) -> list[Diagnosis]:
     """Diagnoses of a batch of spectra (B, r), each with its null; ``shared`` holds the null-free metrics."""
     ref = median(lam) if null_objs[0].reference == "median" else lam.mean(-1)  # (B,)
     unique = {id(x): x for x in null_objs}  # heads of one shape share one null: compute its edge once
@@ -84,7 +106,7 @@ def _diagnose_spectra(lam: torch.Tensor, n: int, m: int, null_objs: list, null: 
     mean_of = {k: x.mean_ratio for k, x in unique.items()}
     edge = ref * torch.tensor([edge_of[id(x)] for x in null_objs], dtype=torch.float64)  # (B,)
     scale = ref * torch.tensor([mean_of[id(x)] for x in null_objs], dtype=torch.float64)
-    rank_cols, tails = shared
+    rank_cols, tails, per_spectrum = shared
     cols = {
         "outliers": metrics.outlier_count(lam, edge),
         "outlier_energy": metrics.outlier_energy(lam, edge),
@@ -98,24 +120,55 @@ def _diagnose_spectra(lam: torch.Tensor, n: int, m: int, null_objs: list, null: 
         r0 = float(ref[b])
         bulk = ev[ev <= edge[b]].numpy()
         ks = _ks(bulk / r0, null_objs[b]) if r0 > 0 else 0.0
+        c = counts[b]
         out.append(Diagnosis(
             eigenvalues=ev, n=n, m=m, rank=ev.numel(), null=null, fpr=fpr,
             lambda_max=float(ev[0]), scale=float(scale[b]), bulk_edge=float(edge[b]),
             **{k: (int(v[b]) if k == "outliers" else float(v[b])) for k, v in cols.items()},
-            ks=ks, pl_alpha=tails[b].alpha, pl_xmin=tails[b].xmin, null_quantiles=r0 * null_objs[b].ratio_quantiles,
+            spikes=c.spikes, bulk_fits=c.bulk_fits, bulk_stat=c.bulk_stat, bulk_threshold=c.bulk_threshold,
+            erank_vs_null=c.erank_vs_null, ks=ks, pl_alpha=tails[b].alpha, pl_xmin=tails[b].xmin,
+            null_quantiles=r0 * null_objs[b].ratio_quantiles, **per_spectrum[b],
         ))
     return out
 
 
-def _shared_metrics(lam: torch.Tensor) -> tuple[dict, list]:
-    """The metrics that do not depend on the null: rank measures and the power-law tail, per spectrum."""
+def excess_kurtosis(form: Form, batch: int) -> np.ndarray:
+    """(batch, factors): E[(x − μ)⁴] / σ⁴ − 3 over each factor's entries (NaN for a constant factor)."""
+    out = []
+    for f in form.factor_list:
+        x = f.reshape(f.shape[0] if f.ndim == 3 else 1, -1)  # (B or 1, entries), float64 already
+        mean = x.mean(dim=1, keepdim=True)
+        m2 = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+        m4 = torch.zeros_like(m2)
+        step = max(1, 2**20 // x.shape[0])  # in column chunks: a large matrix is not copied whole
+        for lo in range(0, x.shape[1], step):
+            c2 = (x[:, lo:lo + step] - mean).square_()
+            m2 += c2.sum(dim=1)
+            m4 += c2.square_().sum(dim=1)
+        m2, m4 = m2 / x.shape[1], m4 / x.shape[1]
+        k = torch.where(m2 > 0, m4 / torch.where(m2 > 0, m2, 1.0).square() - 3, torch.full_like(m2, math.nan))
+        out.append(k.cpu().expand(batch))
+    return torch.stack(out, dim=1).numpy()
+
+
+def _shared_metrics(lam: torch.Tensor, form: Form) -> tuple[dict, list, list]:
+    """The metrics that do not depend on the null: rank measures, the power-law tail, Onatski's gap count and the
+    factors' kurtosis, per spectrum."""
     cols = {
         "stable_rank": metrics.stable_rank(lam),
         "effective_rank": metrics.effective_rank(lam),
         "participation_ratio": metrics.participation_ratio(lam),
         "spectral_entropy": metrics.spectral_entropy(lam),
     }
-    return cols, [power_law_fit(lam[b]) for b in range(lam.shape[0])]
+    kurt = excess_kurtosis(form, lam.shape[0])  # (B, F)
+    lam_np = lam.numpy()
+    per = [{"spikes_gap": onatski_count(lam_np[b]), "factor_kurtosis": tuple(float(v) for v in kurt[b]),
+            "excess_kurtosis": float(np.nanmax(kurt[b])) if np.isfinite(kurt[b]).any() else math.nan}
+           for b in range(lam.shape[0])]
+    return cols, [power_law_fit(lam[b]) for b in range(lam.shape[0])], per
+
+
+_NOT_COUNTED = SpikeCount(math.nan, None, math.nan, math.nan, math.nan)
 
 
 def _check_options(null: str, fpr: float, draws: int | None) -> None:
@@ -143,15 +196,24 @@ def _diagnose_form(form: Form, nulls: tuple[str, ...], fpr: float, draws: int | 
     if not torch.isfinite(lam).all():
         raise overflow
     lam = lam.to("cpu")
-    shared = _shared_metrics(lam)
+    B = lam.shape[0]
+    shared = _shared_metrics(lam, form)
+    norms = form.block_norms().to("cpu").expand(B, len(s.chains)) if len(s.chains) > 1 else None  # (B, C)
     out = {}
     for null in nulls:
-        if len(s.chains) == 1 or null == MP:
-            null_objs = [_null_for(s, null, fpr, draws)] * lam.shape[0]
+        counts = [_NOT_COUNTED] * B
+        if null == PERMUTATION:
+            n_draws = draws or permutation.default_draws(fpr)
+            null_objs = [permutation.permutation_null(form[b], n_draws, shape_seed(s, b), QUANTILE_POINTS)
+                         for b in range(B)]
+        elif norms is None or null == MP:
+            null_objs = [_null_for(s, null, fpr, draws)] * B
         else:  # a sum of chains: the null depends on each spectrum's block-norm ratios
-            norms = form.block_norms().to("cpu").expand(lam.shape[0], len(s.chains))  # (B, C)
             null_objs = [_null_for(s, null, fpr, draws, row.tolist()) for row in norms]
-        out[null] = _diagnose_spectra(lam, n, m, null_objs, null, fpr, shared)
+        if null == PRODUCT:
+            counts = count_spikes(lam.numpy(), s, None if norms is None else norms.numpy(), fpr, draws,
+                                  shared[0]["effective_rank"].numpy())
+        out[null] = _diagnose_spectra(lam, n, m, null_objs, null, fpr, shared, counts)
     return out
 
 
@@ -184,6 +246,7 @@ def diagnose(form, *, null: str = PRODUCT, fpr: float = 0.01, name: str = "form"
 
     ``null="product"`` (default): the structure-matched null (for a single matrix the MP law, with the
     exact finite-size law of λ_max/median). ``null="mp"``: the naive MP fit of papers (σ² = mean λ).
-    ``null="tw"``: a single matrix's MP fit with Johnstone's Tracy–Widom edge.
+    ``null="tw"``: a single matrix's MP fit with Johnstone's Tracy–Widom edge. ``null="permutation"``: each
+    (balanced) factor's entries shuffled, drawn for this form (robust to heavy-tailed entries).
     """
     return diagnose_nulls(form, (null,), fpr=fpr, name=name, draws=draws)[null][0]

@@ -73,6 +73,29 @@ class Structure:
             return min(self.chains[0])
         return min(self.n, self.m, *self.left, *self.right, sum(min(d) for d in self.chains))
 
+    def deflated(self, k: int) -> Structure:
+        """The structure of what is left when k spikes are taken out: rank bound k less (the null of the k-th step of
+        the sequential spike count, Kritchman & Nadler 2008).
+
+        Every outer dimension, and every dimension of a shared outer chain, loses k (a spike takes one direction of
+        each space it passes through). The inner dimensions of the chains of a sum lose their share of k, split in
+        proportion to each chain's narrowest inner dimension (largest remainders first)."""
+        if k == 0:
+            return self
+        if not 0 < k < self.rank_bound:
+            raise InputError(f"cannot deflate a form of rank {self.rank_bound} by {k}")
+        if self.is_chain:
+            return Structure((tuple(d - k for d in self.chains[0]),))
+        widths = [min(d[1:-1]) if len(d) > 2 else 0 for d in self.chains]
+        shares = _split(k, widths)
+        chains = []
+        for d, share in zip(self.chains, shares, strict=True):
+            inner = tuple(x - share for x in d[1:-1])
+            chains.append((d[0] - k, *inner, d[-1] - k))
+        left = tuple(x - k for x in self.left)
+        right = tuple(x - k for x in self.right)
+        return Structure(tuple(chains), left, right)
+
     def as_dict(self) -> dict:
         return {"chains": [list(d) for d in self.chains], "left": list(self.left), "right": list(self.right)}
 
@@ -84,6 +107,25 @@ class Structure:
         left = "·".join(map(str, self.left[:-1])) + "·" if self.left else ""
         right = "·" + "·".join(map(str, self.right[1:])) if self.right else ""
         return f"{left}({inner}){right}"
+
+
+def _split(k: int, widths: Sequence[int]) -> list[int]:
+    """k split into integer shares proportional to ``widths`` (largest remainders first), each below its width."""
+    total = sum(widths)
+    if total <= 0:
+        return [0] * len(widths)
+    exact = [k * w / total for w in widths]
+    shares = [min(int(e), max(w - 1, 0)) for e, w in zip(exact, widths, strict=True)]
+    order = sorted(range(len(widths)), key=lambda i: exact[i] - int(exact[i]), reverse=True)
+    while sum(shares) < k:
+        progressed = False
+        for i in order:
+            if sum(shares) < k and shares[i] < widths[i] - 1:
+                shares[i] += 1
+                progressed = True
+        if not progressed:
+            break
+    return shares
 
 
 # ---------------------------------------------------------------------------------------------- forms

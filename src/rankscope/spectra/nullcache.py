@@ -22,7 +22,7 @@ VERSION = 4
 MEMORY_ENTRIES = 512  # nulls kept in memory (a few kB each); the least recently used go first
 
 # The simulation code itself is part of the key.
-_SOURCES = ("form.py", "kernels.py", "sampling.py", "nulls.py")
+_SOURCES = ("form.py", "kernels.py", "sampling.py", "spikes.py", "nulls.py")
 _CODE_HASH = hashlib.sha256(b"".join(Path(__file__).with_name(f).read_bytes() for f in _SOURCES)).hexdigest()[:16]
 
 
@@ -36,16 +36,22 @@ def cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir("rankscope")) / "nulls"
 
 
-def key(kind: str, structure: dict, ratios, draws: int) -> str:
-    """The cache key (a JSON string) of one null."""
-    payload = {"v": VERSION, "code": _CODE_HASH, "kind": kind, "structure": structure,
-               "ratios": [round(x, 8) for x in ratios], "draws": draws}
-    return json.dumps(payload, sort_keys=True)
+def key(kind: str, structure, ratios, draws: int) -> tuple:
+    """The cache key of one null: a hashable tuple (its JSON names the file on disk)."""
+    return (kind, structure, tuple(round(float(x), 8) for x in ratios), int(draws))
 
 
-def seed(structure: dict, draws: int) -> int:
+def _text(key: tuple) -> str:
+    kind, structure, ratios, draws = key
+    shape = structure.as_dict() if hasattr(structure, "as_dict") else structure
+    return json.dumps({"v": VERSION, "code": _CODE_HASH, "kind": kind, "structure": shape, "ratios": list(ratios),
+                       "draws": draws}, sort_keys=True)
+
+
+def seed(structure, draws: int) -> int:
     """One seed per shape, whatever the ratios (common random numbers across the ratio grid) or the code."""
-    payload = json.dumps({"structure": structure, "draws": draws}, sort_keys=True)
+    shape = structure.as_dict() if hasattr(structure, "as_dict") else structure
+    payload = json.dumps({"structure": shape, "draws": draws}, sort_keys=True)
     return int(hashlib.sha256(payload.encode()).hexdigest()[:8], 16)
 
 
@@ -54,7 +60,7 @@ class NullCache:
 
     def __init__(self, entries: int = MEMORY_ENTRIES):
         self.entries = entries
-        self._memory: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
+        self._memory: OrderedDict[tuple, dict[str, np.ndarray]] = OrderedDict()
 
     def clear(self) -> None:
         self._memory.clear()
@@ -62,15 +68,16 @@ class NullCache:
     def __len__(self) -> int:
         return len(self._memory)
 
-    def get(self, key: str, make: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    def get(self, key: tuple, make: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         if key in self._memory:
             self._memory.move_to_end(key)
             return self._memory[key]
-        path = cache_dir() / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.npz"
-        arrays = _load(path, key)
+        text = _text(key)
+        path = cache_dir() / f"{hashlib.sha256(text.encode()).hexdigest()[:32]}.npz"
+        arrays = _load(path, text)
         if arrays is None:
             arrays = make()
-            _save(path, key, arrays)
+            _save(path, text, arrays)
         for a in arrays.values():
             a.flags.writeable = False
         self._memory[key] = arrays

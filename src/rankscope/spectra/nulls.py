@@ -5,7 +5,7 @@ fit, the mean) of the same spectrum. Fitting a null to an observed spectrum is t
 ``edge = ref(λ_obs) × edge_ratio(fpr)``, with no variance to estimate separately.
 
 - ``product_null`` of a single n×m matrix: the MP law (median matching, σ² = median(λ)/median MP(q, 1)) with
-  the edge at the exact finite-size (1 − fpr) quantile of t = λ_max/median (``sampling.wishart_t``). The
+  the edge at the exact finite-size (1 − fpr) quantile of t = λ_max/median (``sampling.wishart_spectra``). The
   median's own noise is part of t, so the false-positive rate holds even for small matrices.
 - ``TracyWidomNull``: the same MP fit with Johnstone's Tracy–Widom edge (analytic; over-flags on small
   matrices because it ignores the median's noise).
@@ -15,6 +15,11 @@ fit, the mean) of the same spectrum. Fitting a null to an observed spectrum is t
   Gaussian of its shape (a shared outer chain drawn once), each block of a sum gets the observed block's
   Frobenius norm, and the edge is the (1 − fpr) quantile of ``t = λ_max / median(λ)`` over the draws, counted or
   by a Tracy–Widom fit (``budget``).
+
+Every simulated null also keeps what the spike count needs (``spikes``): the law of the sequential statistic
+x_max / σ̂ and of the bulk's Anderson–Darling distance, both with the BEMA-fitted scale σ̂. The k-th step of the
+count reads the null of the form deflated by k (``spike_null``): exactly for ranks below ``FIT_MIN_RANK``, and
+above it from a grid of deflations, interpolated (a 768-wide layer form costs seconds a null).
 
 Sums of chains are simulated on a 0.1-decade grid of block-norm ratios and interpolated (``InterpolatedNull``).
 Simulated nulls are cached (``nullcache``).
@@ -32,16 +37,19 @@ import numpy as np
 import torch
 
 from rankscope.errors import InputError
-from rankscope.spectra import budget
+from rankscope.spectra import budget, metrics
 from rankscope.spectra.form import Structure
 from rankscope.spectra.laws import mp_cdf, mp_edges, mp_median, mp_quantile, mp_tracy_widom_edge, tracy_widom1_quantile
 from rankscope.spectra.nullcache import CACHE, key, seed
-from rankscope.spectra.sampling import simulate_spectra, two_factor_spectra, wishart_t
+from rankscope.spectra.sampling import simulate_spectra, two_factor_spectra, wishart_spectra
+from rankscope.spectra.spikes import anderson_darling, max_spikes, sequential_statistic
 from rankscope.vocab import MP, PRODUCT, TW
 
 TW1_MEAN, TW1_SD = -1.2065335745820, math.sqrt(1.6077810345810)  # GOE Tracy–Widom (Bornemann 2010, table 4)
 RATIO_GRID = 0.1  # block-norm ratios are rounded to this step in log10
-QUANTILE_POINTS = 1025  # resolution of the stored λ/median distribution (for the KS distance)
+QUANTILE_POINTS = 1025  # resolution of the stored λ/median distribution (KS distance, bulk scale and fit)
+PROBS = np.linspace(0, 1, QUANTILE_POINTS)
+DEFLATION_STEP = 1.25  # from rank FIT_MIN_RANK on, deflations are simulated at k = 0..3 and then every 25 %
 
 
 def median(lam: torch.Tensor) -> torch.Tensor:
@@ -108,7 +116,7 @@ class NaiveMPNull:
 @lru_cache(maxsize=1024)
 def _mp_quantiles(q: float) -> np.ndarray:
     """QUANTILE_POINTS quantiles of MP(q, 1), computed once per aspect ratio (a training run repeats shapes)."""
-    out = mp_quantile(np.linspace(0, 1, QUANTILE_POINTS), q)
+    out = mp_quantile(PROBS, q)
     out.flags.writeable = False
     return out
 
@@ -122,32 +130,58 @@ def tracy_widom_fit_quantile(t: np.ndarray, prob: float) -> float:
     return float(np.mean(t)) + b * (tracy_widom1_quantile(prob) - TW1_MEAN)
 
 
+def upper_quantile(samples: np.ndarray, fpr: float, fitted: bool) -> float:
+    """The (1 − fpr) quantile of a statistic's null draws: by the Tracy–Widom fit (at least ``MIN_DRAWS`` draws),
+    or the empirical quantile (at least ``MIN_EXCEEDANCES`` draws above it)."""
+    needed = budget.MIN_DRAWS if fitted else math.ceil(budget.MIN_EXCEEDANCES / fpr)
+    if samples.size < needed:
+        how = "Tracy–Widom fit" if fitted else "empirical quantile"
+        raise InputError(f"{samples.size} null draws are too few to place the edge at fpr={fpr} by the {how}: "
+                         f"at least {needed}")
+    if fitted:
+        return tracy_widom_fit_quantile(samples, 1 - fpr)
+    return float(np.quantile(samples, 1 - fpr))
+
+
+def lognormal_quantile(samples: np.ndarray, prob: float) -> float:
+    """The prob-quantile of a log-normal fitted to positive draws (their log's mean and standard deviation)."""
+    from scipy.stats import norm
+
+    logs = np.log(np.maximum(samples, np.finfo(np.float64).tiny))
+    return float(np.exp(logs.mean() + logs.std(ddof=1) * norm.ppf(prob)))
+
+
 @dataclass(frozen=True)
 class ProductNull:
-    """Simulated null of a form: sorted t = λ_max/median per draw and the pooled law of λ/median."""
+    """Simulated null of a form: per draw t = λ_max/median, the sequential statistic and the bulk's distance, and
+    the pooled law of λ/median."""
 
     t: np.ndarray  # (draws,) sorted ascending
     ratio_quantiles: np.ndarray  # (QUANTILE_POINTS,) quantiles of λ/median, pooled over draws
     mean_ratio: float  # E[λ / median]
-    fitted: bool = False  # the edge from the Tracy–Widom fit of t (rank ≥ FIT_MIN_RANK), else t's quantile
+    fitted: bool = False  # edges from the Tracy–Widom fit (rank ≥ FIT_MIN_RANK), else counted quantiles
+    t_seq: np.ndarray | None = None  # (draws,) sorted: λ_max / σ̂ with the bulk scale (spikes.bulk_scale)
+    gof: np.ndarray | None = None  # (draws,) sorted: Anderson–Darling A² of the draw's spectrum against the null
+    erank: float = math.nan  # the null's mean effective rank
     name: str = PRODUCT
     reference: str = "median"
 
     def edge_ratio(self, fpr: float) -> float:
-        """The (1 − fpr) quantile of t: by the Tracy–Widom fit (at least ``MIN_DRAWS`` draws), or the empirical
-        quantile (at least ``MIN_EXCEEDANCES`` draws above it)."""
-        needed = budget.MIN_DRAWS if self.fitted else math.ceil(budget.MIN_EXCEEDANCES / fpr)
-        if self.t.size < needed:
-            how = "Tracy–Widom fit" if self.fitted else "empirical quantile"
-            raise InputError(f"{self.t.size} null draws are too few to place the edge at fpr={fpr} by the {how}: "
-                             f"at least {needed}")
-        if self.fitted:
-            return tracy_widom_fit_quantile(self.t, 1 - fpr)
-        return float(np.quantile(self.t, 1 - fpr))
+        """The (1 − fpr) quantile of t = λ_max/median (the ``outliers`` test)."""
+        return upper_quantile(self.t, fpr, self.fitted)
+
+    def seq_edge(self, fpr: float) -> float:
+        """The (1 − fpr) quantile of λ_max / σ̂ (one step of the sequential spike count)."""
+        return upper_quantile(self.t_seq, fpr, self.fitted)
+
+    def gof_threshold(self, fpr: float) -> float:
+        """The (1 − fpr) quantile of the bulk's A²: counted, or from a log-normal fit where the draws are few."""
+        if self.gof.size >= math.ceil(budget.MIN_EXCEEDANCES / fpr):
+            return float(np.quantile(self.gof, 1 - fpr))
+        return lognormal_quantile(self.gof, 1 - fpr)
 
     def cdf(self, ratio: np.ndarray) -> np.ndarray:
-        probs = np.linspace(0, 1, len(self.ratio_quantiles))
-        return np.interp(ratio, self.ratio_quantiles, probs, left=0.0, right=1.0)
+        return np.interp(ratio, self.ratio_quantiles, PROBS, left=0.0, right=1.0)
 
 
 @dataclass(frozen=True)
@@ -163,12 +197,25 @@ class InterpolatedNull:
     name: str = PRODUCT
     reference: str = "median"
 
+    def _log_mean(self, value) -> float:
+        return math.exp(sum(w * math.log(value(p)) for p, w in self.parts))
+
     def edge_ratio(self, fpr: float) -> float:
-        return math.exp(sum(w * math.log(p.edge_ratio(fpr)) for p, w in self.parts))
+        return self._log_mean(lambda p: p.edge_ratio(fpr))
+
+    def seq_edge(self, fpr: float) -> float:
+        return self._log_mean(lambda p: p.seq_edge(fpr))
+
+    def gof_threshold(self, fpr: float) -> float:
+        return self._log_mean(lambda p: p.gof_threshold(fpr))
 
     @property
     def mean_ratio(self) -> float:
         return sum(w * p.mean_ratio for p, w in self.parts)
+
+    @property
+    def erank(self) -> float:
+        return sum(w * p.erank for p, w in self.parts)
 
     def cdf(self, ratio: np.ndarray) -> np.ndarray:
         return sum(w * p.cdf(ratio) for p, w in self.parts)
@@ -211,10 +258,10 @@ def product_null(structure, ratios: Sequence[float] | None = None, draws: int | 
     s = _canonical(structure)
     ratios = tuple(ratios) if ratios is not None else (1.0,) * len(s.chains)
     draws = draws or budget.default_draws(s)
-    shape = s.as_dict()
-    arrays = CACHE.get(key(PRODUCT, shape, ratios, draws), lambda: _simulate(s, ratios, draws, seed(shape, draws)))
+    arrays = CACHE.get(key(PRODUCT, s, ratios, draws), lambda: _simulate(s, ratios, draws, seed(s, draws)))
     return ProductNull(t=arrays["t"], ratio_quantiles=arrays["ratio_quantiles"],
-                       mean_ratio=float(arrays["mean_ratio"]), fitted=budget.fitted(s))
+                       mean_ratio=float(arrays["mean_ratio"]), fitted=budget.fitted(s), t_seq=arrays["t_seq"],
+                       gof=arrays["gof"], erank=float(arrays["erank"]))
 
 
 def sum_null(structure, norms: Sequence[float], draws: int | None = None) -> InterpolatedNull:
@@ -222,15 +269,45 @@ def sum_null(structure, norms: Sequence[float], draws: int | None = None) -> Int
     return InterpolatedNull(tuple((product_null(structure, r, draws), w) for r, w in ratio_grid_corners(norms)))
 
 
+def deflation_grid(rank: int) -> list[int]:
+    """The deflations k simulated for a form of this rank: every k below ``FIT_MIN_RANK``; above it 0..3 and then
+    steps of ``DEFLATION_STEP``, up to ``spikes.max_spikes(rank)``."""
+    top = max_spikes(rank)
+    if rank < budget.FIT_MIN_RANK:
+        return list(range(top + 1))
+    grid, k = [0, 1, 2, 3], 4.0
+    while k < top:
+        grid.append(round(k))
+        k *= DEFLATION_STEP
+    return sorted({g for g in grid if g <= top} | {top})
+
+
+def spike_null(structure, k: int, norms: Sequence[float] | None = None, draws: int | None = None,
+               fpr: float = 0.01):
+    """The null of step k of the sequential spike count: the form deflated by k (``Structure.deflated``), at the
+    block-norm ratios of ``norms`` for a sum; between grid deflations, interpolated linearly in k."""
+    s = Structure.of(structure)
+    grid = deflation_grid(s.rank_bound)
+    if k in grid:
+        corners = [(k, 1.0)]
+    else:
+        hi = next(g for g in grid if g > k)
+        lo = max(g for g in grid if g < k)
+        corners = [(lo, (hi - k) / (hi - lo)), (hi, (k - lo) / (hi - lo))]
+    ratio_corners = [(None, 1.0)] if len(s.chains) == 1 or norms is None else ratio_grid_corners(norms)
+    parts = []
+    for kk, wk in corners:
+        deflated = s.deflated(kk)
+        n_draws = draws or budget.default_draws(deflated, fpr)
+        parts += [(product_null(deflated, r, n_draws), wk * wr) for r, wr in ratio_corners]
+    return parts[0][0] if len(parts) == 1 else InterpolatedNull(tuple(parts))
+
+
 def _simulate(s: Structure, ratios, draws: int, seed: int, chunk_bytes: float = 2**28) -> dict[str, np.ndarray]:
-    """Draw the null's spectra and keep what an edge and a KS distance need."""
-    probs = np.linspace(0, 1, QUANTILE_POINTS)
-    if s.is_matrix:  # a single matrix: the MP law and the exact law of t
-        n, m = s.chains[0]
-        q = min(n, m) / max(n, m)
-        return {"t": wishart_t(n, m, draws, seed), "ratio_quantiles": mp_quantile(probs, q) / mp_median(q),
-                "mean_ratio": np.array(1 / mp_median(q))}
-    if s.is_chain and len(s.chains[0]) == 3:  # one two-factor chain (a layer's or a head's form)
+    """Draw the null's spectra and keep what the edges, the KS distance and the spike count need."""
+    if s.is_matrix:  # a single matrix: the Dumitriu–Edelman model, exact in law
+        lam = wishart_spectra(*s.chains[0], draws, seed)  # (draws, p)
+    elif s.is_chain and len(s.chains[0]) == 3:  # one two-factor chain (a layer's or a head's form)
         lam = two_factor_spectra(*s.chains[0], draws, seed)  # (draws, r)
     else:
         width = max(sum(d[1] for d in s.chains), *(s.left[1:2] or (1,)))
@@ -244,6 +321,10 @@ def _simulate(s: Structure, ratios, draws: int, seed: int, chunk_bytes: float = 
     pooled = ratio.flatten()
     if pooled.numel() > 2**24:  # torch.quantile's input limit
         pooled = pooled[:: math.ceil(pooled.numel() / 2**24)]
-    return {"t": np.sort(ratio[:, 0].numpy()),
-            "ratio_quantiles": torch.quantile(pooled, torch.from_numpy(probs)).numpy(),
-            "mean_ratio": np.array(float(ratio.mean()))}
+    quantiles = torch.quantile(pooled, torch.from_numpy(PROBS)).numpy()
+    ascending = ratio.numpy()[:, ::-1]  # (draws, r)
+    return {"t": np.sort(ratio[:, 0].numpy()), "ratio_quantiles": quantiles,
+            "mean_ratio": np.array(float(ratio.mean())),
+            "t_seq": np.sort(sequential_statistic(ascending, PROBS, quantiles)),
+            "gof": np.sort(anderson_darling(ascending, PROBS, quantiles)),
+            "erank": np.array(float(metrics.effective_rank(lam).mean()))}

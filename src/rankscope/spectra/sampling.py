@@ -2,8 +2,8 @@
 
 All three are exact in distribution at any finite size, and cheap:
 
-- ``wishart_t``: t = λ_max / median(λ) of a single Gaussian n×m matrix, from the Dumitriu–Edelman (2002)
-  bidiagonal model: O(p) per eigenvalue by bisection.
+- ``wishart_t`` / ``wishart_spectra``: t = λ_max / median(λ), or the whole spectrum, of a single Gaussian n×m
+  matrix, from the Dumitriu–Edelman (2002) bidiagonal model: O(p) per eigenvalue.
 - ``two_factor_spectra``: the spectrum of A G for Gaussian A (n×k), G (k×m): only the law of A's singular
   values matters (σ(A G) = σ(S VᵀG), and VᵀG is Gaussian again), so A becomes the bidiagonal model and G a
   Bartlett triangle.
@@ -78,6 +78,23 @@ def wishart_t(n: int, m: int, draws: int, seed: int) -> np.ndarray:
             raise RuntimeError(f"LAPACK dstebz failed (info {info_top or info_mid}) simulating a {N}×{p} null")
         t[i] = top[0] / mid[:count].mean()
     return np.sort(t)
+
+
+def wishart_spectra(n: int, m: int, draws: int, seed: int) -> torch.Tensor:
+    """Eigenvalues (draws, p), descending, of WᵀW for Gaussian W (n×m), p = min(n, m): the whole spectrum of the
+    Dumitriu–Edelman model, by LAPACK's tridiagonal eigensolver (O(p²) a draw)."""
+    from scipy.linalg import eigvalsh_tridiagonal
+
+    N, p = max(n, m), min(n, m)
+    a, b = wishart_bidiagonal(N, p, draws, np.random.default_rng(seed))
+    diag = a**2 + np.pad(b**2, ((0, 0), (1, 0)))  # (draws, p) of B Bᵀ
+    off = a[:, :-1] * b  # (draws, p − 1)
+    if p == 1:
+        return torch.from_numpy(diag.copy())
+    lam = np.empty((draws, p))
+    for i in range(draws):
+        lam[i] = eigvalsh_tridiagonal(diag[i], off[i], lapack_driver="stev")[::-1]
+    return clamp_numerical_zeros(torch.from_numpy(lam).clamp_min(0))
 
 
 def two_factor_spectra(n: int, k: int, m: int, draws: int, seed: int) -> torch.Tensor:
