@@ -16,19 +16,18 @@ rates hold for Gaussian-like entries; ``null="permutation"`` is the check agains
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-import math
-
 from rankscope.errors import InputError
 from rankscope.spectra import budget, metrics, permutation
 from rankscope.spectra.form import Form, Structure
 from rankscope.spectra.kernels import prepare, spectrum
-from rankscope.spectra.nulls import QUANTILE_POINTS, NaiveMPNull, TracyWidomNull, median, product_null, sum_null
 from rankscope.spectra.nullcache import seed as shape_seed
+from rankscope.spectra.nulls import QUANTILE_POINTS, NaiveMPNull, TracyWidomNull, median, product_null, sum_null
 from rankscope.spectra.sequential import SpikeCount, count_spikes
 from rankscope.spectra.spikes import onatski_count
 from rankscope.spectra.tail import power_law_fit

@@ -74,10 +74,13 @@ def two_factor(form: Form) -> tuple[torch.Tensor, torch.Tensor]:
     factors allow: (…, n', K), (…, K, m'). Spectrum and block norms are those of B."""
     form = reduced(form)
     parts = [split_at_bottleneck(c) for c in form.chains]
-    # numpy's broadcast_shapes: torch's imports sympy on first use, a noticeable part of a CLI start
-    batch = np.broadcast_shapes(*(tuple(p.shape[:-2]) for xy in parts for p in xy))
-    X = torch.cat([xy[0].expand(*batch, *xy[0].shape[-2:]) for xy in parts], dim=-1)  # (…, p, K)
-    Y = torch.cat([xy[1].expand(*batch, *xy[1].shape[-2:]) for xy in parts], dim=-2)  # (…, K, q)
+    if len(parts) == 1:
+        X, Y = parts[0]  # (…, p, K), (…, K, q)
+    else:
+        # numpy's broadcast_shapes: torch's imports sympy on first use, a noticeable part of a CLI start
+        batch = np.broadcast_shapes(*(tuple(p.shape[:-2]) for xy in parts for p in xy))
+        X = torch.cat([xy[0].expand(*batch, *xy[0].shape[-2:]) for xy in parts], dim=-1)  # (…, p, K)
+        Y = torch.cat([xy[1].expand(*batch, *xy[1].shape[-2:]) for xy in parts], dim=-2)  # (…, K, q)
     if form.left is not None:
         A = product(form.left.factors)  # (…, n', p)
         X, Y = (A, X @ Y) if A.shape[-1] < X.shape[-1] else (A @ X, Y)  # through the narrower of p and K

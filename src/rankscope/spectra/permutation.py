@@ -13,8 +13,9 @@ the SVD split ``UΣ^{1/2}, Σ^{1/2}Vᵀ``, which mixes the entries toward Gaussi
 heavy tails are kept (README, "What an outlier means on a trained matrix", for the measured rates). Junctions
 between a sum's shared outer chain and its blocks are left as they are.
 
-The null depends on the factors, so it is drawn per form (not cached): ``draws`` shuffles, in chunks, through
-the same kernel as the observed spectrum.
+The null depends on the factors, so it is drawn per form (not cached): ``draws`` shuffles, in chunks. A
+two-factor chain's shuffled spectra are the eigenvalues of Lᵀ (C Cᵀ) L with L Lᵀ = AᵀA (two k×k Grams and a
+Cholesky factor, O(n k²) a draw); any other form goes through the same kernel as the observed spectrum.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ class PermutationNull:
 
 
 def default_draws(fpr: float) -> int:
-    return max(MIN_PERMUTATION_DRAWS, math.ceil(2 * budget.MIN_EXCEEDANCES / fpr))
+    """Shuffles for an edge at this fpr: at least ``MIN_EXCEEDANCES`` above it, and at least 400."""
+    return max(MIN_PERMUTATION_DRAWS, math.ceil(budget.MIN_EXCEEDANCES / fpr))
 
 
 def _robust_size(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -72,13 +74,27 @@ def balanced(chain: Chain) -> Chain:
     return Chain(*fs)
 
 
-def _shuffled(f: torch.Tensor, draws: int, rng: np.random.Generator) -> torch.Tensor:
+def _shuffled(f: torch.Tensor, draws: int, rng: torch.Generator) -> torch.Tensor:
     """(draws, rows, cols): ``draws`` independent shuffles of the entries of the 2-D factor f."""
-    flat = np.broadcast_to(f.reshape(-1).numpy(), (draws, f.numel()))
-    return torch.from_numpy(rng.permuted(flat, axis=1).reshape(draws, *f.shape))
+    flat = f.reshape(-1)
+    return torch.stack([flat[torch.randperm(flat.numel(), generator=rng)] for _ in range(draws)]).reshape(
+        draws, *f.shape)
 
 
-def _shuffled_form(form: Form, draws: int, rng: np.random.Generator) -> Form:
+def _spectra(form: Form) -> torch.Tensor:
+    """Spectra (draws, r) of a batch of shuffled forms."""
+    if isinstance(form, Chain) and len(form.factors) == 2:
+        A, C = form.factors  # (draws, n, k), (draws, k, m)
+        try:
+            L = torch.linalg.cholesky(A.mT @ A)  # (draws, k, k)
+        except torch.linalg.LinAlgError:  # a rank-deficient draw: the exact kernel
+            return spectrum(form)
+        core = L.mT @ (C @ C.mT) @ L  # (draws, k, k), symmetric: the eigenvalues of (AC)(AC)ᵀ
+        return torch.linalg.eigvalsh(core).flip(-1).clamp_min(0)[..., : form.rank_bound]
+    return spectrum(form)
+
+
+def _shuffled_form(form: Form, draws: int, rng: torch.Generator) -> Form:
     def shuffle(chain: Chain | None) -> Chain | None:
         return None if chain is None else Chain(*(_shuffled(f, draws, rng) for f in chain.factors))
 
@@ -95,10 +111,10 @@ def permutation_null(form: Form, draws: int, seed: int, points: int) -> Permutat
     else:
         form = Sum([balanced(c) for c in form.chains], left=form.left and balanced(form.left),
                    right=form.right and balanced(form.right))
-    rng = np.random.default_rng(seed)
+    rng = torch.Generator().manual_seed(seed)
     per_draw = sum(f.numel() for f in form.factor_list)
     chunk = max(1, CHUNK_ELEMENTS // per_draw)
-    lam = torch.cat([spectrum(_shuffled_form(form, min(chunk, draws - start), rng))
+    lam = torch.cat([_spectra(_shuffled_form(form, min(chunk, draws - start), rng))
                      for start in range(0, draws, chunk)])  # (draws, r)
     med = torch.quantile(lam, 0.5, dim=-1).clamp_min(torch.finfo(torch.float64).tiny)
     ratio = lam / med[:, None]
