@@ -78,9 +78,9 @@ def calibration(trials: int, fpr: float, permutation_trials: int) -> None:
             sub = form[:permutation_trials] if isinstance(form, Chain | Sum) else [f[:permutation_trials] for f in form]
             pd = rs.diagnose_batch(sub, fpr=fpr, null="permutation")
             perm = f"{_rate([d.outliers > 0 for d in pd]):.4f}"
-        fails = _rate([d.bulk_fits is False for d in ds])
+        fails, seconds = _rate([d.bulk_fits is False for d in ds]), time.perf_counter() - t0
         print(f"  {name:<44} {_rate([d.outliers > 0 for d in ds]):9.4f} {_rate([d.spikes > 0 for d in ds]):9.4f} "
-              f"{_rate([d.spikes_gap > 0 for d in ds]):9.4f} {perm:>9} {fails:11.4f}  {T} ({time.perf_counter() - t0:.1f} s)")
+              f"{_rate([d.spikes_gap > 0 for d in ds]):9.4f} {perm:>9} {fails:11.4f}  {T} ({seconds:.1f} s)")
 
 
 def _planted(g, T, n, h, m, spikes, strength, lam_noise):
