@@ -142,9 +142,11 @@ def test_cli_analyze_writes_rows_and_a_figure(tmp_path, monkeypatch):
     rows = pd.read_csv(tmp_path / "analysis.csv")
     assert len(rows) == 6 and (rows["head"] == -1).all()
     assert "Per layer: the layer's form" in result.output  # --per-layer: the summary shows the layer forms
-    printed = [line.split("│")[1:-1] for line in result.output.splitlines() if line.count("│") == 8]
+    printed = [line.split("│")[1:-1] for line in result.output.splitlines() if line.count("│") == 9]
     assert [(int(c[0]), c[1].strip(), int(c[3])) for c in printed] == list(
         zip(rows["layer"], rows["kind"], rows["outliers"], strict=True))
+    spikes = ["no fit" if not fits else str(int(n)) for n, fits in zip(rows["spikes"], rows["bulk_fits"], strict=True)]
+    assert [c[4].strip() for c in printed] == spikes  # the spike count, or why there is none
     assert (tmp_path / "esd.png").stat().st_size > 10_000
     d = rs.diagnose(torch.randn(5, 5))  # the public API still answers after the CLI ran
     assert d.rank == 5
@@ -163,9 +165,9 @@ def test_cli_summary_names_each_layers_spikiest_head_and_the_layer_forms_outlier
     assert result.exit_code == 0, result.output
     rows = pd.read_csv(tmp_path / "analysis.csv")
     printed = [[c.strip() for c in line.split("│")[1:-1]] for line in result.output.splitlines()
-               if line.count("│") == 9]
+               if line.count("│") == 10]
     assert len(printed) == 6
-    for layer, kind, head, outliers, _, _, layer_form, kv in printed:
+    for layer, kind, head, outliers, _, _, _, layer_form, kv in printed:
         heads = rows[(rows["layer"] == int(layer)) & (rows["kind"] == kind) & (rows["head"] >= 0)]
         whole = rows[(rows["layer"] == int(layer)) & (rows["kind"] == kind) & (rows["head"] < 0)].iloc[0]
         assert int(outliers) == heads["outliers"].max() and int(head) in set(heads["head"][heads["outliers"]

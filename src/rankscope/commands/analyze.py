@@ -39,17 +39,28 @@ def summary(df) -> Table:
     # beside the spikiest head, its layer's own form (when the layer rows are there)
     layer_form = {(r.layer, r.kind): f"{int(r.outliers)} of {int(r.rank)}" for r in ok[ok["head"] < 0].itertuples()}
     beside = per_head and bool(layer_form)
-    for col in ("layer", "kind", "worst head" if per_head else "form", "outliers", "spike strength", "stable rank",
-                *(["layer form outliers"] if beside else []), "KV floats/token"):
+    for col in ("layer", "kind", "worst head" if per_head else "form", "outliers", "spikes", "spike strength",
+                "stable rank", *(["layer form outliers"] if beside else []), "KV floats/token"):
         table.add_column(col, justify="right")
     for (layer, kind), g in rows.groupby(["layer", "kind"], sort=True):
         w = g.sort_values(["outliers", "spike_strength"], ascending=False).iloc[0]
         kv = w["kv_cache_floats"]
         kv = "" if kv is None or kv != kv else str(int(kv))  # None or NaN: no KV cache for this row
         table.add_row(str(layer), kind, str(int(w["head"])) if per_head else "layer", str(int(w["outliers"])),
-                      f"{w['spike_strength']:.2f}", f"{w['stable_rank']:.1f}",
+                      _spikes_text(w), f"{w['spike_strength']:.2f}", f"{w['stable_rank']:.1f}",
                       *([layer_form.get((layer, kind), "")] if beside else []), kv)
+    table.caption = ("outliers: above the whole-spectrum null's edge; spikes: above this spectrum's own noise bulk "
+                     "(sequential), \"no fit\" where the bulk is not noise-shaped, so no count")
     return table
+
+
+def _spikes_text(row) -> str:
+    """The spike count, or why there is none."""
+    spikes = row.get("spikes")
+    if spikes is not None and spikes == spikes:
+        return str(int(spikes))
+    fits = row.get("bulk_fits")
+    return "no fit" if fits is not None and fits == fits and not bool(fits) else "–"  # NaN, None: not tested
 
 
 def esd(result, out: Path) -> Path | None:

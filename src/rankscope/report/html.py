@@ -18,8 +18,10 @@ from rankscope.report.verdict import CLAIMS, MIN_SEEDS, per_run_table, verdict
 from rankscope.vocab import PRODUCT, REFERENCE_VARIANT
 
 CAPTIONS = {
-    "heatmaps": "Per variant, layer × step (mean over seeds): outliers under the structure-matched product null and "
-                "under the naive MP fit, spike strength λ_max / bulk edge (log colour), stable and effective rank.",
+    "heatmaps": "Per variant, layer × step (mean over seeds): outliers under the structure-matched product null, "
+                "spikes (the sequential count; grey where the bulk is not noise-shaped, so there is no count), "
+                "outliers under the naive MP fit, spike strength λ_max / bulk edge (log colour), stable and effective "
+                "rank.",
     "head_maps": "Outliers per (layer, head) at an early, a middle and the final monitored step (product null).",
     "decoupled_blocks": "MLA-Decoupled: the content block and the rope block (whose key is shared by all heads).",
     "esd_steps": "Eigenvalue histogram of the spikiest layer-level form at three steps, with the fitted product "
@@ -34,6 +36,9 @@ CAPTIONS = {
 STATS_HTML = """<details><summary>What the statistics are</summary><ul>
 <li>All from the layer-level query–key forms at the monitored steps after initialisation, per run, then the mean
 and a bootstrap CI across seeds; "− {reference}" rows are paired by seed.</li>
+<li><b>outliers</b> are eigenvalues above the edge of the null fitted to the whole spectrum ("not noise");
+<b>spikes</b> are eigenvalues above the spectrum's own noise bulk, counted sequentially against deflated nulls and
+reported only where the bulk left fits the null's shape. The statistics below read outliers.</li>
 <li><b>cells_with_outliers</b>: share of (layer, step) cells with at least one eigenvalue above the bulk edge;
 <b>head_cells_with_outliers</b>: the same per head.</li>
 <li><b>outlier_fraction</b>: mean outliers / rank per cell; <b>outlier_energy</b>: mean share of Σλ in outliers.</li>

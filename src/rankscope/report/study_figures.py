@@ -62,16 +62,19 @@ def _layers(data: StudyData, sweep: str, kind: str = QK) -> pd.DataFrame:
 
 def _grid(frame: pd.DataFrame, value: str) -> pd.DataFrame:
     """layer × step mean over seeds."""
-    return frame.pivot_table(index="layer", columns="step", values=value, aggfunc="mean")
+    return frame.pivot_table(index="layer", columns="step", values=value, aggfunc="mean", dropna=False)
 
 
 def _heat(ax, grid: pd.DataFrame, title: str, cmap: str = "viridis", log: bool = False, vmax=None):
+    import matplotlib
     from matplotlib.colors import LogNorm
 
-    values = grid.to_numpy(dtype=float)
-    norm = LogNorm(vmin=max(np.nanmin(values), 1e-2), vmax=np.nanmax(values)) if log and np.nanmax(values) > 0 \
-        else None
-    im = ax.imshow(values, aspect="auto", origin="lower", cmap=cmap, norm=norm,
+    values = np.ma.masked_invalid(grid.to_numpy(dtype=float))  # NaN cells (no count): drawn grey
+    colors = matplotlib.colormaps[cmap].with_extremes(bad="lightgrey")
+    finite = values.compressed()
+    top = finite.max() if finite.size else 1.0
+    norm = LogNorm(vmin=max(finite.min(), 1e-2), vmax=top) if log and finite.size and top > 0 else None
+    im = ax.imshow(values, aspect="auto", origin="lower", cmap=colors, norm=norm,
                    vmin=None if norm else 0, vmax=None if norm else vmax, interpolation="nearest")
     steps = list(grid.columns)
     ticks = np.linspace(0, len(steps) - 1, min(6, len(steps))).round().astype(int)
@@ -82,10 +85,11 @@ def _heat(ax, grid: pd.DataFrame, title: str, cmap: str = "viridis", log: bool =
 
 
 def heatmaps(data: StudyData, sweep: str, out: Path) -> Path:
-    """Per variant, layer × step: outliers under both nulls, spike strength, stable and effective rank."""
+    """Per variant, layer × step: outliers under both nulls, spikes, spike strength, stable and effective rank."""
     frame = _layers(data, sweep)
     variants = _variants(frame)
     cols = [("outliers", PRODUCT, "outliers — product null", "magma", False),
+            ("spikes", PRODUCT, "spikes (grey: bulk not noise)", "magma", False),
             ("outliers", MP, "outliers — naive MP", "magma", False),
             ("spike_strength", PRODUCT, "spike strength λmax/edge", "viridis", True),
             ("stable_rank", PRODUCT, "stable rank", "cividis", False),
@@ -96,7 +100,8 @@ def heatmaps(data: StudyData, sweep: str, out: Path) -> Path:
         mine = frame[frame["variant"] == variant]
         for j, (value, null, title, cmap, log) in enumerate(cols):
             sub = mine[mine["null"] == null]
-            _heat(axes[i, j], _grid(sub, value), title, cmap, log, vmax=vmax_out if value == "outliers" else None)
+            _heat(axes[i, j], _grid(sub, value), title, cmap, log,
+                  vmax=vmax_out if value in ("outliers", "spikes") else None)
             axes[i, j].set_ylabel(f"{variant}\nlayer" if j == 0 else "", fontsize=9)
             axes[i, j].set_xlabel("step" if i == len(variants) - 1 else "")
     fig.suptitle("Layer-level query–key forms through training (mean over seeds)", fontsize=11)

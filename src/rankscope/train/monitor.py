@@ -97,7 +97,7 @@ class Monitor:
             if self._tb is not None:
                 layers = table[attention & (table["head"] < 0) & (table["kind"] == QK)]
                 for r in layers.itertuples():
-                    for key in ("outliers", "spike_strength", "stable_rank", "effective_rank"):
+                    for key in ("outliers", "spikes", "spike_strength", "stable_rank", "effective_rank"):
                         self._tb.add_scalar(f"qk_{r.null}/layer{r.layer}/{key}", float(getattr(r, key)), step)
         self._done.add(step)
 
