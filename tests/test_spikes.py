@@ -247,7 +247,7 @@ def test_deflation_takes_one_dimension_per_spike_from_every_space_it_crosses():
     d = s.deflated(6)
     assert d == Structure(((34, 12, 44, 154), (34, 6, 154)), left=(154, 34))
     assert d.rank_bound == s.rank_bound - 6
-    assert max_spikes(64) == 48 and max_spikes(8) == 4 and max_spikes(4) == 0
+    assert max_spikes(64) == 32 and max_spikes(9) == 4 and max_spikes(4) == 0
 
 
 def test_onatski_counts_separated_spikes_and_none_in_a_bulk():

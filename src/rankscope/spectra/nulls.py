@@ -49,7 +49,8 @@ TW1_MEAN, TW1_SD = -1.2065335745820, math.sqrt(1.6077810345810)  # GOE Tracy–W
 RATIO_GRID = 0.1  # block-norm ratios are rounded to this step in log10
 QUANTILE_POINTS = 1025  # resolution of the stored λ/median distribution (KS distance, bulk scale and fit)
 PROBS = np.linspace(0, 1, QUANTILE_POINTS)
-DEFLATION_STEP = 1.25  # from rank FIT_MIN_RANK on, deflations are simulated at k = 0..3 and then every 25 %
+DEFLATION_STEP = 2.0  # from rank FIT_MIN_RANK on, deflations are simulated at k = 0, 1, 2, 4, 8, …
+GOF_COUNTED_EXCEEDANCES = 20  # fewer null draws than this above the bulk threshold: an exponential tail fit
 
 
 def median(lam: torch.Tensor) -> torch.Tensor:
@@ -176,8 +177,9 @@ class ProductNull:
         return upper_quantile(self.t_seq, fpr, self.fitted)
 
     def gof_threshold(self, fpr: float) -> float:
-        """The (1 − fpr) quantile of the bulk's A²: counted, or from an exponential tail where the draws are few."""
-        if self.gof.size >= math.ceil(budget.MIN_EXCEEDANCES / fpr) or fpr >= 0.1:
+        """The (1 − fpr) quantile of the bulk's A²: counted where 20 draws lie above it, else from an exponential
+        fit of the top tenth (more precise than counting a handful)."""
+        if self.gof.size * fpr >= GOF_COUNTED_EXCEEDANCES or fpr >= 0.1:
             return float(np.quantile(self.gof, 1 - fpr))
         return exponential_tail_quantile(self.gof, fpr)
 
@@ -271,12 +273,12 @@ def sum_null(structure, norms: Sequence[float], draws: int | None = None) -> Int
 
 
 def deflation_grid(rank: int) -> list[int]:
-    """The deflations k simulated for a form of this rank: every k below ``FIT_MIN_RANK``; above it 0..3 and then
+    """The deflations k simulated for a form of this rank: every k below ``FIT_MIN_RANK``; above it 0, 1 and then
     steps of ``DEFLATION_STEP``, up to ``spikes.max_spikes(rank)``."""
     top = max_spikes(rank)
     if rank < budget.FIT_MIN_RANK:
         return list(range(top + 1))
-    grid, k = [0, 1, 2, 3], 4.0
+    grid, k = [0, 1], 2.0
     while k < top:
         grid.append(round(k))
         k *= DEFLATION_STEP
@@ -288,9 +290,11 @@ def spike_null(structure, k: int, norms: Sequence[float] | None = None, draws: i
     """The null of step k of the sequential spike count: the form deflated by k (``Structure.deflated``), at the
     block-norm ratios of ``norms`` for a sum; between grid deflations, interpolated linearly in k.
 
-    Only step 0 decides whether a noise spectrum shows a spike; the later steps only place the count, so their
-    nulls get a quarter of the draws (never fewer than the edge's estimator needs) and, for a sum, the nearest
-    ratio grid point instead of the interpolation."""
+    Only step 0 decides whether a noise spectrum shows a spike; for a sum the later steps take the nearest ratio
+    grid point instead of the interpolation (one null a step, not four). Below ``FIT_MIN_RANK`` their draws are
+    not cut: each step of a smoothly decaying spectrum sits near its edge, so a counted edge placed a little low
+    peels more and leaves a bulk that fits (a quarter of the draws cut the bulk check's power on decaying products
+    by a sixth). From it on, where a draw costs O(r³) and the edges come from fits, they get ``MIN_DRAWS``."""
     s = Structure.of(structure)
     grid = deflation_grid(s.rank_bound)
     if k in grid:
@@ -308,17 +312,10 @@ def spike_null(structure, k: int, norms: Sequence[float] | None = None, draws: i
     parts = []
     for kk, wk in corners:
         deflated = s.deflated(kk)
-        n_draws = draws or _deflated_draws(deflated, fpr, kk)
+        n_draws = draws or (budget.MIN_DRAWS if kk > 0 and budget.fitted(deflated) else
+                            budget.default_draws(deflated, fpr))
         parts += [(product_null(deflated, r, n_draws), wk * wr) for r, wr in ratio_corners]
     return parts[0][0] if len(parts) == 1 else InterpolatedNull(tuple(parts))
-
-
-def _deflated_draws(structure: Structure, fpr: float, k: int) -> int:
-    full = budget.default_draws(structure, fpr)
-    if k == 0:
-        return full
-    fewest = budget.MIN_DRAWS if budget.fitted(structure) else math.ceil(budget.MIN_EXCEEDANCES / fpr)
-    return max(fewest, full // 4)
 
 
 def _simulate(s: Structure, ratios, draws: int, seed: int, chunk_bytes: float = 2**28) -> dict[str, np.ndarray]:

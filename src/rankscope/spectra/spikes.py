@@ -5,8 +5,8 @@
   spectrum's lower quantiles to the null's: σ̂ = Σ x_(i) Q(p_i) / Σ Q(p_i)² over the plotting positions
   p_i = (i − ½)/m in ``FIT_RANGE``, with x_(i) the ascending spectrum and Q the null's quantile function (in
   units of its median). Spikes sit at the top, so up to ~65 % of the eigenvalues may be signal before the
-  fitted range reaches them; the median breaks down at 50 % (masking: a null fitted by the median moves its
-  edge up with the spikes).
+  fitted range reaches them (the count goes to half the rank); the median breaks down at 50 % (masking: a null
+  fitted by the median moves its edge up with the spikes).
 - ``sequential_statistic``: t = x_max / σ̂(x), the statistic of one step of the sequential count (Kritchman &
   Nadler 2008, "Determining the number of components in a factor model from limited noisy data"): step k tests
   λ_{k+1} against the null of the form deflated by k (``Structure.deflated``), with σ̂ refitted on λ_{k+1..r}.
@@ -31,7 +31,7 @@ import math
 import numpy as np
 
 FIT_RANGE = (0.05, 0.35)  # plotting positions of the lower quantiles the scale is fitted on
-MIN_BULK = 4  # eigenvalues that must remain below the spikes (and at least a quarter of the rank)
+MIN_BULK = 4  # eigenvalues that must remain below the spikes (and at least half of the rank)
 
 
 def plotting_positions(m: int) -> np.ndarray:
@@ -40,9 +40,9 @@ def plotting_positions(m: int) -> np.ndarray:
 
 
 def max_spikes(rank: int) -> int:
-    """The most spikes a spectrum of this rank can be tested for: the bulk left must keep ``MIN_BULK``
-    eigenvalues and a quarter of the rank."""
-    return max(0, rank - max(MIN_BULK, math.ceil(rank / 4)))
+    """The most spikes a spectrum of this rank can be counted to: half of it, as the bulk left must keep ``MIN_BULK``
+    eigenvalues and half of the rank (beyond, "spikes on a noise bulk" has no bulk left to speak of)."""
+    return max(0, rank - max(MIN_BULK, math.ceil(rank / 2)))
 
 
 def bulk_scale(x_asc: np.ndarray, grid: np.ndarray, quantiles: np.ndarray) -> np.ndarray:
