@@ -133,7 +133,7 @@ def run_model(label: str, model_dir: Path, tmp: Path, repeat: int) -> dict:
     print(f"\n== {label}: {model_dir}", flush=True)
     out = tmp / f"rk-{label}"
     rk_cmd = [sys.executable, "-c", RK_CLI, "analyze", str(model_dir), "--per-head", "--out", str(out),
-              "--format", "parquet"]
+              "--format", "parquet", "--threads", "1"]
     runs: dict[str, list[float]] = {}
     for r in range(repeat):  # interleaved, so a slow spell of the machine hits every tool alike
         for figure, flag in (("", []), (", rows only", ["--no-figure"])):
