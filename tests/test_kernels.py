@@ -145,3 +145,9 @@ def test_form_algebra_and_the_older_spellings():
         Form.of([[A, C], [A, rand(3, 4, seed=57)]])
     with pytest.raises(AttributeError, match="immutable"):
         chain.factors = ()
+
+
+def test_numpy_arrays_compose_with_forms_from_either_side():
+    A, C = np.ones((3, 4)), rand(4, 5, seed=60)
+    assert (A @ Chain(C)).structure == Structure(((3, 4, 5),))
+    assert (Chain(C.T) @ A.T).structure == Structure(((5, 4, 3),))

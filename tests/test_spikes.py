@@ -267,3 +267,25 @@ def test_spikes_are_defined_for_the_structure_matched_null_only():
         d = found[null][0]
         assert math.isnan(d.spikes) and d.bulk_fits is None
         assert d.spikes_gap == found["product"][0].spikes_gap  # null-free: the same
+
+
+def test_awkward_inputs_get_a_diagnosis_not_a_crash():
+    g = gen(21)
+    # a mostly-zero column (a pruned factor): the permutation null's balancing leaves that junction alone
+    A, C = randn(g, 64, 16), randn(g, 16, 64)
+    A[:40, 3] = 0
+    d = rs.diagnose([A, C], null="permutation")
+    assert math.isfinite(d.bulk_edge) and d.outliers >= 0
+    # the caller's draws are raised where a later step's counted edge needs more (30 planted spikes)
+    W = randn(g, 120, 200)
+    U, V = torch.linalg.qr(randn(g, 120, 30)).Q, torch.linalg.qr(randn(g, 200, 30)).Q
+    d = rs.diagnose(W + U @ torch.diag(torch.linspace(60, 90, 30, dtype=torch.float64)) @ V.T, draws=256)
+    assert d.spikes == 30
+    # a size-1 batch axis broadcasts, for the permutation null's per-item forms too
+    ds = rs.diagnose_batch(Chain(randn(g, 1, 8, 3), randn(g, 4, 3, 8)), null="permutation", draws=100, fpr=0.1)
+    assert len(ds) == 4
+    # a sum whose blocks cannot lose as many dimensions as its rank: the count stops where deflation must
+    s = Structure(((50, 1, 50),) * 10)
+    assert s.rank_bound == 10 and s.max_deflation == 0
+    with pytest.raises(rs.InputError, match="cannot deflate"):
+        s.deflated(1)

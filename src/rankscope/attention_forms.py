@@ -119,8 +119,9 @@ def mha_forms(layer: int, wq, wk, wv, wo, n_heads: int, n_kv_heads: int | None =
     dk = wk.shape[0] // n_kv_heads if wk is not None else (wq.shape[0] // n_heads if wq is not None else 0)
     dv = (wv.shape[0] if wv is not None else 0) // n_kv_heads
     cache = None if wk is None or wv is None else n_kv_heads * (dk + dv)
+    output = None if wo is None or wv is None else wo.mT  # its head columns are known from the values
     for name, w, rows in ((("query", wq, n_heads * dk), ("key", wk, n_kv_heads * dk),
-                           ("value", wv, n_kv_heads * dv), ("output", None if wo is None else wo.mT, n_heads * dv))):
+                           ("value", wv, n_kv_heads * dv), ("output", output, n_heads * dv))):
         if w is not None and w.shape[0] != rows:
             raise InputError(f"layer {layer}: {name} weight has {w.shape[0]} head rows, expected {rows} "
                              f"({n_heads} heads, {n_kv_heads} KV heads, dk={dk}, dv={dv})")

@@ -131,7 +131,7 @@ class RunDir:
     @staticmethod
     def of_checkpoint(path: str | Path) -> RunDir | None:
         """The run a ``checkpoints/step_*.safetensors`` file belongs to, None for any other path."""
-        path = Path(path)
+        path = Path(path).expanduser().resolve()
         if _STEP.match(path.name) and path.parent.name == CHECKPOINTS:
             return RunDir(path.parent.parent)
         return None

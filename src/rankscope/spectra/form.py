@@ -82,8 +82,9 @@ class Structure:
         proportion to each chain's narrowest inner dimension (largest remainders first)."""
         if k == 0:
             return self
-        if not 0 < k < self.rank_bound:
-            raise InputError(f"cannot deflate a form of rank {self.rank_bound} by {k}")
+        if not 0 < k <= self.max_deflation:
+            raise InputError(f"cannot deflate a form of rank {self.rank_bound} by {k} (at most "
+                             f"{self.max_deflation})")
         if self.is_chain:
             return Structure((tuple(d - k for d in self.chains[0]),))
         widths = [min(d[1:-1]) if len(d) > 2 else 0 for d in self.chains]
@@ -95,6 +96,15 @@ class Structure:
         left = tuple(x - k for x in self.left)
         right = tuple(x - k for x in self.right)
         return Structure(tuple(chains), left, right)
+
+    @property
+    def max_deflation(self) -> int:
+        """The largest k ``deflated`` can take: rank − 1, and for a sum as much as its blocks' inner widths allow
+        (each keeps one inner dimension)."""
+        if self.is_chain:
+            return self.rank_bound - 1
+        capacity = sum(max(min(d[1:-1]) - 1, 0) for d in self.chains if len(d) > 2)
+        return min(self.rank_bound - 1, capacity)
 
     def as_dict(self) -> dict:
         return {"chains": [list(d) for d in self.chains], "left": list(self.left), "right": list(self.right)}
@@ -153,6 +163,7 @@ class Form:
     """A chain or a sum of chains. Immutable; ``.to()``/``.double()``/``.map()`` return new forms."""
 
     __slots__ = ()
+    __array_ufunc__ = None  # ``array @ form``: numpy hands the product to ``__rmatmul__``
     chains: tuple[Chain, ...]
     left: Chain | None
     right: Chain | None
@@ -230,8 +241,15 @@ class Form:
         return self.to(torch.float64)
 
     def __getitem__(self, i: int) -> Form:
-        """Batch item ``i`` (e.g. one head) of a batched form; 2-D (shared) factors stay as they are."""
-        return self.map(lambda f: f[i] if f.ndim == 3 else f)
+        """Batch item ``i`` (e.g. one head) of a batched form; 2-D (shared) factors stay as they are, and a size-1
+        batch axis broadcasts."""
+        return self.map(lambda f: (f[i] if f.shape[0] > 1 else f[0]) if f.ndim == 3 else f)
+
+    def __rmatmul__(self, other):
+        """``tensor @ form``: the tensor becomes the form's first factor."""
+        if isinstance(other, torch.Tensor | np.ndarray):
+            return Chain(other) @ self
+        return NotImplemented
 
     # ---- norms ------------------------------------------------------------------------------------------------
     def block_norms(self) -> Tensor:
@@ -303,11 +321,6 @@ class Chain(Form):
             return Sum(other.chains, left=self if other.left is None else self @ other.left, right=other.right)
         return NotImplemented
 
-    def __rmatmul__(self, other):
-        if isinstance(other, torch.Tensor | np.ndarray):
-            return Chain(other) @ self
-        return NotImplemented
-
     def __add__(self, other):
         return Sum([self]) + other
 
@@ -346,11 +359,6 @@ class Sum(Form):
             return Sum(self.chains, left=self.left, right=other if self.right is None else self.right @ other)
         if isinstance(other, Sum):
             raise InputError("a product of two sums is not a form rankscope reads; multiply out one of them")
-        return NotImplemented
-
-    def __rmatmul__(self, other):
-        if isinstance(other, torch.Tensor | np.ndarray):
-            return Chain(other) @ self
         return NotImplemented
 
     def __add__(self, other):
@@ -433,8 +441,6 @@ def reduced(form: Form) -> Form:
 
     def ends(chain: Chain, left: bool, right: bool) -> Chain:
         fs = list(chain.factors)
-        if len(fs) == 1:
-            return chain
         if left and fs[0].ndim == 2:
             fs[0] = _triangular(fs[0], "left")
         if right and fs[-1].ndim == 2:
@@ -442,6 +448,6 @@ def reduced(form: Form) -> Form:
         return Chain(*fs, shared=chain.shared)
 
     if isinstance(form, Chain):
-        return ends(form, True, True)
+        return form if len(form.factors) == 1 else ends(form, True, True)  # a lone matrix: nothing to gain
     return Sum(form.chains, left=ends(form.left, True, False) if form.left else None,
                right=ends(form.right, False, True) if form.right else None)

@@ -50,6 +50,8 @@ def prepare(x, name: str = "form", batched: bool = False) -> Form:
     form = Form.of(x, name)
     parts = [("left", form.left), *((f"chain {c}", ch) for c, ch in enumerate(form.chains)), ("right", form.right)]
     single = form.structure.is_matrix
+    # one device for the whole form: the first accelerator a factor is on (numpy arrays beside CUDA tensors)
+    device = next((f.device for f in form.factor_list if f.device.type not in ("cpu", "mps")), torch.device("cpu"))
     out = {}
     for label, chain in parts:
         if chain is None:
@@ -59,10 +61,7 @@ def prepare(x, name: str = "form", batched: bool = False) -> Form:
             where = name if single else f"{name} ({label}, factor {i})"
             if f.ndim == 3 and not batched:
                 raise InputError(f"{where} has shape {tuple(f.shape)}; a factor must be 2-D")
-            t = _as_float64(f, where)
-            if factors and t.device != factors[0].device:
-                t = t.to(factors[0].device)  # e.g. a numpy array beside CUDA tensors
-            factors.append(t)
+            factors.append(_as_float64(f, where).to(device))
         out[label] = Chain(*factors, shared=chain.shared)
     if isinstance(form, Chain):
         return out["chain 0"]

@@ -22,7 +22,7 @@ VERSION = 4
 MEMORY_ENTRIES = 512  # nulls kept in memory (a few kB each); the least recently used go first
 
 # The simulation code itself is part of the key.
-_SOURCES = ("form.py", "kernels.py", "sampling.py", "spikes.py", "nulls.py")
+_SOURCES = ("form.py", "kernels.py", "sampling.py", "spikes.py", "metrics.py", "nulls.py")
 _CODE_HASH = hashlib.sha256(b"".join(Path(__file__).with_name(f).read_bytes() for f in _SOURCES)).hexdigest()[:16]
 
 
@@ -38,7 +38,7 @@ def cache_dir() -> Path:
 
 def key(kind: str, structure, ratios, draws: int) -> tuple:
     """The cache key of one null: a hashable tuple (its JSON names the file on disk)."""
-    return (kind, structure, tuple(round(float(x), 8) for x in ratios), int(draws))
+    return (kind, structure, tuple(float(f"{float(x):.10g}") for x in ratios), int(draws))
 
 
 def _text(key: tuple) -> str:

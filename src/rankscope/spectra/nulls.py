@@ -288,7 +288,8 @@ def deflation_grid(rank: int) -> list[int]:
 def spike_null(structure, k: int, norms: Sequence[float] | None = None, draws: int | None = None,
                fpr: float = 0.01):
     """The null of step k of the sequential spike count: the form deflated by k (``Structure.deflated``), at the
-    block-norm ratios of ``norms`` for a sum; between grid deflations, interpolated linearly in k.
+    block-norm ratios of ``norms`` for a sum; between grid deflations, interpolated in k (edges and thresholds
+    log-linearly, quantiles linearly). ``draws`` (when given) is raised where a later step's estimator needs more.
 
     Only step 0 decides whether a noise spectrum shows a spike; for a sum the later steps take the nearest ratio
     grid point instead of the interpolation (one null a step, not four). Below ``FIT_MIN_RANK`` their draws are
@@ -312,8 +313,12 @@ def spike_null(structure, k: int, norms: Sequence[float] | None = None, draws: i
     parts = []
     for kk, wk in corners:
         deflated = s.deflated(kk)
-        n_draws = draws or (budget.MIN_DRAWS if kk > 0 and budget.fitted(deflated) else
-                            budget.default_draws(deflated, fpr))
+        if draws and kk > 0:  # the caller's draws, but never fewer than this step's estimator needs
+            n_draws = max(draws, budget.MIN_DRAWS if budget.fitted(deflated) else
+                          math.ceil(budget.MIN_EXCEEDANCES / fpr))
+        else:
+            n_draws = draws or (budget.MIN_DRAWS if kk > 0 and budget.fitted(deflated) else
+                                budget.default_draws(deflated, fpr))
         parts += [(product_null(deflated, r, n_draws), wk * wr) for r, wr in ratio_corners]
     return parts[0][0] if len(parts) == 1 else InterpolatedNull(tuple(parts))
 

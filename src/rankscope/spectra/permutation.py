@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from rankscope.errors import InputError
 from rankscope.spectra import budget
 from rankscope.spectra.form import Chain, Form, Sum
 from rankscope.spectra.kernels import spectrum
@@ -60,16 +61,21 @@ def default_draws(fpr: float) -> int:
     return max(MIN_PERMUTATION_DRAWS, math.ceil(budget.MIN_EXCEEDANCES / fpr))
 
 
-def _robust_size(x: torch.Tensor, dim: int) -> torch.Tensor:
-    return x.abs().median(dim=dim).values.clamp_min(torch.finfo(torch.float64).tiny)
+MAX_GAUGE = 1e6  # a junction's rescaling is clamped to [1/MAX_GAUGE, MAX_GAUGE] per sweep
 
 
 def balanced(chain: Chain) -> Chain:
-    """The chain with the diagonal gauge at each inner junction fixed by robust sizes (see the module docstring)."""
+    """The chain with the diagonal gauge at each inner junction fixed by robust sizes (see the module docstring).
+
+    Where either side of a junction has a zero robust size (a mostly-zero column or row, e.g. a pruned factor),
+    that junction is left as it is."""
     fs = list(chain.factors)
     for _ in range(BALANCE_SWEEPS):
         for j in range(len(fs) - 1):
-            d = (_robust_size(fs[j + 1], 1) / _robust_size(fs[j], 0)).sqrt()  # (k_j,)
+            left, right = fs[j].abs().median(dim=0).values, fs[j + 1].abs().median(dim=1).values  # (k_j,) each
+            ok = (left > 0) & (right > 0)
+            d = torch.where(ok, (right / torch.where(ok, left, 1.0)).sqrt(), torch.ones_like(left))
+            d = d.clamp(1 / MAX_GAUGE, MAX_GAUGE)
             fs[j], fs[j + 1] = fs[j] * d, fs[j + 1] / d[:, None]
     return Chain(*fs)
 
@@ -114,8 +120,11 @@ def permutation_null(form: Form, draws: int, seed: int, points: int) -> Permutat
     rng = torch.Generator().manual_seed(seed)
     per_draw = sum(f.numel() for f in form.factor_list)
     chunk = max(1, CHUNK_ELEMENTS // per_draw)
-    lam = torch.cat([_spectra(_shuffled_form(form, min(chunk, draws - start), rng))
-                     for start in range(0, draws, chunk)])  # (draws, r)
+    try:
+        lam = torch.cat([_spectra(_shuffled_form(form, min(chunk, draws - start), rng))
+                         for start in range(0, draws, chunk)])  # (draws, r)
+    except (torch.linalg.LinAlgError, np.linalg.LinAlgError) as exc:
+        raise InputError(f"the permutation null's spectra overflow float64 ({exc}); rescale the factors") from None
     med = torch.quantile(lam, 0.5, dim=-1).clamp_min(torch.finfo(torch.float64).tiny)
     ratio = lam / med[:, None]
     pooled = ratio.flatten()

@@ -60,8 +60,10 @@ def _count(ascending: np.ndarray, s: Structure, norms, fpr: float, draws: int | 
            effective_rank: np.ndarray) -> list[SpikeCount]:
     """Spectra (G, r) ascending that share their nulls: the sequential tests run for all at once."""
     G, r = ascending.shape
-    top = max_spikes(r)
-    counts = np.full(G, -1)  # −1: every test up to ``top`` rejected, more spikes than can be counted
+    top = min(max_spikes(r), s.max_deflation)
+    # −1: every test up to ``top`` rejected: more spikes than can be counted, or a zero bulk (an exactly low-rank
+    # form, whose fitted scale is 0, is no spectrum of spikes on noise)
+    counts = np.full(G, -1)
     active, k, nulls = np.arange(G), 0, {}
     while active.size and k <= top:
         null = nulls[k] = spike_null(s, k, norms, draws, fpr)
