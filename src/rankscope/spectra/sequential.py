@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -56,6 +57,27 @@ def count_spikes(lam: np.ndarray, structure: Structure, norms: np.ndarray | None
     return out
 
 
+@dataclass(frozen=True, eq=False)
+class _Step:
+    """What one step of the count reads from its null."""
+
+    quantiles: np.ndarray
+    edge: float
+    threshold: float
+    erank: float
+
+
+def _step(s: Structure, k: int, norms, draws: int | None, fpr: float) -> _Step:
+    null = spike_null(s, k, norms, draws, fpr)
+    return _Step(null.ratio_quantiles, null.seq_edge(fpr), null.gof_threshold(fpr), null.erank)
+
+
+@lru_cache(maxsize=4096)
+def _chain_step(s: Structure, k: int, draws: int | None, fpr: float) -> _Step:
+    """``_step`` of a chain (no block norms): the heads of a layer, the layers of a model share it."""
+    return _step(s, k, None, draws, fpr)
+
+
 def _count(ascending: np.ndarray, s: Structure, norms, fpr: float, draws: int | None,
            effective_rank: np.ndarray) -> list[SpikeCount]:
     """Spectra (G, r) ascending that share their nulls: the sequential tests run for all at once."""
@@ -64,15 +86,15 @@ def _count(ascending: np.ndarray, s: Structure, norms, fpr: float, draws: int | 
     # −1: every test up to ``top`` rejected: more spikes than can be counted, or a zero bulk (an exactly low-rank
     # form, whose fitted scale is 0, is no spectrum of spikes on noise)
     counts = np.full(G, -1)
-    active, k, nulls = np.arange(G), 0, {}
+    active, k, steps = np.arange(G), 0, {}
     while active.size and k <= top:
-        null = nulls[k] = spike_null(s, k, norms, draws, fpr)
-        t = sequential_statistic(ascending[active, : r - k], PROBS, null.ratio_quantiles)
-        reject = t > null.seq_edge(fpr)
+        step = steps[k] = _chain_step(s, k, draws, fpr) if norms is None else _step(s, k, norms, draws, fpr)
+        t = sequential_statistic(ascending[active, : r - k], PROBS, step.quantiles)
+        reject = t > step.edge
         counts[active[~reject]] = k
         active = active[reject]
         k += 1
-    erank_null = nulls[0].erank
+    erank_null = steps[0].erank
     results = []
     for g in range(G):
         ratio = float(effective_rank[g] / erank_null) if erank_null > 0 else math.nan
@@ -83,9 +105,9 @@ def _count(ascending: np.ndarray, s: Structure, norms, fpr: float, draws: int | 
         if k < 0:
             results.append(SpikeCount(math.nan, False, math.nan, math.nan, ratio))
             continue
-        null = nulls[k]
-        stat = float(anderson_darling(ascending[g, : r - k], PROBS, null.ratio_quantiles))
-        threshold = null.gof_threshold(fpr)
+        step = steps[k]
+        stat = float(anderson_darling(ascending[g, : r - k], PROBS, step.quantiles))
+        threshold = step.threshold
         fits = stat <= threshold
         results.append(SpikeCount(float(k) if fits else math.nan, bool(fits), stat, threshold, ratio))
     return results
