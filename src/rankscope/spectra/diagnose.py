@@ -203,8 +203,11 @@ def _diagnose_form(form: Form, nulls: tuple[str, ...], fpr: float, draws: int | 
         counts = [_NOT_COUNTED] * B
         if null == PERMUTATION:
             n_draws = draws or permutation.default_draws(fpr)
-            null_objs = [permutation.permutation_null(form[b], n_draws, shape_seed(s, b), QUANTILE_POINTS)
-                         for b in range(B)]
+            try:
+                null_objs = [permutation.permutation_null(form[b], n_draws, shape_seed(s, b), QUANTILE_POINTS)
+                             for b in range(B)]
+            except InputError as exc:
+                raise InputError(f"{name}: {exc}") from None
         elif norms is None or null == MP:
             null_objs = [_null_for(s, null, fpr, draws)] * B
         else:  # a sum of chains: the null depends on each spectrum's block-norm ratios

@@ -22,7 +22,7 @@ import numpy as np
 
 from rankscope.spectra.form import Structure
 from rankscope.spectra.nulls import PROBS, spike_null
-from rankscope.spectra.spikes import MIN_BULK, anderson_darling, max_spikes, sequential_statistic
+from rankscope.spectra.spikes import MIN_BULK, anderson_darling, fit_weights, max_spikes, sequential_statistic
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,7 @@ class _Step:
     """What one step of the count reads from its null."""
 
     quantiles: np.ndarray
+    weights: tuple[np.ndarray, np.ndarray]  # spikes.fit_weights for the r − k eigenvalues this step reads
     edge: float
     threshold: float
     erank: float
@@ -69,7 +70,8 @@ class _Step:
 
 def _step(s: Structure, k: int, norms, draws: int | None, fpr: float) -> _Step:
     null = spike_null(s, k, norms, draws, fpr)
-    return _Step(null.ratio_quantiles, null.seq_edge(fpr), null.gof_threshold(fpr), null.erank)
+    weights = fit_weights(s.rank_bound - k, PROBS, null.ratio_quantiles)
+    return _Step(null.ratio_quantiles, weights, null.seq_edge(fpr), null.gof_threshold(fpr), null.erank)
 
 
 @lru_cache(maxsize=4096)
@@ -89,7 +91,7 @@ def _count(ascending: np.ndarray, s: Structure, norms, fpr: float, draws: int | 
     active, k, steps = np.arange(G), 0, {}
     while active.size and k <= top:
         step = steps[k] = _chain_step(s, k, draws, fpr) if norms is None else _step(s, k, norms, draws, fpr)
-        t = sequential_statistic(ascending[active, : r - k], PROBS, step.quantiles)
+        t = sequential_statistic(ascending[active, : r - k], PROBS, step.quantiles, step.weights)
         reject = t > step.edge
         counts[active[~reject]] = k
         active = active[reject]

@@ -45,11 +45,9 @@ def max_spikes(rank: int) -> int:
     return max(0, rank - max(MIN_BULK, math.ceil(rank / 2)))
 
 
-def bulk_scale(x_asc: np.ndarray, grid: np.ndarray, quantiles: np.ndarray) -> np.ndarray:
-    """σ̂ (…,): the least-squares scale matching x's quantiles at ``FIT_RANGE`` to the null's, x (…, m) ascending.
-
-    ``quantiles`` are the null's quantiles (in units of its median) at the probabilities ``grid``."""
-    m = x_asc.shape[-1]
+def fit_weights(m: int, grid: np.ndarray, quantiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, weights) with σ̂ = x_asc[..., indices] @ weights for spectra of m values: the plotting positions
+    in ``FIT_RANGE`` and Q(p_i) / Σ Q(p_i)² there."""
     p = plotting_positions(m)
     lo, hi = FIT_RANGE
     idx = np.nonzero((p >= lo) & (p <= hi))[0]
@@ -57,12 +55,21 @@ def bulk_scale(x_asc: np.ndarray, grid: np.ndarray, quantiles: np.ndarray) -> np
         idx = np.array([0])
     q = np.interp(p[idx], grid, quantiles)  # (n_fit,)
     denom = float(q @ q)
-    return (x_asc[..., idx] @ q) / denom if denom > 0 else np.zeros(x_asc.shape[:-1])
+    return idx, (q / denom if denom > 0 else np.zeros_like(q))
 
 
-def sequential_statistic(x_asc: np.ndarray, grid: np.ndarray, quantiles: np.ndarray) -> np.ndarray:
+def bulk_scale(x_asc: np.ndarray, grid: np.ndarray, quantiles: np.ndarray, weights=None) -> np.ndarray:
+    """σ̂ (…,): the least-squares scale matching x's quantiles at ``FIT_RANGE`` to the null's, x (…, m) ascending.
+
+    ``quantiles`` are the null's quantiles (in units of its median) at the probabilities ``grid``; ``weights``
+    are ``fit_weights`` for this m, when already known."""
+    idx, w = weights if weights is not None else fit_weights(x_asc.shape[-1], grid, quantiles)
+    return x_asc[..., idx] @ w
+
+
+def sequential_statistic(x_asc: np.ndarray, grid: np.ndarray, quantiles: np.ndarray, weights=None) -> np.ndarray:
     """t = x_max / σ̂(x) (…,); where σ̂ is 0, ∞ above a zero bulk and 0 for a spectrum of zeros."""
-    scale = bulk_scale(x_asc, grid, quantiles)
+    scale = bulk_scale(x_asc, grid, quantiles, weights)
     top = x_asc[..., -1]
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(scale > 0, top / np.where(scale > 0, scale, 1.0), np.where(top > 0, np.inf, 0.0))
