@@ -139,7 +139,7 @@ def excess_kurtosis(form: Form, batch: int) -> np.ndarray:
         mean = x.mean(dim=1, keepdim=True)
         m2 = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
         m4 = torch.zeros_like(m2)
-        step = max(1, 2**20 // x.shape[0])  # in column chunks: a large matrix is not copied whole
+        step = max(1, 2**16 // x.shape[0])  # in column chunks of 0.5 MB: a large matrix is not copied whole
         for lo in range(0, x.shape[1], step):
             c2 = (x[:, lo:lo + step] - mean).square_()
             m2 += c2.sum(dim=1)
