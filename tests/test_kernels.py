@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from formtools import multiplied_out
 from rankscope.errors import InputError
 from rankscope.spectra.form import Chain, Form, Structure, Sum, stack
 from rankscope.spectra.kernels import prepare, spectrum
@@ -13,17 +14,6 @@ from rankscope.spectra.kernels import prepare, spectrum
 
 def as_form(x, batched=False):
     return prepare(x, batched=batched)
-
-
-def multiplied_out(form: Form) -> torch.Tensor:
-    """Σ over the form's terms of the product of their factors, by plain matmuls."""
-    total = 0
-    for term in form.terms():
-        out = term[0]
-        for f in term[1:]:
-            out = out @ f
-        total = total + out
-    return total
 
 
 def dense(B: torch.Tensor, r: int) -> torch.Tensor:

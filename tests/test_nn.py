@@ -24,6 +24,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from formtools import multiplied_out
 from rankscope.errors import InputError
 from rankscope.nn import GPT, ModelConfig, describe, make_attention, parameter_count_formula, summary_table
 from rankscope.nn.attention import Rotary
@@ -47,17 +48,6 @@ CASES = {
 
 def small(case: str, **kw) -> ModelConfig:
     return ModelConfig(**{**SMALL, **CASES[case], **kw})
-
-
-def dense(form) -> torch.Tensor:
-    """A form (or one term's factors) multiplied out by plain matmuls, float64."""
-    total = 0
-    for term in form.terms() if hasattr(form, "terms") else [form]:
-        out = term[0].double()
-        for f in term[1:]:
-            out = out @ f.double()
-        total = total + out
-    return total
 
 
 def _reinit(module: torch.nn.Module, seed: int) -> None:
@@ -120,14 +110,14 @@ def test_qk_chains_reproduce_the_modules_logits(case, monkeypatch):
     dr = cfg.rope_dim
 
     def scores(chain, corr):
-        return (x @ dense(chain) @ x.mT) * corr
+        return (x @ multiplied_out(chain) @ x.mT) * corr
 
     def from_form(head: int) -> torch.Tensor:
         form = forms[(3, head, "qk")].form
         if dr:  # decoupled: a sum of two chains, content and rope, each with its own per-token correction
             content, rope = form.terms()  # each term's factors, the shared Wdq (if any) included
-            assert torch.equal(dense(content), dense(forms[(3, head, "qk_content")].form))
-            assert torch.equal(dense(rope), dense(forms[(3, head, "qk_rope")].form))
+            assert torch.equal(multiplied_out(content), multiplied_out(forms[(3, head, "qk_content")].form))
+            assert torch.equal(multiplied_out(rope), multiplied_out(forms[(3, head, "qk_rope")].form))
             return scores(content, content_corr) + scores(rope, rope_corr)
         return scores(form, content_corr)
 
@@ -157,8 +147,8 @@ def test_ov_chains_reproduce_the_modules_output(case, monkeypatch):
         slot[:, h * dh:(h + 1) * dh] = v[:, h]
         with torch.no_grad():
             own = attn.o_proj(slot)  # (N, d)
-        torch.testing.assert_close((x @ dense(forms[h]).mT) / r_kv[:, None], own, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close((x @ dense(forms[-1]).mT) / r_kv[:, None], y[:, 0], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close((x @ multiplied_out(forms[h]).mT) / r_kv[:, None], own, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close((x @ multiplied_out(forms[-1]).mT) / r_kv[:, None], y[:, 0], rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.startswith("mla")])

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 import rankscope
+from formtools import multiplied_out
 from rankscope.errors import CheckpointError, InputError
 from rankscope.probes import (
     NamedForm,
@@ -54,17 +55,6 @@ VOCAB = 32
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def dense(form) -> torch.Tensor:
-    """The form multiplied out: Σ over its terms of F1 @ F2 @ …, float64."""
-    total = 0
-    for term in form.terms():
-        out = term[0].double()
-        for f in term[1:]:
-            out = out @ f.double()
-        total = total + out
-    return total
 
 
 def _reinit(model: nn.Module, gen: torch.Generator) -> None:
@@ -194,7 +184,7 @@ def _chain_scores(x, form, kind, corr, forms_by_key, layer, head):
     if kind == "qk" and corr["qk"] is None:  # MLA: the two blocks carry different per-token corrections
         return sum(_chain_scores(x, forms_by_key[(layer, head, k)].form, k, corr, forms_by_key, layer, head)
                    for k in ("qk_content", "qk_rope"))
-    return (x @ dense(form) @ x.mT) * corr[kind]
+    return (x @ multiplied_out(form) @ x.mT) * corr[kind]
 
 
 # ---- the models ---------------------------------------------------------------------------------------
@@ -274,7 +264,7 @@ def test_chains_reproduce_attention_logits(case):
                 nf = by_key[(i, h, kind)]
                 if kind == "ov":
                     want = got["ov"].sum(0) if h < 0 else got["ov"][h]  # (T, d)
-                    have = (x @ dense(nf.form).mT) * got["ov_corr"][:, None]
+                    have = (x @ multiplied_out(nf.form).mT) * got["ov_corr"][:, None]
                 else:
                     want = got["logits"][kind].sum(0) if h < 0 else got["logits"][kind][h]  # (T, T)
                     have = _chain_scores(x, nf.form, kind, got["corr"], by_key, i, h)
@@ -316,14 +306,14 @@ def test_metadata_and_honest_shapes(case):
         assert {f.kv_cache_floats for f in forms} == {2 * H_kv * dh}
         layer = next(f for f in forms if f.key == (1, -1, "qk"))
         assert layer.form.factors[0].shape[1] == H_kv * dh  # the layer's inner width is its rank bound
-        assert torch.linalg.matrix_rank(dense(layer.form)) == min(H_kv * dh, cfg.hidden_size)
+        assert torch.linalg.matrix_rank(multiplied_out(layer.form)) == min(H_kv * dh, cfg.hidden_size)
     # the per-head forms batch for diagnose_batch and agree with one-by-one diagnoses
     per_head = [f for f in forms if f.layer == 0 and f.kind == "qk" and f.head >= 0]
     batch = rankscope.diagnose_batch(stack_heads(per_head), fpr=0.1, draws=60)
     assert len(batch) == H
     for d, f in zip(batch, per_head, strict=True):
-        torch.testing.assert_close(d.eigenvalues, torch.linalg.svdvals(dense(f.form))[: d.rank] ** 2, rtol=1e-8,
-                                   atol=1e-10 * d.lambda_max)
+        want = torch.linalg.svdvals(multiplied_out(f.form))[: d.rank] ** 2
+        torch.testing.assert_close(d.eigenvalues, want, rtol=1e-8, atol=1e-10 * d.lambda_max)
 
 
 def test_multihead_attention_module():
@@ -343,11 +333,12 @@ def test_multihead_attention_module():
         q, k, v = _heads(x @ wq.T, 2), _heads(y @ wk.T, 2), _heads(y @ wv.T, 2)  # (H, T, 4)
         ov = _ov(mha.out_proj, v, 2)
         for h in range(2):
-            s = x @ dense(forms[(3, h, "qk")].form) @ y.T
+            s = x @ multiplied_out(forms[(3, h, "qk")].form) @ y.T
             torch.testing.assert_close(s, q[h] @ k[h].T, rtol=1e-8, atol=1e-12)
             torch.testing.assert_close(0.5 * (s - s[:, :1]), p[h].log() - p[h].log()[:, :1], rtol=0, atol=1e-10)
-            torch.testing.assert_close(y @ dense(forms[(3, h, "ov")].form).T, ov[h], rtol=1e-8, atol=1e-12)
-        torch.testing.assert_close(x @ dense(forms[(3, -1, "qk")].form) @ y.T, (q @ k.mT).sum(0), rtol=1e-8, atol=1e-12)
+            torch.testing.assert_close(y @ multiplied_out(forms[(3, h, "ov")].form).T, ov[h], rtol=1e-8, atol=1e-12)
+        torch.testing.assert_close(x @ multiplied_out(forms[(3, -1, "qk")].form) @ y.T, (q @ k.mT).sum(0), rtol=1e-8,
+                                   atol=1e-12)
         assert {f.kv_cache_floats for f in forms.values()} == {16}
 
 
@@ -378,12 +369,12 @@ def test_chain_algebra_mla():
         q_lat, k_lat = torch.diag(dqg) @ wdq / 2.0, torch.diag(dkv) @ wdkv / 3.0
         content = (qb[:dn] @ q_lat).T @ (kb[:dn] @ k_lat)
         rope = (qb[dn:] @ q_lat).T @ wkr
-        torch.testing.assert_close(dense(forms[(0, h, "qk_content")]), content)
-        torch.testing.assert_close(dense(forms[(0, h, "qk_rope")]), rope)
-        torch.testing.assert_close(dense(forms[(0, h, "qk")]), content + rope)
-        torch.testing.assert_close(dense(forms[(0, h, "ov")]), wo[:, h * dv:(h + 1) * dv] @ kb[dn:] @ k_lat)
+        torch.testing.assert_close(multiplied_out(forms[(0, h, "qk_content")]), content)
+        torch.testing.assert_close(multiplied_out(forms[(0, h, "qk_rope")]), rope)
+        torch.testing.assert_close(multiplied_out(forms[(0, h, "qk")]), content + rope)
+        torch.testing.assert_close(multiplied_out(forms[(0, h, "ov")]), wo[:, h * dv:(h + 1) * dv] @ kb[dn:] @ k_lat)
         total = total + content + rope
-    torch.testing.assert_close(dense(forms[(0, -1, "qk")]), total)
+    torch.testing.assert_close(multiplied_out(forms[(0, -1, "qk")]), total)
 
 
 def test_layout_edge_cases():

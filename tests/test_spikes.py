@@ -13,6 +13,7 @@ import torch
 from scipy import stats
 
 import rankscope as rs
+from formtools import multiplied_out
 from rankscope.attention_forms import mha_forms
 from rankscope.spectra import budget
 from rankscope.spectra.form import Chain, Structure, Sum
@@ -27,17 +28,6 @@ def gen(seed):
 
 def randn(g, *shape):
     return torch.randn(*shape, generator=g, dtype=torch.float64)
-
-
-def dense(form) -> torch.Tensor:
-    """Σ over the form's terms of the product of their factors, by plain matmuls."""
-    total = 0
-    for term in form.terms():
-        out = term[0]
-        for f in term[1:]:
-            out = out @ f
-        total = total + out
-    return total
 
 
 def assert_rate_near(count, trials, fpr, null_draws, what):
@@ -112,7 +102,7 @@ def test_spikes_keep_the_false_alarm_rate_on_gaussian_noise(kind, fpr):
 def test_a_shared_query_factor_has_the_right_rank_and_its_null_draws_it_once(dq):
     g, trials, fpr = gen(dq), 300, 0.01
     form = shared_left(dq)(g, trials)
-    B = dense(form[0])  # the first head, multiplied out
+    B = multiplied_out(form[0])  # the first head, multiplied out
     ds = rs.diagnose_batch(form, fpr=fpr)
     assert ds[0].rank == min(dq, DH + DR) == torch.linalg.matrix_rank(B)
     torch.testing.assert_close(ds[0].eigenvalues, torch.linalg.svdvals(B)[: ds[0].rank] ** 2, rtol=1e-9,

@@ -27,8 +27,8 @@ from rankscope.spectra import budget, metrics, permutation
 from rankscope.spectra.form import Form, Structure
 from rankscope.spectra.kernels import prepare, spectrum
 from rankscope.spectra.nullcache import seed as shape_seed
-from rankscope.spectra.nulls import QUANTILE_POINTS, NaiveMPNull, TracyWidomNull, median, product_null, sum_null
-from rankscope.spectra.sequential import SpikeCount, count_spikes
+from rankscope.spectra.nulls import NaiveMPNull, TracyWidomNull, median, product_null, sum_null
+from rankscope.spectra.sequential import UNTESTED, SpikeCount, count_spikes
 from rankscope.spectra.spikes import onatski_count
 from rankscope.spectra.tail import power_law_fit
 from rankscope.vocab import MP, NULLS, PERMUTATION, PRODUCT, TW
@@ -167,8 +167,6 @@ def _shared_metrics(lam: torch.Tensor, form: Form) -> tuple[dict, list, list]:
     return cols, [power_law_fit(lam[b]) for b in range(lam.shape[0])], per
 
 
-_NOT_COUNTED = SpikeCount(math.nan, None, math.nan, math.nan, math.nan)
-
 
 def _check_options(null: str, fpr: float, draws: int | None) -> None:
     if null not in NULLS:
@@ -200,11 +198,11 @@ def _diagnose_form(form: Form, nulls: tuple[str, ...], fpr: float, draws: int | 
     norms = form.block_norms().to("cpu").expand(B, len(s.chains)) if len(s.chains) > 1 else None  # (B, C)
     out = {}
     for null in nulls:
-        counts = [_NOT_COUNTED] * B
+        counts = [UNTESTED] * B
         if null == PERMUTATION:
             n_draws = draws or permutation.default_draws(fpr)
             try:
-                null_objs = [permutation.permutation_null(form[b], n_draws, shape_seed(s, b), QUANTILE_POINTS)
+                null_objs = [permutation.permutation_null(form[b], n_draws, shape_seed(s, b))
                              for b in range(B)]
             except InputError as exc:
                 raise InputError(f"{name}: {exc}") from None

@@ -30,7 +30,7 @@ from rankscope.errors import InputError
 from rankscope.spectra import budget
 from rankscope.spectra.form import Chain, Form, Sum
 from rankscope.spectra.kernels import spectrum
-from rankscope.spectra.nulls import upper_quantile
+from rankscope.spectra.nulls import PROBS, upper_quantile
 from rankscope.vocab import PERMUTATION
 
 MIN_PERMUTATION_DRAWS = 400
@@ -52,8 +52,7 @@ class PermutationNull:
         return upper_quantile(self.t, fpr, fitted=False)
 
     def cdf(self, ratio: np.ndarray) -> np.ndarray:
-        probs = np.linspace(0, 1, len(self.ratio_quantiles))
-        return np.interp(ratio, self.ratio_quantiles, probs, left=0.0, right=1.0)
+        return np.interp(ratio, self.ratio_quantiles, PROBS, left=0.0, right=1.0)
 
 
 def default_draws(fpr: float) -> int:
@@ -109,7 +108,7 @@ def _shuffled_form(form: Form, draws: int, rng: torch.Generator) -> Form:
     return Sum([shuffle(c) for c in form.chains], left=shuffle(form.left), right=shuffle(form.right))
 
 
-def permutation_null(form: Form, draws: int, seed: int, points: int) -> PermutationNull:
+def permutation_null(form: Form, draws: int, seed: int) -> PermutationNull:
     """The permutation null of one unbatched, prepared (float64) form."""
     form = form.to("cpu")
     if isinstance(form, Chain):
@@ -131,6 +130,5 @@ def permutation_null(form: Form, draws: int, seed: int, points: int) -> Permutat
     if pooled.numel() > 2**24:
         pooled = pooled[:: math.ceil(pooled.numel() / 2**24)]
     return PermutationNull(t=np.sort(ratio[:, 0].numpy()),
-                           ratio_quantiles=torch.quantile(pooled, torch.linspace(0, 1, points,
-                                                                                dtype=torch.float64)).numpy(),
+                           ratio_quantiles=torch.quantile(pooled, torch.from_numpy(PROBS)).numpy(),
                            mean_ratio=float(ratio.mean()))

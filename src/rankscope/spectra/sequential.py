@@ -34,7 +34,7 @@ class SpikeCount:
     erank_vs_null: float  # effective rank of the spectrum / the null's mean effective rank
 
 
-_UNTESTED = SpikeCount(math.nan, None, math.nan, math.nan, math.nan)
+UNTESTED = SpikeCount(math.nan, None, math.nan, math.nan, math.nan)  # no count: too small, or not this null
 
 
 def count_spikes(lam: np.ndarray, structure: Structure, norms: np.ndarray | None, fpr: float,
@@ -43,7 +43,7 @@ def count_spikes(lam: np.ndarray, structure: Structure, norms: np.ndarray | None
     sum (None for a chain), ``effective_rank`` (B,) of each spectrum."""
     B, r = lam.shape
     if r <= MIN_BULK:
-        return [_UNTESTED] * B
+        return [UNTESTED] * B
     ascending = lam[:, ::-1]
     if len(structure.chains) == 1 or norms is None:
         groups = [(np.arange(B), None)]
