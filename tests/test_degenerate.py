@@ -13,7 +13,8 @@ from rankscope.spectra.tail import MIN_EIGENVALUES
 
 ALLOWED_NAN = {"pl_alpha", "pl_xmin"}
 # NaN by definition, each in its documented case (checked below)
-SPIKE_NAN = {"spikes", "bulk_stat", "bulk_threshold", "erank_vs_null", "spikes_gap", "excess_kurtosis"}
+SPIKE_NAN = {"spikes", "bulk_stat", "bulk_threshold", "erank_vs_null", "spikes_gap", "excess_kurtosis",
+             "top_energy_vs_null", "bulk_effective_rank"}
 
 
 def check_well_defined(d: rs.Diagnosis):

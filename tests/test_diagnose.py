@@ -1,6 +1,7 @@
 """diagnose(): planted spikes against the BBP closed form, metrics against hand-computed closed forms."""
 
 import dataclasses
+import itertools
 import math
 
 import numpy as np
@@ -131,3 +132,88 @@ def test_a_sum_with_a_planted_rope_spike_is_found_by_the_structure_matched_null(
     rope_spiked = [torch.cat([rope[0][:, :-1], 40 * u], 1), torch.cat([rope[1][:-1], u.T], 0)]
     spiked = rs.diagnose([content, rope_spiked])
     assert clean.outliers == 0 and spiked.outliers >= 1
+
+
+# ----------------------------------------------------------------------------- rank-fair statistics
+
+
+def test_top_energy_is_the_share_of_the_top_tenth_of_the_spectrum():
+    from rankscope.spectra import metrics
+
+    rng = np.random.default_rng(11)
+    lam = rng.exponential(size=(3, 23))  # unsorted; r = 23 → k = ⌈2.3⌉ = 3
+    direct = np.sort(lam, axis=1)[:, ::-1][:, :3].sum(1) / lam.sum(1)
+    got = metrics.top_energy(torch.from_numpy(lam)).numpy()
+    np.testing.assert_allclose(got, direct, rtol=1e-12)
+    np.testing.assert_allclose(metrics.top_energy(torch.from_numpy(lam), k=5).numpy(),
+                               np.sort(lam, axis=1)[:, ::-1][:, :5].sum(1) / lam.sum(1), rtol=1e-12)
+    two = torch.tensor([4.0, 1.0], dtype=torch.float64)
+    assert float(metrics.top_energy(two)) == pytest.approx(0.8, rel=1e-12)  # k = ⌈0.2⌉ = 1
+    assert float(metrics.top_energy(torch.zeros(7))) == 0.0  # the zero form
+    d = rs.diagnose(torch.from_numpy(rng.standard_normal((40, 30))))
+    ev = d.eigenvalues.numpy()
+    assert d.top_energy == pytest.approx(ev[:3].sum() / ev.sum(), rel=1e-12)  # r = 30 → k = 3
+
+
+def _gaussian(structure, batch, seed, spike=0.0):
+    """A batch of Gaussian forms of ``structure`` (a matrix (n, m) or a chain (n, k, m)); ``spike`` scales the
+    first column of the (first) factor by 1 + spike: a rank-1 direction of energy ∝ (1 + spike)²."""
+    g = torch.Generator().manual_seed(seed)
+    dims = list(itertools.pairwise(structure))
+    factors = [torch.randn(batch, a, b, generator=g, dtype=torch.float64) for a, b in dims]
+    factors[0][:, :, 0] *= 1 + spike
+    return factors[0] if len(factors) == 1 else factors
+
+
+@pytest.mark.parametrize("structure", [(200, 100), (64, 16, 64)])
+def test_top_energy_vs_null_is_one_on_noise_and_above_one_with_a_spike(structure):
+    B = 16
+    noise = rs.diagnose_batch(_gaussian(structure, B, seed=21))
+    te = np.array([d.top_energy for d in noise])
+    rel_sd = te.std(ddof=1) / te.mean()  # the spread of top_energy across independent draws
+    ratios = np.array([d.top_energy_vs_null for d in noise])
+    assert np.all(np.abs(ratios - 1) < 4 * rel_sd)
+    # the mean of B draws: its own error rel_sd/√B, the null's mean (≥ hundreds of draws) much less
+    assert abs(ratios.mean() - 1) < 4 * rel_sd / math.sqrt(B)
+    # the null's mean is the draws' mean: the ratio is top_energy / that mean for every spectrum
+    np.testing.assert_allclose(ratios / te, ratios[0] / te[0], rtol=1e-12)
+    spiked = rs.diagnose_batch(_gaussian(structure, 4, seed=22, spike=9.0))  # column energy ×100
+    assert all(d.top_energy_vs_null > 1 + 20 * rel_sd for d in spiked)
+    assert all(d.top_energy_vs_null > 1.5 for d in spiked)
+
+
+def test_top_energy_vs_null_is_nan_like_erank_vs_null_where_no_null_draws():
+    W = _gaussian((60, 40), 1, seed=23)[0]
+    for null in ("mp", "tw", "permutation"):
+        d = rs.diagnose(W, null=null)
+        assert math.isnan(d.erank_vs_null) and math.isnan(d.top_energy_vs_null)
+        assert d.top_energy == pytest.approx(rs.diagnose(W).top_energy, rel=1e-12)  # null-free itself
+    small = rs.diagnose(torch.randn(4, 6, dtype=torch.float64))  # r = 4: too small to count
+    assert math.isnan(small.erank_vs_null) and math.isnan(small.top_energy_vs_null)
+
+
+def _erank(lam: np.ndarray) -> float:
+    s = np.sqrt(np.clip(lam, 0, None))
+    p = s[s > 0] / s.sum()
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def test_bulk_effective_rank_is_the_effective_rank_below_the_spikes():
+    spiked = rs.diagnose_batch(planted(200, 400, [3.0, 2.5], 4, seed=24))
+    for d in spiked:
+        assert d.spikes >= 1  # finite: the bulk fits
+        k = int(d.spikes)
+        ev = d.eigenvalues.numpy()
+        assert d.bulk_effective_rank == pytest.approx(_erank(ev[k:]), rel=1e-10)
+        assert d.bulk_effective_rank > d.effective_rank  # the spikes took a share of σ: the bulk is flatter
+    noise = rs.diagnose(planted(200, 400, [], 1, seed=25)[0])
+    assert noise.spikes == 0
+    assert noise.bulk_effective_rank == pytest.approx(noise.effective_rank, rel=1e-12)
+    assert math.isnan(rs.diagnose(planted(200, 400, [], 1, seed=25)[0], null="mp").bulk_effective_rank)
+    # a smoothly decaying spectrum is no "spikes on noise": spikes is NaN, and so is the bulk's effective rank
+    g = torch.Generator().manual_seed(26)
+    Q1 = torch.linalg.qr(torch.randn(120, 100, generator=g, dtype=torch.float64)).Q
+    Q2 = torch.linalg.qr(torch.randn(100, 100, generator=g, dtype=torch.float64)).Q
+    decaying = Q1 @ torch.diag(torch.arange(1, 101, dtype=torch.float64) ** -1.0) @ Q2.T
+    d = rs.diagnose(decaying)
+    assert math.isnan(d.spikes) and math.isnan(d.bulk_effective_rank)

@@ -38,6 +38,7 @@ CASES = {
     "mha": dict(attention="mha"),
     "gqa": dict(attention="gqa"),
     "mqa": dict(attention="mqa"),
+    "mha_decoupled": dict(attention="mha_decoupled"),
     "mla_prerope_input": dict(attention="mla_prerope", rope_mode="input"),
     "mla_prerope_coupled": dict(attention="mla_prerope", rope_mode="coupled"),
     "mla_prerope_q_lora": dict(attention="mla_prerope", rope_mode="input", q_lora_rank=10),
@@ -137,6 +138,53 @@ def test_qk_chains_reproduce_the_modules_logits(case, monkeypatch):
 
 
 @pytest.mark.parametrize("case", CASES)
+def test_offset_forms_reproduce_the_modules_logits_at_every_offset(case, monkeypatch):
+    """One float64 sequence of T tokens: the module's own q_i·k_j (RoPE at positions i and j applied by the module) equals
+    x_iᵀ B_h(Δ) x_j with Δ = j − i and B_h(Δ) = ``qk_chains(offset=Δ)`` multiplied out; for PreRoPE-input the
+    rotation acts on the token, so the score is x_iᵀ R_iᵀ B(Δ) R_i x_j (R_i: RoPE over d at position i)."""
+    from rankscope.attention_forms import rope_matrix
+
+    cfg = small(case)
+    T = 6
+    attn = make_attention(cfg, layer_idx=1).double().eval()
+    _reinit(attn, seed=4)
+    x = torch.randn(1, T, cfg.d_model, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    _, (q, k, _) = _run_captured(attn, x, monkeypatch)  # (1, H, T, ·)
+    q, k, x = q[0], k[0], x[0]  # (H, T, ·), (H, T, ·), (T, d)
+    rope_input = cfg.attention == "mla_prerope" and cfg.rope_mode == "input"
+    rot = [rope_matrix(cfg.d_model, t, cfg.rope_theta) if rope_input else torch.eye(cfg.d_model, dtype=torch.float64)
+           for t in range(T)]
+    seen = [r @ x[t] for t, r in enumerate(rot)]  # the token as the projections see it
+    one = torch.ones(T, dtype=torch.float64)
+    r_q = r_kv = one
+    if cfg.is_mla:
+        attn.rho_kv.fill_(1.0)
+        xs = torch.stack(seen)
+        r_kv = _rms_rows(attn.kv_a_proj.weight[: cfg.kv_lora_rank], xs, cfg.norm_eps)
+        if attn.compressed_q:
+            attn.rho_q.fill_(1.0)
+            r_q = _rms_rows(attn.q_a_proj.weight, xs, cfg.norm_eps)
+    dr = cfg.rope_dim
+    for delta in (0, -1, -3, -5):
+        forms = {f.key: f for f in attn.qk_chains(offset=delta)}
+        assert all(f.offset == delta for f in forms.values())
+        for i in range(-delta, T):
+            j = i + delta
+            for h in range(cfg.n_head):
+                xi, xj = seen[i], rot[i] @ x[j]  # x_iᵀ R_iᵀ B(Δ) R_i x_j = (R_i x_i)ᵀ B(Δ) (R_i x_j)
+                if dr:
+                    content, rope = forms[(1, h, "qk")].form.terms()
+                    score = (xi @ multiplied_out(content) @ xj) / (r_q[i] * r_kv[j]) \
+                        + (xi @ multiplied_out(rope) @ xj) / r_q[i]
+                else:
+                    score = (xi @ multiplied_out(forms[(1, h, "qk")].form) @ xj) / (r_q[i] * r_kv[j])
+                want = q[h, i] @ k[h, j]
+                # the module's cos/sin tables are float32 (relative error ≤ 2⁻²⁴ per entry): |error| ≲ 4·2⁻²⁴·‖q‖‖k‖
+                bound = 16 * 2.0**-24 * float(q[h, i].norm() * k[h, j].norm()) + 1e-12
+                assert abs(float(score - want)) <= bound, (delta, i, h)
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_ov_chains_reproduce_the_modules_output(case, monkeypatch):
     cfg, attn, x, y, _, _, v, _, r_kv = _setup(case, monkeypatch)
     H, dh = cfg.n_head, cfg.head_dim
@@ -190,7 +238,9 @@ def test_rho_buffers_track_the_latent_rms_and_fold_into_the_chains(case):
 # ---- sizes ------------------------------------------------------------------------------------------------
 
 def _design_kv_floats_per_layer(cfg: ModelConfig) -> int:
-    """DESIGN §4: MHA 2·H·dh (GQA/MQA 2·H_kv·dh); MLA dc + dr (dr = 0 for PreRoPE, either rope mode)."""
+    """DESIGN §4: MHA 2·H·dh (GQA/MQA 2·H_kv·dh, MHA-decoupled 2·H·dh + dr); MLA dc + dr (dr = 0 for PreRoPE)."""
+    if cfg.attention == "mha_decoupled":
+        return 2 * cfg.n_head * cfg.head_dim + cfg.qk_rope_dim
     H_kv = {"mha": cfg.n_head, "gqa": cfg.n_head // 2, "mqa": 1}.get(cfg.attention)
     if H_kv is not None:
         return 2 * H_kv * cfg.head_dim
@@ -213,7 +263,7 @@ def test_parameter_count_and_kv_cache(case, tie):
 
 
 @settings(max_examples=25, deadline=None)
-@given(attention=st.sampled_from(["mha", "gqa", "mqa", "mla_prerope", "mla_decoupled"]),
+@given(attention=st.sampled_from(["mha", "gqa", "mqa", "mha_decoupled", "mla_prerope", "mla_decoupled"]),
        n_head=st.sampled_from([1, 2, 4]), head_dim=st.sampled_from([2, 4, 6]), d_model=st.sampled_from([8, 12]),
        dc=st.integers(1, 9), dq=st.one_of(st.none(), st.integers(1, 9)), dr=st.sampled_from([2, 4]),
        rope_mode=st.sampled_from(["input", "coupled"]), tie=st.booleans())

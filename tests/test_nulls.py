@@ -244,3 +244,28 @@ def test_the_memory_cache_is_bounded_and_keeps_the_most_recently_used(tmp_path, 
         path.unlink()  # only the memory holds them now
     cache.get(nullcache.key("test", (0,), (), 1), make(100))  # evicted first: made again
     assert made == [0, 1, 2, 3, 4, 100]
+
+
+def test_a_cached_null_of_an_older_format_without_top_energy_is_simulated_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANKSCOPE_CACHE_DIR", str(tmp_path))
+    nullcache.CACHE.clear()
+    fresh = nulls.product_null([(60, 8, 60)], draws=400)
+    (path,) = tmp_path.glob("*.npz")
+    with np.load(path) as z:
+        old = {name: z[name] for name in z.files if name != "top_energy"}  # same key: only the array is missing
+    np.savez(path, **old)
+    nullcache.CACHE.clear()
+    again = nulls.product_null([(60, 8, 60)], draws=400)  # no KeyError: simulated again, with the same seed
+    assert again.top_energy == pytest.approx(fresh.top_energy, rel=1e-12) and 0 < fresh.top_energy < 1
+    with np.load(path) as z:
+        assert "top_energy" in z.files  # and stored again whole
+
+
+def test_interpolated_null_weights_top_energy_like_erank():
+    s = [(64, 8, 64), (64, 4, 64)]
+    null = nulls.sum_null(s, [1.0, 0.37], draws=400)
+    assert len(null.parts) == 2
+    for name in ("erank", "top_energy"):
+        assert getattr(null, name) == pytest.approx(sum(w * getattr(p, name) for p, w in null.parts), rel=1e-12)
+    lo, hi = sorted(p.top_energy for p, _ in null.parts)
+    assert lo <= null.top_energy <= hi

@@ -20,7 +20,11 @@ from rankscope.vocab import STUDY_VARIANTS as VARIANTS
 
 TOY = dict(vocab_size=300, n_layer=2, d_model=32, n_head=2, kv_lora_rank=16, qk_rope_dim=4, max_seq_len=32,
            max_bytes=300_000, batch_size=4, steps=12, warmup_steps=3, eval_every=6, eval_batches=2, ckpt_every=6,
-           monitor_every=4, threads=1, monitor_weights=False)
+           monitor_every=4, monitor_early=2, monitor_offsets="0,-2,-8", threads=1, monitor_weights=False)
+
+
+FIGURES = 8  # loss, layer heatmaps, onsets, offsets, carried, head maps, ESD, layer forms
+TOY_OFFSETS = "0,-2,-8"
 
 
 @pytest.fixture(scope="module")
@@ -37,13 +41,20 @@ def test_plan_matches_budgets_and_shares_seeds():
     assert len(specs) == 2 * len(VARIANTS)
     params = {s.variant: parameter_count_formula(s.config.model) for s in specs}
     mha = params["mha"]
+    d, layers = specs[0].config.model.d_model, specs[0].config.model.n_layer
     for variant, p in params.items():  # d_ff absorbs the difference: within 3·d·n_layer/2 of MHA's count
-        assert abs(p - mha) <= 3 * 128 * 4 / 2, variant
+        assert abs(p - mha) <= 3 * d * layers / 2, variant
     assert {s.config.train.seed for s in specs} == {0, 1}
+    assert {s.variant for s in specs} == set(VARIANTS) >= {"mha_decoupled", "gqa"}
+    cpu = specs[0].config  # the issue's floor for the CPU study: ≥ 8 layers, dense early monitoring
+    assert cpu.model.n_layer >= 8 and cpu.train.monitor_early >= 10
     assert {(s.config.model.attention, s.config.model.rope_mode) for s in specs if "prerope" in s.variant} == {
         ("mla_prerope", "input"), ("mla_prerope", "coupled")}
     swept = plan(Path("/x"), "smoke", seeds=1, sweep="lr=5e-4,2e-3", variants=["mha"])
     assert [s.config.train.lr for s in swept] == [5e-4, 2e-3] and swept[0].directory.parent.name == "lr=5e-4"
+    # sweep points have their own seeds and carry their label into the config (store column, run name)
+    assert [s.config.train.seed for s in swept] == [0, 1000]
+    assert [s.config.train.sweep for s in swept] == ["lr=5e-4", "lr=2e-3"]
     with pytest.raises(InputError, match="unknown variant"):
         plan(Path("/x"), "smoke", variants=["transformer"])
     with pytest.raises(InputError, match="--sweep"):
@@ -62,14 +73,17 @@ def test_report_embeds_every_figure_and_writes_the_summary(study):
     out, specs = study
     page = (out / "report.html").read_text()
     images = re.findall(r'<img src="data:image/png;base64,([^"]+)"', page)
-    assert len(images) == 7  # loss, heatmaps, head maps, decoupled blocks, ESD, onset, rank vs outliers
+    assert len(images) == FIGURES
     assert all(base64.b64decode(img).startswith(b"\x89PNG") for img in images)
     assert "http://" not in page and "https://" not in page  # self-contained
     summary = json.loads((out / "summary.json").read_text())
-    assert {p["null"] for p in summary["points"]} == {"product", "mp"}
-    assert len(summary["per_run"]) == 2 * len(specs)
+    assert len(summary["points"]) == 1 and len(summary["points"][0]["per_run"]) == len(specs)
+    assert {r["name"] for r in summary["runs"]} == {s.name for s in specs}  # each run's resolved config
+    assert all(r["config"]["model"]["n_layer"] == 2 for r in summary["runs"])
+    assert {"simulated", "spike_free", "known_effect"} <= set(summary["negative_controls"])
     # one seed: no verdict can be reached, and the report says so rather than guessing
-    assert all(c["verdict"] == "inconclusive at this scale" for p in summary["points"] for c in p["claims"].values())
+    assert all(c["verdict"] == "inconclusive" for p in summary["points"] for c in p["claims"].values())
+    assert "Negative controls" in page and "Verdict" in page
 
 
 def test_report_cli_on_a_run_and_on_bad_input(study, tmp_path):
@@ -77,7 +91,9 @@ def test_report_cli_on_a_run_and_on_bad_input(study, tmp_path):
     runner = CliRunner()
     result = runner.invoke(app, ["report", str(specs[0].directory)])
     assert result.exit_code == 0, result.output
-    assert (specs[0].directory / "report.html").exists()
+    page = (specs[0].directory / "report.html").read_text()  # a single run: its spectra, no claims template
+    assert "Verdict" not in page and "Attention spectra through training" in page
+    assert "points" not in json.loads((specs[0].directory / "summary.json").read_text())
     result = runner.invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 2 and "neither a study" in result.output
 
@@ -112,12 +128,12 @@ def test_report_loads_in_headless_chromium(study, tmp_path):
                     "package registry): the browser check of the report did not run")
     out, _ = study
     dom, log = _render(browser, out / "report.html")
-    assert 'data-figures="7/7"' in dom, log[-2000:]
+    assert f'data-figures="{FIGURES}/{FIGURES}"' in dom, log[-2000:]
     assert not _console_errors(log), _console_errors(log)
     # the checks can fail: a page with a script error and a broken image is caught
     bad = tmp_path / "bad.html"
     bad.write_text((out / "report.html").read_text().replace("<h2>Runs</h2>", '<script>undefinedCall();</script>'
                    '<img src="data:image/png;base64,AAAA"><h2>Runs</h2>'))
     dom, log = _render(browser, bad)
-    assert 'data-figures="7/8"' in dom
+    assert f'data-figures="{FIGURES}/{FIGURES + 1}"' in dom
     assert _console_errors(log)

@@ -1,83 +1,243 @@
-"""Verdict statistics against hand computations and scipy; bootstrap CIs against the normal approximation."""
+"""The verdict rule against independent computations (scipy, closed forms, hand-built series) and its controls."""
+
+import json
+import math
 
 import numpy as np
 import pandas as pd
 import pytest
 from scipy import stats
 
-from rankscope.report.verdict import bootstrap_ci, run_statistics, verdict
+from rankscope.report.verdict import (
+    CLAIMS,
+    MARGINS,
+    MIN_SEEDS,
+    anova_f,
+    equal_loss_steps,
+    holm,
+    layer_series,
+    layer_specificity,
+    offset_weights,
+    onset,
+    run_statistics,
+    simulate_studies,
+    synthetic_study,
+    t_interval,
+    t_pvalues,
+    verdict,
+)
 
 
-def _layers():
-    steps = [0, 10, 20, 30, 40]
-    outliers = {0: [0, 0, 2, 3, 0], 1: [0, 1, 1, 1, 1]}
-    energy = {0: [0, 0, 0.2, 0.4, 0], 1: [0, 0.1, 0.15, 0.3, 0.5]}
-    eff = {0: [30, 29, 25, 20, 28], 1: [31, 27, 26, 22, 18]}
-    rows = [{"layer": layer, "step": s, "outliers": outliers[layer][i], "outlier_energy": energy[layer][i],
-             "effective_rank": eff[layer][i], "rank": 32} for layer in (0, 1) for i, s in enumerate(steps)]
-    return pd.DataFrame(rows)
+def _claims(result):
+    return {k: v["verdict"] for k, v in result["points"][0]["claims"].items()}
 
 
-def test_run_statistics_match_hand_computation():
-    layers = _layers()
-    heads = pd.DataFrame({"step": [0, 10, 10, 20], "outliers": [1, 0, 2, 0]})
-    s = run_statistics(layers, heads, total_steps=40)
-    assert s["cells_with_outliers"] == pytest.approx(6 / 8)  # steps > 0 only
-    assert s["outlier_fraction"] == pytest.approx((0 + 2 + 3 + 0 + 1 + 1 + 1 + 1) / 8 / 32)
-    assert s["outlier_energy"] == pytest.approx((0 + 0.2 + 0.4 + 0 + 0.1 + 0.15 + 0.3 + 0.5) / 8)
-    assert s["head_cells_with_outliers"] == pytest.approx(1 / 3)
-    assert s["first_spike"] == pytest.approx(10 / 40)
-    assert s["layers_spiked_by_mid"] == pytest.approx(1.0)
-    assert s["persistence"] == pytest.approx((2 / 3 + 1) / 2)
-    assert s["final_effective_rank"] == pytest.approx((28 / 32 + 18 / 32) / 2)
-    trained = layers[layers["step"] > 0]
-    er0 = layers[layers["step"] == 0].set_index("layer")["effective_rank"]
-    drop = [1 - r.effective_rank / er0[r.layer] for r in trained.itertuples()]
-    assert s["spike_rank_corr"] == pytest.approx(stats.spearmanr(trained["outlier_energy"], drop).statistic)
+# ---- intervals and tests ---------------------------------------------------------------------------------------
+def test_t_interval_is_the_written_out_t_interval():
+    x = np.array([0.3, 0.5, 0.2, 0.45])
+    half = stats.t.ppf(0.975, 3) * x.std(ddof=1) / math.sqrt(4)
+    ci = t_interval(x)
+    assert ci["n"] == 4 and ci["mean"] == pytest.approx(x.mean())
+    assert ci["low"] == pytest.approx(x.mean() - half) and ci["high"] == pytest.approx(x.mean() + half)
+    assert t_interval([1.0, np.nan, 2.0, 3.0])["n"] == 3
+    assert t_interval([np.nan])["mean"] is None
 
 
-def test_a_run_without_spikes():
-    layers = _layers().assign(outliers=0, outlier_energy=0.0)
-    s = run_statistics(layers, layers.head(0), total_steps=40)
-    assert s["cells_with_outliers"] == 0 and s["first_spike"] == 1.0 and s["layers_spiked_by_mid"] == 0
-    assert np.isnan(s["persistence"]) and np.isnan(s["spike_rank_corr"])
+@pytest.mark.parametrize("direction", [+1, -1, 0])
+def test_p_values_are_twice_scipys_one_sided_t_tests(direction):
+    y = np.array([0.62, 0.71, 0.55, 0.68])
+    c, m = 0.5, 0.05
+    p = t_pvalues(y, margin=m, direction=direction, center=c)
+
+    def one(mu, alt):
+        return min(1.0, 2 * stats.ttest_1samp(y, mu, alternative=alt).pvalue)
+
+    if direction == +1:
+        assert p["reproduce"] == pytest.approx(one(c + m, "greater"))
+        assert p["opposite"] == pytest.approx(one(c, "less"))
+    elif direction == -1:
+        assert p["reproduce"] == pytest.approx(one(c - m, "less"))
+        assert p["opposite"] == pytest.approx(one(c, "greater"))
+    else:
+        assert p["reproduce"] == pytest.approx(min(one(c + m, "greater"), one(c - m, "less")))
+    eq = max(one(c + m, "less"), one(c - m, "greater"))
+    assert p["equivalent"] == pytest.approx(eq)
+    # vectorised over leading axes: the same numbers row by row
+    rows = np.stack([y, y[::-1] - 0.3])
+    vec = t_pvalues(rows, margin=m, direction=direction, center=c)
+    for i in range(2):
+        single = t_pvalues(rows[i], margin=m, direction=direction, center=c)
+        for k in vec:
+            assert vec[k][i] == pytest.approx(single[k])
 
 
-def test_bootstrap_ci_agrees_with_the_normal_approximation():
-    x = np.random.default_rng(1).normal(3.0, 2.0, size=400)
-    mean, lo, hi = bootstrap_ci(x, draws=8000)
-    half = 1.96 * x.std(ddof=0) / np.sqrt(x.size)
-    assert mean == pytest.approx(x.mean())
-    assert lo == pytest.approx(x.mean() - half, abs=0.15 * half)
-    assert hi == pytest.approx(x.mean() + half, abs=0.15 * half)
+def test_significance_matches_the_interval():
+    """p(reproduce) < α ⟺ the 95 % t-interval lies beyond the margin; p(equivalent) < α ⟺ inside ±margin."""
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        y = rng.normal(rng.uniform(-0.2, 0.2), rng.uniform(0.005, 0.1), size=4)
+        ci = t_interval(y)
+        p = t_pvalues(y, margin=0.05, direction=+1)
+        if abs(ci["low"] - 0.05) > 1e-9:
+            assert (p["reproduce"] < 0.05) == (ci["low"] > 0.05)
+        if min(abs(ci["low"] + 0.05), abs(ci["high"] - 0.05)) > 1e-9:
+            assert (p["equivalent"] < 0.05) == (ci["low"] > -0.05 and ci["high"] < 0.05)
 
 
-def _per_run(spiky: dict, calm: dict, seeds: int = 3) -> pd.DataFrame:
+def test_holm_against_a_hand_computed_example():
+    # sorted 0.005, 0.01, 0.03, 0.04 → ×4, ×3, ×2, ×1 = 0.02, 0.03, 0.06, 0.04 → running max 0.02, 0.03, 0.06, 0.06
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])
+    assert holm([[0.01, 0.04], [0.04, 0.01]]) == pytest.approx(np.array([[0.02, 0.04], [0.04, 0.02]]))
+
+
+def test_layer_specificity_f_against_least_squares():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(4, 6)) + np.linspace(0, 1, 6)
+    n, L = x.shape
+    seed_d = np.kron(np.eye(n), np.ones((L, 1)))
+    layer_d = np.kron(np.ones((n, 1)), np.eye(L))
+    y = x.ravel()
+    full = np.hstack([seed_d, layer_d[:, 1:]])
+    reduced = seed_d
+    rss = [np.sum((y - d @ np.linalg.lstsq(d, y, rcond=None)[0]) ** 2) for d in (full, reduced)]
+    df1, df2 = L - 1, (L - 1) * (n - 1)
+    F = ((rss[1] - rss[0]) / df1) / (rss[0] / df2)
+    assert anova_f(x) == pytest.approx(F)
+    a = layer_specificity(x, margin=1.0)
+    assert a["estimate"] == pytest.approx((F - 1) / n)
+    assert a["p"]["reproduce"] == pytest.approx(min(1, 2 * stats.f.sf(F / (1 + n), df1, df2)))
+    assert a["low"] == pytest.approx((F / stats.f.ppf(0.975, df1, df2) - 1) / n)
+
+
+# ---- layer series, onsets, per-run statistics ------------------------------------------------------------------
+def test_offset_weights_closed_form():
+    w = offset_weights([0, -1, -4, -16, -64], 256)
+    assert w == pytest.approx(np.array([256, 255, 252, 240, 192]) / 1195)
+    assert offset_weights([0], 8) == pytest.approx([1.0])
+
+
+def test_layer_series_weights_offsets_then_averages_heads():
     rows = []
-    rng = np.random.default_rng(0)
-    for null in ("product", "mp"):
-        for seed in range(seeds):
-            for variant, base in (("mha", spiky), ("mla_prerope_input", spiky), ("mla_decoupled", calm)):
-                row = {k: v + 0.01 * rng.standard_normal() for k, v in base.items()}
-                rows.append({"name": f"{variant}-s{seed}", "sweep": "base", "variant": variant, "seed": seed,
-                             "null": null, **row})
-    return pd.DataFrame(rows)
+    vals = {(0, 0): 1.0, (0, -4): 3.0, (1, 0): 2.0, (1, -4): np.nan}  # (head, offset) → spikes
+    for (h, off), sp in vals.items():
+        rows.append({"sweep": "s", "name": "r", "step": 0, "layer": 0, "head": h, "offset": off, "rank": 8,
+                     "spikes": sp, "effective_rank": 4.0 + h, "erank_vs_null": 1.0, "top_energy_vs_null": 1.0,
+                     "bulk_effective_rank": 3.0})
+    runs = pd.DataFrame([{"sweep": "s", "name": "r", "variant": "mha", "seed": 0, "steps": 10, "context": 8}])
+    s = layer_series(pd.DataFrame(rows), runs)
+    w = offset_weights([0, -4], 8)
+    head0 = w @ [1.0, 3.0]
+    head1 = 2.0  # the NaN offset drops out, weights renormalised over what is left
+    assert s["spikes"].iloc[0] == pytest.approx((head0 + head1) / 2)
+    assert s["effective_rank"].iloc[0] == pytest.approx(4.5)
+    assert bool(s["spiked"].iloc[0])
 
 
-SPIKY = dict(cells_with_outliers=0.8, outlier_fraction=0.2, first_spike=0.1, spike_rank_corr=0.6,
-             final_effective_rank=0.3)
-CALM = dict(cells_with_outliers=0.1, outlier_fraction=0.01, first_spike=0.9, spike_rank_corr=0.1,
-            final_effective_rank=0.7)
+def test_onset_ignores_a_flicker_and_censors():
+    steps = [0, 1, 2, 3, 5, 10]
+    assert onset(steps, [0, 1, 0, 1, 1, 0], 10) == pytest.approx(0.3)  # the flicker at step 1 is no onset
+    assert onset(steps, [0, 1, 0, 1, 0, 1], 10) == 1.0  # never two in a row: censored
+    assert onset(steps, [0, 0, 0, 0, 0, 1], 10) == 1.0  # only the last step: censored
+    assert onset(steps, [1, 1, 1, 1, 1, 1], 10) == 0.0
 
 
-def test_verdicts_follow_the_evidence():
-    point = verdict(_per_run(SPIKY, CALM))["points"][0]
-    assert {k: v["verdict"] for k, v in point["claims"].items()} == {
-        "i": "reproduced", "ii": "reproduced", "iii": "reproduced"}
-    flipped = verdict(_per_run(CALM | {"spike_rank_corr": -0.5}, SPIKY))["points"][0]
-    assert {k: v["verdict"] for k, v in flipped["claims"].items()} == {
-        "i": "not reproduced", "ii": "not reproduced", "iii": "not reproduced"}
-    few = verdict(_per_run(SPIKY, CALM, seeds=2))["points"][0]
-    assert {v["verdict"] for v in few["claims"].values()} == {"inconclusive at this scale"}
-    diff = point["vs_reference"]["mha"]["cells_with_outliers"]
-    assert diff[0] == pytest.approx(0.7, abs=0.05) and diff[1] <= diff[0] <= diff[2]
+def _one_run(spikes, erank, bulk, ervn, rank=16, steps=(0, 1, 2, 3, 4, 5), layers=1):
+    rows = [{"sweep": "s", "name": "r", "step": st, "layer": layer, "head": 0, "offset": 0, "rank": rank,
+             "spikes": spikes[i], "effective_rank": erank[i], "erank_vs_null": ervn[i],
+             "top_energy_vs_null": 1.0, "bulk_effective_rank": bulk[i]}
+            for layer in range(layers) for i, st in enumerate(steps)]
+    runs = pd.DataFrame([{"sweep": "s", "name": "r", "variant": "mha", "seed": 0, "steps": 10, "context": 8}])
+    return pd.DataFrame(rows), runs
+
+
+def test_run_statistics_on_a_hand_built_run():
+    cells, runs = _one_run(spikes=[0, 2, 0, 2, 2, 2], erank=[12, 12, 11, 10, 8, 6],
+                           bulk=[12, 10.5, 11, 10.5, 10.5, 10.5], ervn=[1, 1, 0.95, 0.85, 0.8, 0.7])
+    per_run, layers = run_statistics(layer_series(cells, runs), runs)
+    r = per_run.iloc[0]
+    assert r["early"] == pytest.approx(0.3)  # first two-in-a-row at step 3 of 10
+    assert r["persistence"] == pytest.approx(1.0)  # step 5 (after the confirming step 4) still spiked
+    assert layers["rank_onset"].iloc[0] == pytest.approx(0.3)
+    assert r["lead"] == pytest.approx(0.0)
+    assert r["erank_drop"] == pytest.approx(0.5)
+    assert r["spikes"] == pytest.approx(2.0) and r["spikes_per_rank"] == pytest.approx(2 / 16)
+
+
+def test_spike_share_is_zero_for_a_decaying_bulk_and_one_when_only_spikes_move():
+    decay = [12, 11, 10, 9, 7, 6]
+    cells, runs = _one_run(spikes=[0] * 6, erank=decay, bulk=decay, ervn=[1] * 6)
+    r = run_statistics(layer_series(cells, runs), runs)[0].iloc[0]
+    assert r["spike_share"] == pytest.approx(0.0, abs=1e-12)
+    # the spikes take the drop: the bulk below them keeps its initial breadth 12/16 of what is left
+    spikes = [0, 1, 1, 2, 2, 3]
+    cells, runs = _one_run(spikes=spikes, erank=decay, bulk=[0.75 * (16 - s) for s in spikes], ervn=[1] * 6)
+    r = run_statistics(layer_series(cells, runs), runs)[0].iloc[0]
+    assert r["bulk_drop"] == pytest.approx(0.0, abs=1e-12)
+    assert r["spike_share"] == pytest.approx(1.0)
+
+
+def test_equal_loss_step_interpolates_to_the_worst_final_loss():
+    train = pd.DataFrame({"sweep": "s", "name": ["a", "a", "a", "b", "b", "b"], "step": [0, 10, 20, 0, 10, 20],
+                          "val_loss": [5.0, 3.0, 2.0, 5.0, 4.0, 3.5]})
+    runs = pd.DataFrame({"sweep": "s", "name": ["a", "b"]})
+    eq = equal_loss_steps(train, runs).set_index("name")
+    assert eq.loc["a", "loss_star"] == 3.5
+    assert eq.loc["a", "equal_loss_step"] == pytest.approx(7.5)  # 5 → 3 over 0..10 crosses 3.5 at 7.5
+    assert eq.loc["b", "equal_loss_step"] == pytest.approx(20.0)
+
+
+# ---- the rule on synthetic studies -----------------------------------------------------------------------------
+def test_known_effect_is_reproduced_and_the_record_is_complete():
+    result = verdict(*synthetic_study("known_effect", seed=1), controls=False)
+    assert _claims(result) == {"i": "reproduced", "ii": "reproduced", "iii": "reproduced"}
+    json.dumps(result, allow_nan=False)
+    point = result["points"][0]
+    assert result["margins"] == MARGINS and result["claims"] == CLAIMS and result["min_seeds"] == MIN_SEEDS
+    t = point["tests"][0]
+    for key in ("claim", "variant", "sentence", "estimate", "low", "high", "level", "n", "margin", "direction",
+                "p", "p_holm", "reading"):
+        assert key in t
+    primary = [x for x in point["tests"] if x["primary"]]
+    raw = [x["p"]["reproduce"] for x in primary]
+    assert [x["p_holm"]["reproduce"] for x in primary] == pytest.approx(list(holm(raw)))
+    assert all(isinstance(e, str) and " " in e for c in point["claims"].values() for e in c["evidence"])
+    assert set(point["onsets"]["mha"]) == set(range(8))
+    assert set(point["per_offset"]["mha"]) == {0, -4}
+    assert point["claims"]["iii"]["at_equal_loss"] == "reproduced"
+
+
+def test_flipped_effect_is_not_reproduced():
+    result = verdict(*synthetic_study("flipped", seed=2), controls=False)
+    assert _claims(result) == {"i": "not reproduced", "ii": "not reproduced", "iii": "not reproduced"}
+
+
+def test_two_seeds_are_inconclusive():
+    result = verdict(*synthetic_study("known_effect", seeds=2, seed=3), controls=False)
+    assert _claims(result) == {"i": "inconclusive", "ii": "inconclusive", "iii": "inconclusive"}
+
+
+def test_spike_free_decay_is_not_a_reproduction_of_claim_ii():
+    result = verdict(*synthetic_study("spike_free", seed=4), controls=False)
+    assert _claims(result)["ii"] != "reproduced"
+    assert _claims(result)["i"] != "reproduced"
+
+
+def test_simulated_no_effect_and_boundary_studies():
+    sim = simulate_studies(studies=2000, seed=7)
+    for claim in CLAIMS:
+        assert sim["no_effect"][claim]["reproduced"] <= 0.05
+        assert sim["boundary"][claim]["reproduced"] <= 0.05
+        assert sim["boundary"][claim]["not reproduced"] <= 0.05
+        assert sum(sim["no_effect"][claim].values()) == pytest.approx(1.0)
+
+
+def test_verdict_carries_the_negative_controls():
+    result = verdict(*synthetic_study("known_effect", seed=5), studies=1000)
+    nc = result["negative_controls"]
+    json.dumps(nc, allow_nan=False)
+    assert nc["known_effect"]["verdicts"] == {"i": "reproduced", "ii": "reproduced", "iii": "reproduced"}
+    assert nc["spike_free"]["verdicts"]["ii"] != "reproduced"
+    sim = nc["simulated"][0]
+    assert sim["seeds"] == 3 and sim["layers"] == 8 and len(sim["variants"]) == 6
+    assert all(sim["no_effect"][c]["reproduced"] <= 0.05 for c in CLAIMS)

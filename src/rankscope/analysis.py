@@ -106,7 +106,7 @@ def _weights_of(state: dict[str, torch.Tensor]) -> _Weights:
     return _Weights(list(state), state.__getitem__, lambda n: tuple(state[n].shape), lambda n: state[n].dtype)
 
 
-def _source(model_or_path) -> tuple[dict | None, _Weights, list[NamedForm] | None]:
+def _source(model_or_path, offsets: tuple[int, ...] = (0,)) -> tuple[dict | None, _Weights, list[NamedForm] | None]:
     """(config, weights, attention forms from the model itself, or None to read them by architecture)."""
     if isinstance(model_or_path, nn.Module):
         state = {k: v.detach() for k, v in model_or_path.state_dict().items()}
@@ -115,7 +115,7 @@ def _source(model_or_path) -> tuple[dict | None, _Weights, list[NamedForm] | Non
         if hasattr(model_or_path, "attention_layers"):  # a rankscope model: each attention module gives its chains
             from rankscope.probes.native import native_forms
 
-            return config, _weights_of(state), native_forms(model_or_path)
+            return config, _weights_of(state), native_forms(model_or_path, offsets=offsets)
         mhas = [m for m in model_or_path.modules() if isinstance(m, nn.MultiheadAttention)]
         forms = [f for i, module in enumerate(mhas) for f in multihead_attention_forms(module, layer=i)]
         return config, _weights_of(state), forms or None
@@ -124,7 +124,7 @@ def _source(model_or_path) -> tuple[dict | None, _Weights, list[NamedForm] | Non
 
     native = GPT.from_run(model_or_path)  # a rankscope run directory or one of its checkpoints
     if native is not None:
-        return _source(native)
+        return _source(native, offsets)
     ckpt = open_checkpoint(Path(model_or_path))
     return ckpt.config, _Weights(list(ckpt.names), ckpt.tensor, ckpt.shape, ckpt.dtype), None
 
@@ -138,7 +138,8 @@ class _Rows:
 
     def add(self, name: str, layer: int, head: int, kind: str, d: Diagnosis | None, *, form: NamedForm | None = None,
             shapes: str = "", error: str = "") -> None:
-        row = {"name": name, "layer": layer, "head": head, "kind": kind, "variant": form.variant if form else "",
+        row = {"name": name, "layer": layer, "head": head, "kind": kind, "offset": form.offset if form else 0,
+               "variant": form.variant if form else "",
                "kv_cache_floats": form.kv_cache_floats if form else None,
                "shapes": str(form.form.structure) if form else shapes, "error": error}
         if d is not None:
@@ -152,19 +153,21 @@ def _attention_rows(rows: _Rows, forms: Iterable[NamedForm], kinds: list[str], p
     """Rows of every attention form, layer by layer: the layer's forms one by one, its heads as one batch."""
     for layer, layer_forms in groupby(forms, key=lambda f: f.layer):
         layer_forms = [f for f in layer_forms if f.kind in kinds and (per_head or f.head < 0)]
+        offsets = sorted({f.offset for f in layer_forms}, key=abs)
         for kind in kinds:
             of_kind = [f for f in layer_forms if f.kind == kind]
             for f in [f for f in of_kind if f.head < 0]:
                 _diagnose_forms(rows, [f], nulls, fpr, batched=False)
-            heads = [f for f in of_kind if f.head >= 0]
-            if heads:
-                _diagnose_forms(rows, heads, nulls, fpr, batched=True)
+            for offset in offsets:
+                heads = [f for f in of_kind if f.head >= 0 and f.offset == offset]
+                if heads:
+                    _diagnose_forms(rows, heads, nulls, fpr, batched=True)
         tick(f"layer {layer} attention")
 
 
 def _diagnose_forms(rows: _Rows, forms: list[NamedForm], nulls: tuple[str, ...], fpr: float, batched: bool) -> None:
     """Diagnose the forms (the heads of one layer and kind as one batch); a bad head gets an error row."""
-    name = f"layer {forms[0].layer} {forms[0].kind}"
+    name = f"layer {forms[0].layer} {forms[0].kind}" + (f" at offset {forms[0].offset}" if forms[0].offset else "")
     if batched:
         try:
             found = diagnose_nulls(stack_heads(forms), nulls, fpr=fpr, name=name, batched=True)
@@ -211,13 +214,15 @@ def _matrix_rows(rows: _Rows, weights: _Weights, names: list[str], nulls: tuple[
 
 def analyze_full(model_or_path, *, per_head: bool = True, kinds: Iterable[str] = ALL_GROUPS,
                  null: str | tuple[str, ...] = PRODUCT, fpr: float = 0.01, threads: int | None = None,
-                 progress: Callable[[int, int, str], None] | None = None) -> Analysis:
+                 progress: Callable[[int, int, str], None] | None = None,
+                 offsets: Iterable[int] = (0,)) -> Analysis:
     """``analyze`` with the diagnoses kept (for figures). ``null`` may be a tuple of nulls: every form then gets
-    one row per null, its spectrum computed once."""
+    one row per null, its spectrum computed once. ``offsets``: relative offsets Δ at which rankscope models'
+    per-head qk forms are also read (an ``offset`` column; other models' forms are read at Δ = 0)."""
     nulls = (null,) if isinstance(null, str) else tuple(null)
     wanted = selected_kinds(kinds)
     with thread_budget(torch=1, blas=threads) if threads else nullcontext():
-        config, weights, forms = _source(model_or_path)
+        config, weights, forms = _source(model_or_path, tuple(int(o) for o in offsets))
         arch = detect_architecture(config) if config else None
         matrices = [n for n in weights if len(weights.shape(n)) == 2 and matrix_kind(n) in wanted]
         attention_kinds = [k for k in ATTENTION_KINDS if k in wanted]

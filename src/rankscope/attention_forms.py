@@ -10,7 +10,13 @@ Conventions (docs/design.md §1, §4), with PyTorch weights ``[out, in]`` and to
 
 Forms are *unscaled*: the softmax scale (1/√dh, DeepSeek's 1/√(dn+dr)·mscale², GPT-2's optional 1/(layer+1))
 is left out, as are all biases (q/k biases add terms linear in x and a constant, which a bilinear form cannot
-hold) and RoPE (forms are read at relative offset 0, where the rotation is the identity). A layer sum over
+hold). RoPE makes the form depend on the relative offset Δ = j − i of key j to query i (Δ ≤ 0 under a causal
+mask): with q_i = R_i q, k_j = R_j k, q_iᵀ k_j = qᵀ R_{j−i} k, so ``B_h(Δ) = Wq_hᵀ R_Δ Wk_h`` (``rope_matrix``).
+Forms are read at ``offset`` Δ (default 0, where the rotation is the identity); R_Δ is folded into the key-side
+factor, so a form keeps its structure (and a Gaussian factor rotated stays Gaussian: the null is unchanged).
+Where RoPE rotates the token before the projections (``mla_prerope`` with ``rope_mode="input"``) the score is
+x_iᵀ R_iᵀ B R_j x_j = x_iᵀ R_iᵀ (B R_Δ) R_i x_j: the form at position i is R_iᵀ B(Δ) R_i with
+``B(Δ) = B R_Δ``, whose spectrum does not depend on i. A layer sum over
 grouped heads is written with the group's query (or output) heads summed,
 ``Σ_{h∈g} Wq_hᵀ Wk_g = (Σ_{h∈g} Wq_h)ᵀ Wk_g``: the same matrix, but the inner width is the true rank bound
 ``H_kv·dh``, so the structure-matched null simulates the right shapes.
@@ -21,6 +27,7 @@ key, ``Wdq``), so ``stack_heads`` batches them without copies.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -32,12 +39,15 @@ from rankscope.vocab import (
     ATTENTION_KINDS,
     GQA,
     MHA,
+    MHA_DECOUPLED,
     MLA_DECOUPLED,
     MQA,
     OV,
     QK,
     QK_CONTENT,
     QK_ROPE,
+    ROPE_COUPLED,
+    ROPE_INPUT,
 )
 
 
@@ -51,11 +61,36 @@ class NamedForm:
     form: Form
     variant: str  # vocab.ATTENTIONS
     kv_cache_floats: int | None  # floats cached per token in this layer (keys + values, or MLA's latent + rope key)
+    offset: int = 0  # the relative offset Δ = j − i at which RoPE was applied (0: no rotation)
 
     @property
     def key(self) -> tuple[int, int, str]:
-        """(layer, head, kind): the row key of the store."""
+        """(layer, head, kind): the row key of the store (with ``offset`` for forms read at Δ ≠ 0)."""
         return (self.layer, self.head, self.kind)
+
+
+def rope_matrix(dim: int, offset: int, theta: float = 10000.0) -> torch.Tensor:
+    """R_Δ (dim, dim) float64: RoPE's rotation by Δ positions in LLaMA's rotate-half convention,
+    R_Δ v = v·cos(Δθ) + rotate_half(v)·sin(Δθ), θ_i = theta^(−2i/dim) for the pair (i, i + dim/2)
+    (RoFormer, arXiv 2104.09864). R_0 = I, R_aᵀ = R_−a, R_a R_b = R_{a+b}."""
+    if dim % 2:
+        raise InputError(f"rope_matrix: RoPE rotates pairs; dim={dim} is odd")
+    inv_freq = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)  # (dim/2,)
+    angles = torch.cat((inv_freq, inv_freq)) * offset  # (dim,)
+    half = dim // 2
+    rotate_half = torch.zeros(dim, dim, dtype=torch.float64)  # rotate_half(v) = P v = [−v2; v1]
+    rotate_half[:half, half:] = -torch.eye(half, dtype=torch.float64)
+    rotate_half[half:, :half] = torch.eye(half, dtype=torch.float64)
+    return torch.diag(angles.cos()) + torch.diag(angles.sin()) @ rotate_half
+
+
+def _rotate_rows(w: torch.Tensor, dim: int, offset: int, theta: float) -> torch.Tensor:
+    """Each consecutive block of ``dim`` rows of w (…, n·dim, m) rotated by R_Δ: blockdiag(R_Δ) @ w."""
+    if offset == 0:
+        return w
+    r = rope_matrix(dim, offset, theta)
+    shape = w.shape
+    return (r @ w.reshape(*shape[:-2], shape[-2] // dim, dim, shape[-1])).reshape(shape)
 
 
 def stack_heads(forms: Sequence[NamedForm]) -> Form:
@@ -99,12 +134,14 @@ def mha_variant(n_heads: int, n_kv_heads: int) -> str:
 
 
 def mha_forms(layer: int, wq, wk, wv, wo, n_heads: int, n_kv_heads: int | None = None, *,
-              heads: bool = True, kinds: Sequence[str] | None = None) -> Iterator[NamedForm]:
+              heads: bool = True, kinds: Sequence[str] | None = None, offset: int = 0,
+              rope_theta: float = 10000.0) -> Iterator[NamedForm]:
     """NamedForms (qk, ov) of one MHA/GQA/MQA layer from ``[out, in]`` weights; query head h uses KV group
     ``h // (H / H_kv)`` (the layout of LLaMA's ``repeat_kv``).
 
     ``wq`` (H·dk, d), ``wk`` (H_kv·dk, dkv_in), ``wv`` (H_kv·dv, dkv_in), ``wo`` (d_out, H·dv); any may be None
-    to skip the forms that need it. Yields the layer sum (head −1) then each head, per kind.
+    to skip the forms that need it. Yields the layer sum (head −1) then each head, per kind. ``offset`` Δ: the
+    qk forms ``Wq_hᵀ R_Δ Wk_g`` with RoPE over each key head's dk dims (ov forms do not depend on Δ).
     """
     n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
     if n_heads % n_kv_heads:
@@ -128,9 +165,10 @@ def mha_forms(layer: int, wq, wk, wv, wo, n_heads: int, n_kv_heads: int | None =
     one_kv = {1} if n_kv_heads == 1 else set()  # MQA: one key and one value for every head
 
     def make(kind: str, head: int, form: Form) -> NamedForm:
-        return NamedForm(layer, head, kind, form, variant, cache)
+        return NamedForm(layer, head, kind, form, variant, cache, offset if kind == QK else 0)
 
     if QK in todo and wq is not None and wk is not None:
+        wk = _rotate_rows(wk, dk, offset, rope_theta)  # (H_kv·dk, d): R_Δ Wk_g per key head
         d_in = wq.shape[1]
         q_grouped = wq.reshape(n_kv_heads, rep, dk, d_in).sum(1).reshape(n_kv_heads * dk, d_in)
         yield make(QK, -1, Chain(q_grouped.mT, wk))  # (d, H_kv·dk) @ (H_kv·dk, d)
@@ -235,7 +273,8 @@ def _mla_factors(layer: int, w: MLAWeights) -> _MLAFactors:
 
 
 def mla_forms(layer: int, weights: MLAWeights, *, heads: bool = True, kinds: Sequence[str] | None = None,
-              variant: str = MLA_DECOUPLED, kv_cache_floats: int | None = None) -> Iterator[NamedForm]:
+              variant: str = MLA_DECOUPLED, kv_cache_floats: int | None = None, offset: int = 0,
+              rope: str = "decoupled", rope_theta: float = 10000.0) -> Iterator[NamedForm]:
     """NamedForms (qk, qk_content, qk_rope, ov) of one MLA layer: the layer sum (head −1), then each head.
 
     The latent RMSNorm ``c = D·Wx/rms(Wx)`` is folded in as ``D·W/ρ``. Per head: content
@@ -244,14 +283,27 @@ def mla_forms(layer: int, weights: MLAWeights, *, heads: bool = True, kinds: Seq
     ``Wo_h · Wuv_h·Dkv · Wdkv/ρkv``; without compressed queries, no ``Wdq`` factor.
     Without a decoupled rope part only ``qk`` (the content chain) and ``ov`` exist. ``variant`` labels the
     forms; ``kv_cache_floats`` overrides the per-layer cache size (default dc + dr).
+
+    ``offset`` Δ with ``rope`` saying where RoPE acts: "decoupled" (on the rope dims: ``Wqr_hᵀ R_Δ Wkr``),
+    "coupled" (on the up-projected heads: ``R_Δ Wuk_h``) or "input" (on the token: ``Wdkv R_Δ``, the form at
+    position i being ``R_iᵀ B(Δ) R_i``, module docstring).
     """
-    f = _mla_factors(layer, weights)
+    if rope not in ("decoupled", ROPE_COUPLED, ROPE_INPUT):
+        raise InputError(f"mla_forms: rope must be 'decoupled', {ROPE_COUPLED!r} or {ROPE_INPUT!r}, got {rope!r}")
+    f = plain = _mla_factors(layer, weights)
+    if offset:
+        if rope == "decoupled":
+            f = dataclasses.replace(f, w_kr=_rotate_rows(f.w_kr, f.w_kr.shape[0], offset, rope_theta))
+        elif rope == ROPE_COUPLED:
+            f = dataclasses.replace(f, w_uk=_rotate_rows(f.w_uk, f.w_uk.shape[1], offset, rope_theta))
+        else:  # the key latent reads R_Δ x: (dc, d) @ (d, d)
+            f = dataclasses.replace(f, key_latent=f.key_latent @ rope_matrix(f.key_latent.shape[1], offset, rope_theta))
     H, dn, dr, dv = weights.n_heads, weights.qk_nope_head_dim, weights.qk_rope_head_dim, weights.v_head_dim
     todo = _kinds(kinds, (QK, QK_CONTENT, QK_ROPE, OV) if dr else (QK, OV))
     cache = f.key_latent.shape[0] + dr if kv_cache_floats is None else int(kv_cache_floats)
 
     def make(kind: str, head: int, form: Form) -> NamedForm:
-        return NamedForm(layer, head, kind, form, variant, cache)
+        return NamedForm(layer, head, kind, form, variant, cache, 0 if kind == OV else offset)
 
     def with_queries(form: Form) -> Form:
         return form if f.q_left is None else f.q_left @ form
@@ -271,8 +323,55 @@ def mla_forms(layer: int, weights: MLAWeights, *, heads: bool = True, kinds: Seq
             yield make(QK_CONTENT, head, with_queries(content))
         if QK_ROPE in todo:
             yield make(QK_ROPE, head, with_queries(rope))
-        if OV in todo and f.wo is not None:
+        if OV in todo and f.wo is not None:  # the values' latent, unrotated (ov forms do not depend on Δ)
             if h is None:
-                yield make(OV, -1, Chain(f.wo, f.w_uv.reshape(H * dv, -1), f.key_latent))  # (d, H·dv, dc, d)
+                yield make(OV, -1, Chain(f.wo, f.w_uv.reshape(H * dv, -1), plain.key_latent))  # (d, H·dv, dc, d)
             else:
-                yield make(OV, h, Chain(f.wo[:, h * dv:(h + 1) * dv], f.w_uv[h], f.key_latent, shared={2}))
+                yield make(OV, h, Chain(f.wo[:, h * dv:(h + 1) * dv], f.w_uv[h], plain.key_latent, shared={2}))
+
+# ---------------------------------------------------------------------------------------------- MHA + rope key
+
+
+def decoupled_mha_forms(layer: int, wq, wk, wkr, wv, wo, n_heads: int, rope_dim: int, *, heads: bool = True,
+                        kinds: Sequence[str] | None = None, offset: int = 0,
+                        rope_theta: float = 10000.0) -> Iterator[NamedForm]:
+    """NamedForms of one ``mha_decoupled`` layer: MHA's per-head content queries/keys plus DeepSeek's decoupled
+    rope part (per-head rope queries, one rope key shared by all heads), without MLA's latent compression.
+
+    ``wq`` (H·(dh+dr), d) with rows per head [Wq_h; Wqr_h], ``wk`` (H·dh, d), ``wkr`` (dr, d), ``wv`` (H·dv, d),
+    ``wo`` (d, H·dv). Per head: content ``Wq_hᵀ Wk_h``, rope ``Wqr_hᵀ R_Δ Wkr`` (the key shared), qk = their
+    sum; the layer sum concatenates the content heads and sums the rope queries. ov as in ``mha_forms``.
+    """
+    todo = _kinds(kinds, (QK, QK_CONTENT, QK_ROPE, OV))
+    H, dr = n_heads, rope_dim
+    wq = _f64(wq, f"layer {layer} query weight")
+    wk = _f64(wk, f"layer {layer} key weight")
+    wkr = _rotate_rows(_f64(wkr, f"layer {layer} rope key weight"), dr, offset, rope_theta)  # (dr, d)
+    dh = wk.shape[0] // H
+    if wq.shape[0] != H * (dh + dr) or wkr.shape[0] != dr:
+        raise InputError(f"layer {layer}: query weight has {wq.shape[0]} rows and rope key {wkr.shape[0]}; expected "
+                         f"H·(dh+dr) = {H * (dh + dr)} and dr = {dr}")
+    q = wq.reshape(H, dh + dr, -1)  # (H, dh + dr, d)
+    q_nope, q_rope = q[:, :dh], q[:, dh:]  # (H, dh, d), (H, dr, d)
+    cache = 2 * wk.shape[0] + dr
+
+    def make(kind: str, head: int, form: Form) -> NamedForm:
+        return NamedForm(layer, head, kind, form, MHA_DECOUPLED, cache, offset)
+
+    for h in [None, *range(H)] if heads else [None]:
+        if h is None:
+            content = Chain(q_nope.reshape(H * dh, -1).mT, wk)  # (d, H·dh) @ (H·dh, d)
+            rope = Chain(q_rope.sum(0).mT, wkr)  # (d, dr) @ (dr, d)
+        else:
+            content = Chain(q_nope[h].mT, wk[h * dh:(h + 1) * dh])
+            rope = Chain(q_rope[h].mT, wkr, shared={1})
+        head = -1 if h is None else h
+        if QK in todo:
+            yield make(QK, head, Sum([content, rope]))
+        if QK_CONTENT in todo:
+            yield make(QK_CONTENT, head, content)
+        if QK_ROPE in todo:
+            yield make(QK_ROPE, head, rope)
+    if OV in todo:
+        for f in mha_forms(layer, None, None, wv, wo, H, H, heads=heads, kinds=[OV]):
+            yield dataclasses.replace(f, variant=MHA_DECOUPLED, kv_cache_floats=cache)

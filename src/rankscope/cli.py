@@ -151,7 +151,7 @@ def sql(
 def study(
     ctx: typer.Context,
     preset: str = typer.Option("cpu", help="smoke | cpu | paper"),
-    seeds: int = typer.Option(3, help="seeds per variant (a verdict needs at least 3)"),
+    seeds: int = typer.Option(5, help="seeds per variant (a verdict needs at least 3)"),
     variants: str = typer.Option(",".join(STUDY_VARIANTS), help="comma-separated variants"),
     out: Path | None = typer.Option(None, help="study directory (default studies/<preset>)"),
     set_: list[str] = typer.Option([], "--set", help="key=value applied to every run (repeatable)"),
@@ -159,7 +159,7 @@ def study(
     jobs: int = typer.Option(1, help="runs trained at once (processes of one thread each)"),
     open_: bool = typer.Option(False, "--open", help="open the report in a browser when done"),
 ) -> None:
-    """Train MHA, MLA-PreRoPE (input and coupled) and MLA-Decoupled on the same data and seeds, then report."""
+    """Train MHA, GQA, MLA-PreRoPE (input, coupled), MHA- and MLA-Decoupled on the same data and seeds; report."""
     import shlex
 
     from rankscope.commands.study import render_report

@@ -1,10 +1,13 @@
 """``rankscope study``: the three-variant comparison of Jha & Reagen (arXiv 2507.09394), resumable.
 
-Variants: ``mha``, ``mla_prerope_input`` and ``mla_prerope_coupled`` (the two readings of "RoPE before
-compression", docs/design.md §4) and ``mla_decoupled``. Every variant runs with the same seeds, hence the same
-initial RNG stream and the same batches (the batch of a step depends only on seed and step), and with
-parameter budgets matched by the SwiGLU width (``match_budget``). A sweep axis (``lr=5e-4,2e-3``) repeats
-the comparison at each value. Re-running skips finished runs and resumes interrupted ones.
+Variants (``vocab.STUDY_VARIANTS``): ``mha``, ``gqa``, ``mla_prerope_input`` and ``mla_prerope_coupled`` (the
+two readings of "RoPE before compression", docs/design.md §4), ``mha_decoupled`` (MHA with DeepSeek's shared
+rope key, no latent) and ``mla_decoupled``; together they separate latent compression, how RoPE is applied and
+rope-key sharing. Every variant of a sweep point runs with the same seeds, hence the same initial RNG stream
+and the same batches (the batch of a step depends only on seed and step), and with parameter budgets matched
+by the SwiGLU width (``match_budget``). A sweep axis (``lr=5e-4,2e-3``) repeats the comparison at each value,
+with its own seeds (``SEED_STRIDE``) and its label in each run's config (``sweep``), store rows and run name.
+Re-running skips finished runs and resumes interrupted ones.
 
 Layout: ``OUT/study.json`` (the plan, the command, parameter counts), ``OUT/<sweep>/<variant>-s<seed>/``
 (one run each; ``<sweep>`` is ``lr=0.002`` or ``base``), ``OUT/report.html``.
@@ -26,6 +29,8 @@ from rankscope.nn.config import parameter_count_formula
 from rankscope.rundir import RunDir, write_study
 from rankscope.train.config import RunConfig, resolve
 from rankscope.vocab import MHA, STUDY_VARIANTS
+
+SEED_STRIDE = 1000  # sweep point i uses seeds 1000·i, 1000·i + 1, …: its runs do not repeat another point's draws
 
 
 @dataclass(frozen=True)
@@ -79,11 +84,14 @@ def plan(out: Path, preset: str = "cpu", seeds: int = 3, variants: list[str] | N
     axis = parse_sweep(sweep)
     points = [("base", {})] if axis is None else [(f"{axis[0]}={v}", {axis[0]: v}) for v in axis[1]]
     specs = []
-    for label, point in points:
+    for index, (label, point) in enumerate(points):
         common = {**(overrides or {}), **point}
+        if axis is not None:
+            common["sweep"] = label
         reference = resolve(preset, {**common, "attention": MHA})
         target = parameter_count_formula(reference.model)
-        for seed in range(seeds):  # seed-major: an interrupted study has whole seeds of every variant
+        for s in range(seeds):  # seed-major: an interrupted study has whole seeds of every variant
+            seed = SEED_STRIDE * index + s  # sweep points get their own seeds (shared by the variants of a point)
             for variant in variants:
                 cfg = resolve(preset, {**common, **STUDY_VARIANTS[variant], "seed": seed})
                 if variant != MHA and "d_ff" not in common:

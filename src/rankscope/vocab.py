@@ -36,18 +36,26 @@ MONITOR_NULLS = (PRODUCT, MP)  # what a training run records, side by side
 
 # ---- attention variants ---------------------------------------------------------------------------------------
 MHA, GQA, MQA, MLA_PREROPE, MLA_DECOUPLED = "mha", "gqa", "mqa", "mla_prerope", "mla_decoupled"
-ATTENTIONS = (MHA, GQA, MQA, MLA_PREROPE, MLA_DECOUPLED)  # ModelConfig.attention, and the variant of HF forms
+MHA_DECOUPLED = "mha_decoupled"  # MHA's per-head content q/k plus one rope key shared by all heads (no latent)
+ATTENTIONS = (MHA, GQA, MQA, MHA_DECOUPLED, MLA_PREROPE, MLA_DECOUPLED)  # ModelConfig.attention, HF form variants
+DECOUPLED = (MHA_DECOUPLED, MLA_DECOUPLED)  # the variants whose RoPE acts only on a shared rope key's dims
 ROPE_INPUT, ROPE_COUPLED = "input", "coupled"
 ROPE_MODES = (ROPE_INPUT, ROPE_COUPLED)  # mla_prerope: rotate the token before compression, or the heads' q, k
 
 # The study's variants: an attention variant with its rope mode. ``variant_of`` maps a model config back.
+# Together they separate the three ways Decoupled differs from MHA: latent compression (mha → mla_prerope_coupled,
+# mha_decoupled → mla_decoupled), how RoPE is applied (mla_prerope_input vs _coupled) and a shared rope key
+# (mha → mha_decoupled, mla_prerope_coupled → mla_decoupled); gqa is the grouped-key design of LLaMA-2/3.
 MLA_PREROPE_INPUT, MLA_PREROPE_COUPLED = "mla_prerope_input", "mla_prerope_coupled"
 STUDY_VARIANTS: dict[str, dict[str, str]] = {
     MHA: {"attention": MHA},
+    GQA: {"attention": GQA},
     MLA_PREROPE_INPUT: {"attention": MLA_PREROPE, "rope_mode": ROPE_INPUT},
     MLA_PREROPE_COUPLED: {"attention": MLA_PREROPE, "rope_mode": ROPE_COUPLED},
+    MHA_DECOUPLED: {"attention": MHA_DECOUPLED},
     MLA_DECOUPLED: {"attention": MLA_DECOUPLED},
 }
+SPIKY_VARIANTS = (MHA, MLA_PREROPE_INPUT, MLA_PREROPE_COUPLED)  # the variants claims (i) and (ii) are about
 REFERENCE_VARIANT = MLA_DECOUPLED  # the variant every other is compared with (the paper's claim iii)
 
 

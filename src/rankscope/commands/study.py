@@ -10,13 +10,15 @@ from rich.table import Table
 
 
 def print_verdict(console: Console, root: Path) -> None:
-    """The verdict of every claim, per sweep point and null, from the report's summary.json."""
+    """The verdict of every claim, per sweep point, from the report's summary.json (nothing for a single run)."""
     summary = json.loads((root / "summary.json").read_text())
-    table = Table(title="Claims of Jha & Reagen (2507.09394), per null")
-    for col in ("sweep", "null", "(i) early spikes", "(ii) with rank collapse", "(iii) only Decoupled prevents"):
+    if not summary.get("points"):
+        return
+    table = Table(title="Claims of Jha & Reagen (2507.09394)")
+    for col in ("sweep", "(i) early spikes", "(ii) with rank collapse", "(iii) only Decoupled prevents"):
         table.add_column(col)
     for point in summary["points"]:
-        table.add_row(point["sweep"], point["null"], *[point["claims"][k]["verdict"] for k in ("i", "ii", "iii")])
+        table.add_row(point["sweep"], *[point["claims"][k]["verdict"] for k in ("i", "ii", "iii")])
     console.print(table)
 
 

@@ -1,12 +1,14 @@
 """Causal self-attention with switchable variants (docs/design.md §4), each exposing its own query–key and OV chains.
 
-- ``MHA``: multi-head attention and its grouped forms GQA / MQA (LLaMA layout, ``repeat_kv`` grouping).
+- ``MHA``: multi-head attention and its grouped forms GQA / MQA (LLaMA layout, ``repeat_kv`` grouping), and
+  ``mha_decoupled``: MHA plus DeepSeek's decoupled rope part (a shared rope key) without latent compression.
 - ``MLA``: multi-head latent attention (DeepSeek-V2, arXiv 2405.04434) with either decoupled RoPE
   (``mla_decoupled``) or RoPE without a decoupled part (``mla_prerope``, ``rope_mode`` "input" or "coupled").
 
 RoPE is RoFormer's rotary embedding (Su et al., arXiv 2104.09864) in LLaMA's rotate-half convention. Every
-module has ``qk_chains(heads)`` and ``ov_chains(heads)`` returning ``NamedForm``s (``attention_forms``), so probes
-and the monitor never switch on the variant. Forms are read at relative offset 0 (RoPE = identity), unscaled.
+module has ``qk_chains(heads, offset)`` and ``ov_chains(heads)`` returning ``NamedForm``s (``attention_forms``), so
+probes and the monitor never switch on the variant. Forms are unscaled and read at a relative offset Δ = j − i
+(default 0, RoPE = identity; ``attention_forms`` for B(Δ)).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rankscope.attention_forms import MLAWeights, NamedForm, mha_forms, mla_forms
+from rankscope.attention_forms import MLAWeights, NamedForm, decoupled_mha_forms, mha_forms, mla_forms
 from rankscope.nn.config import ModelConfig
 from rankscope.vocab import MLA_DECOUPLED, OV, QK, QK_CONTENT, QK_ROPE, ROPE_COUPLED, ROPE_INPUT
 
@@ -83,6 +85,10 @@ class MHA(nn.Module):
     q_h = RoPE(Wq_h x), k_g = RoPE(Wk_g x), v_g = Wv_g x; head h attends with KV group g = h // (H/H_kv);
     y = Wo [softmax(q_h·k_g/√dh) v_g]_h. Weights ``q_proj`` (H·dh, d), ``k_proj``/``v_proj`` (H_kv·dh, d),
     ``o_proj`` (d, H·dh), as in LLaMA. Per-head qk chain ``[Wq_hᵀ, Wk_g]``.
+
+    ``mha_decoupled`` (H_kv = H): q_h = [Wq_h x; RoPE(Wqr_h x)] (dh + dr, ``q_proj`` rows per head [Wq_h; Wqr_h]),
+    k_h = [Wk_h x; RoPE(Wkr x)] with one rope key ``kr_proj`` (dr, d) shared by all heads, as in MLA-Decoupled
+    but with per-head keys and values instead of a latent; scale 1/√(dh + dr); caches 2·H·dh + dr.
     """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
@@ -90,33 +96,50 @@ class MHA(nn.Module):
         self.layer_idx = layer_idx
         self.variant = cfg.attention
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.rope_dim = cfg.rope_dim  # dr: 0 unless mha_decoupled
         self.kv_cache_floats = cfg.kv_cache_floats_per_layer()
-        d, H, G, dh = cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.q_proj = nn.Linear(d, H * dh, bias=False)
+        self.rope_theta = cfg.rope_theta
+        d, H, G, dh, dr = cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.rope_dim
+        self.q_proj = nn.Linear(d, H * (dh + dr), bias=False)
         self.k_proj = nn.Linear(d, G * dh, bias=False)
         self.v_proj = nn.Linear(d, G * dh, bias=False)
         self.o_proj = nn.Linear(H * dh, d, bias=False)
-        self.rotary = Rotary(dh, cfg.max_seq_len, cfg.rope_theta)
+        if dr:
+            self.kr_proj = nn.Linear(d, dr, bias=False)
+        self.rotary = Rotary(dr or dh, cfg.max_seq_len, cfg.rope_theta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
-        H, G, dh = self.n_head, self.n_kv_head, self.head_dim
-        q = self.q_proj(x).view(B, T, H, dh).transpose(1, 2)  # (B, H, T, dh)
+        H, G, dh, dr = self.n_head, self.n_kv_head, self.head_dim, self.rope_dim
+        q = self.q_proj(x).view(B, T, H, dh + dr).transpose(1, 2)  # (B, H, T, dh + dr)
         k = self.k_proj(x).view(B, T, G, dh).transpose(1, 2)  # (B, H_kv, T, dh)
         v = self.v_proj(x).view(B, T, G, dh).transpose(1, 2)  # (B, H_kv, T, dh)
-        q, k = self.rotary(q), self.rotary(k)
-        k, v = repeat_kv(k, H // G), repeat_kv(v, H // G)  # (B, H, T, dh)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, dh), scale 1/√dh
+        if dr:  # decoupled: RoPE only on the rope dims, one rope key for all heads
+            q_nope, q_rope = q.split([dh, dr], dim=-1)  # (B, H, T, dh), (B, H, T, dr)
+            k_rope = self.rotary(self.kr_proj(x).unsqueeze(1))  # (B, 1, T, dr)
+            q = torch.cat((q_nope, self.rotary(q_rope)), dim=-1)  # (B, H, T, dh + dr)
+            k = torch.cat((k, k_rope.expand(B, H, T, dr)), dim=-1)  # (B, H, T, dh + dr)
+        else:
+            q, k = self.rotary(q), self.rotary(k)
+        k, v = repeat_kv(k, H // G), repeat_kv(v, H // G)  # (B, H, T, ·)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, dh), scale 1/√(q width)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * dh))
 
-    def _forms(self, heads: bool, kinds: list[str]) -> list[NamedForm]:
+    def _forms(self, heads: bool, kinds: list[str], offset: int = 0) -> list[NamedForm]:
+        if self.rope_dim:
+            return list(decoupled_mha_forms(self.layer_idx, self.q_proj.weight, self.k_proj.weight,
+                                            self.kr_proj.weight, self.v_proj.weight, self.o_proj.weight,
+                                            self.n_head, self.rope_dim, heads=heads, kinds=kinds, offset=offset,
+                                            rope_theta=self.rope_theta))
         forms = mha_forms(self.layer_idx, self.q_proj.weight, self.k_proj.weight, self.v_proj.weight,
-                          self.o_proj.weight, self.n_head, self.n_kv_head, heads=heads, kinds=kinds)
+                          self.o_proj.weight, self.n_head, self.n_kv_head, heads=heads, kinds=kinds, offset=offset,
+                          rope_theta=self.rope_theta)
         return [dataclasses.replace(f, variant=self.variant, kv_cache_floats=self.kv_cache_floats) for f in forms]
 
-    def qk_chains(self, heads: bool = True) -> list[NamedForm]:
-        """The ``qk`` forms ``B_h = Wq_hᵀ Wk_g(h)``: the layer sum (head −1), then each head if ``heads``."""
-        return self._forms(heads, [QK])
+    def qk_chains(self, heads: bool = True, offset: int = 0) -> list[NamedForm]:
+        """The ``qk`` forms ``B_h(Δ) = Wq_hᵀ R_Δ Wk_g(h)`` at offset Δ: the layer sum (head −1), then each head if
+        ``heads``; ``mha_decoupled`` adds ``qk_content`` ``Wq_hᵀ Wk_h`` and ``qk_rope`` ``Wqr_hᵀ R_Δ Wkr``."""
+        return self._forms(heads, [QK, QK_CONTENT, QK_ROPE] if self.rope_dim else [QK], offset)
 
     def ov_chains(self, heads: bool = True) -> list[NamedForm]:
         """The ``ov`` forms ``Wo_h Wv_g(h)``: the layer sum (head −1), then each head if ``heads``."""
@@ -135,7 +158,8 @@ class MLA(nn.Module):
     - ``mla_prerope``, ``rope_mode="input"``: RoPE (over d-dim pairs) is applied to the token representation x
       before the down-projections: rotary *before* compression, taken literally. Keys and values share the one
       latent of the rotated token, c_kv = Wdkv RoPE(x), so an inference cache holds dc (the point of MLA);
-      the values therefore carry the rotation too (at offset 0, where the forms are read, it is the identity).
+      the values therefore carry the rotation too. The query–key form at position i and offset Δ is
+      R_iᵀ B(Δ) R_i with B(Δ) = B R_Δ (same spectrum at every i; ``attention_forms``), not B itself.
     - ``mla_prerope``, ``rope_mode="coupled"``: RoPE on the up-projected per-head q_h and k_h (dh), the usual
       small-model "MLA + RoPE"; caches dc (the up-projection cannot be absorbed, but the cache is still c_kv).
     Scale 1/√dh for both prerope modes.
@@ -154,6 +178,7 @@ class MLA(nn.Module):
         self.variant = cfg.attention
         self.mode = "decoupled" if cfg.attention == MLA_DECOUPLED else cfg.rope_mode
         self.kv_cache_floats = cfg.kv_cache_floats_per_layer()
+        self.rope_theta = cfg.rope_theta
         d, H, dh, dc, dr, dq = (cfg.d_model, cfg.n_head, cfg.head_dim, cfg.kv_lora_rank, cfg.rope_dim,
                                 cfg.q_lora_rank)
         self.n_head, self.head_dim, self.kv_lora_rank, self.rope_dim = H, dh, dc, dr
@@ -221,7 +246,7 @@ class MLA(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, dh), scale 1/√(q width)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * dh))
 
-    def _forms(self, heads: bool, kinds: list[str]) -> list[NamedForm]:
+    def _forms(self, heads: bool, kinds: list[str], offset: int = 0) -> list[NamedForm]:
         q = (dict(q_a=self.q_a_proj.weight, q_a_norm=self.q_a_norm.weight, q_b=self.q_b_proj.weight)
              if self.compressed_q else dict(wq=self.q_proj.weight))
         weights = MLAWeights(n_heads=self.n_head, qk_nope_head_dim=self.head_dim, qk_rope_head_dim=self.rope_dim,
@@ -229,13 +254,14 @@ class MLA(nn.Module):
                              kv_b=self.kv_b_proj.weight, wo=self.o_proj.weight, **q,
                              rho_q=_measured(self.rho_q), rho_kv=_measured(self.rho_kv))
         return list(mla_forms(self.layer_idx, weights, heads=heads, kinds=kinds, variant=self.variant,
-                              kv_cache_floats=self.kv_cache_floats))
+                              kv_cache_floats=self.kv_cache_floats, offset=offset, rope=self.mode,
+                              rope_theta=self.rope_theta))
 
-    def qk_chains(self, heads: bool = True) -> list[NamedForm]:
-        """``qk`` forms (layer sum, then heads); ``mla_decoupled`` adds ``qk_content`` and ``qk_rope`` and its
-        ``qk`` is their sum. Per head: content ``[Wdqᵀ/ρq, Dq·Wuq_hᵀ, Wuk_h·Dkv, Wdkv/ρkv]``, rope
+    def qk_chains(self, heads: bool = True, offset: int = 0) -> list[NamedForm]:
+        """``qk`` forms at offset Δ (layer sum, then heads); ``mla_decoupled`` adds ``qk_content`` and ``qk_rope``
+        and its ``qk`` is their sum. Per head: content ``[Wdqᵀ/ρq, Dq·Wuq_hᵀ, Wuk_h·Dkv, Wdkv/ρkv]``, rope
         ``[Wdqᵀ/ρq, Dq·Wqr_hᵀ, Wkr]`` (no Wdq factor for uncompressed queries)."""
-        return self._forms(heads, [QK, QK_CONTENT, QK_ROPE])
+        return self._forms(heads, [QK, QK_CONTENT, QK_ROPE], offset)
 
     def ov_chains(self, heads: bool = True) -> list[NamedForm]:
         """``ov`` forms ``Wo_h · Wuv_h·Dkv · Wdkv/ρkv``: the layer sum (head −1), then each head if ``heads``."""

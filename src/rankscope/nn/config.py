@@ -10,7 +10,17 @@ import dataclasses
 from dataclasses import dataclass
 
 from rankscope.errors import InputError
-from rankscope.vocab import ATTENTIONS, GQA, MHA, MLA_DECOUPLED, MLA_PREROPE, MQA, ROPE_INPUT, ROPE_MODES
+from rankscope.vocab import (
+    ATTENTIONS,
+    DECOUPLED,
+    GQA,
+    MHA,
+    MLA_DECOUPLED,
+    MLA_PREROPE,
+    MQA,
+    ROPE_INPUT,
+    ROPE_MODES,
+)
 
 
 def _default_d_ff(d_model: int) -> int:
@@ -23,12 +33,14 @@ class ModelConfig:
     """A LLaMA-style decoder with switchable attention (``attention`` ∈ ATTENTIONS, docs/design.md §4).
 
     ``None`` fields are resolved at construction (``head_dim`` → d_model // n_head; ``n_kv_head`` → n_head for
-    mha, n_head // 2 for gqa, 1 for mqa, n_head for MLA; ``d_ff`` → the multiple of 32 nearest 8/3·d_model), so
+    mha and mha_decoupled, n_head // 2 for gqa, 1 for mqa, n_head for MLA; ``d_ff`` → the multiple of 32 nearest
+    8/3·d_model), so
     ``to_dict`` saves the resolved config. ``dataclasses.replace`` keeps resolved values: to change
     ``n_head``/``d_model``/``attention``, set the dependent fields back to ``None`` as well.
-    MLA only: ``kv_lora_rank`` (dc), ``q_lora_rank`` (dq, None = uncompressed queries), ``qk_rope_dim`` (dr,
-    ``mla_decoupled``), ``rope_mode`` (``mla_prerope``: "input" rotates the token representation before the
-    down-projections, "coupled" rotates the up-projected per-head q and k).
+    MLA only: ``kv_lora_rank`` (dc), ``q_lora_rank`` (dq, None = uncompressed queries), ``rope_mode``
+    (``mla_prerope``: "input" rotates the token representation before the down-projections, "coupled" rotates
+    the up-projected per-head q and k). ``qk_rope_dim``: dr, the rope width of ``mla_decoupled`` and
+    ``mha_decoupled``.
     """
 
     vocab_size: int = 512
@@ -94,8 +106,8 @@ class ModelConfig:
                 bad(f"{self.attention}: kv_lora_rank (dc) must be > 0, got {self.kv_lora_rank}")
             if self.q_lora_rank is not None and self.q_lora_rank <= 0:
                 bad(f"{self.attention}: q_lora_rank (dq) must be > 0 or None, got {self.q_lora_rank}")
-        if self.attention == MLA_DECOUPLED and (self.qk_rope_dim <= 0 or self.qk_rope_dim % 2):
-            bad(f"mla_decoupled: qk_rope_dim (dr) must be a positive even number, got {self.qk_rope_dim}")
+        if self.attention in DECOUPLED and (self.qk_rope_dim <= 0 or self.qk_rope_dim % 2):
+            bad(f"{self.attention}: qk_rope_dim (dr) must be a positive even number, got {self.qk_rope_dim}")
         if self.attention == MLA_PREROPE and self.rope_mode == ROPE_INPUT and self.d_model % 2:
             bad(f"mla_prerope with rope_mode='input' rotates d_model pairs; d_model={self.d_model} is odd")
 
@@ -105,13 +117,14 @@ class ModelConfig:
 
     @property
     def rope_dim(self) -> int:
-        """dr: the per-head decoupled rope width (0 unless ``mla_decoupled``)."""
-        return self.qk_rope_dim if self.attention == MLA_DECOUPLED else 0
+        """dr: the per-head decoupled rope width (0 unless ``mla_decoupled`` or ``mha_decoupled``)."""
+        return self.qk_rope_dim if self.attention in DECOUPLED else 0
 
     def kv_cache_floats_per_layer(self) -> int:
-        """Floats cached per token in one layer: 2·H_kv·dh (MHA/GQA/MQA), dc + dr (MLA, docs/design.md §4)."""
+        """Floats cached per token in one layer: 2·H_kv·dh (MHA/GQA/MQA), 2·H·dh + dr (mha_decoupled: keys, values
+        and the shared rope key), dc + dr (MLA, docs/design.md §4)."""
         if not self.is_mla:
-            return 2 * self.n_kv_head * self.head_dim
+            return 2 * self.n_kv_head * self.head_dim + self.rope_dim
         return self.kv_lora_rank + self.rope_dim
 
     def kv_cache_floats_per_token(self) -> int:
@@ -136,7 +149,8 @@ def parameter_count_formula(cfg: ModelConfig) -> int:
     """The number of parameters of ``GPT(cfg)`` from the weight shapes (tied embeddings counted once).
 
     Embedding V·d (+ V·d untied head) + final norm d + per layer: 2 norms 2d, SwiGLU 3·d·d_ff, attention:
-    MHA/GQA/MQA d·H·dh + 2·d·H_kv·dh + H·dh·d; MLA queries d·H·(dh+dr) or d·dq + dq + dq·H·(dh+dr),
+    MHA/GQA/MQA d·H·dh + 2·d·H_kv·dh + H·dh·d (mha_decoupled adds d·H·dr rope queries and d·dr for the shared
+    rope key); MLA queries d·H·(dh+dr) or d·dq + dq + dq·H·(dh+dr),
     kv_a d·(dc+dr), latent norm dc, kv_b dc·H·2dh, output H·dh·d.
     """
     V, d, H, dh, L = cfg.vocab_size, cfg.d_model, cfg.n_head, cfg.head_dim, cfg.n_layer
@@ -145,7 +159,7 @@ def parameter_count_formula(cfg: ModelConfig) -> int:
         q = d * H * (dh + dr) if dq is None else d * dq + dq + dq * H * (dh + dr)
         attn = q + d * (dc + dr) + dc + dc * H * 2 * dh + H * dh * d
     else:
-        attn = d * H * dh + 2 * d * cfg.n_kv_head * dh + H * dh * d
+        attn = d * H * (dh + cfg.rope_dim) + 2 * d * cfg.n_kv_head * dh + d * cfg.rope_dim + H * dh * d
     per_layer = 2 * d + 3 * d * cfg.d_ff + attn
     return V * d * (1 if cfg.tie_embeddings else 2) + d + L * per_layer
 

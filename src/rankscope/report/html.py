@@ -14,42 +14,46 @@ import pandas as pd
 
 from rankscope.report import study_figures as figs
 from rankscope.report.data import StudyData, load
-from rankscope.report.verdict import CLAIMS, MIN_SEEDS, per_run_table, verdict
-from rankscope.vocab import PRODUCT, REFERENCE_VARIANT
+from rankscope.report.verdict import CLAIMS, MIN_SEEDS, layer_series, verdict
+from rankscope.rundir import read_study
+from rankscope.vocab import PRODUCT, QK, REFERENCE_VARIANT
 
 CAPTIONS = {
-    "heatmaps": "Per variant, layer × step (mean over seeds): outliers under the structure-matched product null, "
-                "spikes (the sequential count; grey where the bulk is not noise-shaped, so there is no count), "
-                "outliers under the naive MP fit, spike strength λ_max / bulk edge (log colour), stable and effective "
-                "rank.",
-    "head_maps": "Outliers per (layer, head) at an early, a middle and the final monitored step (product null).",
-    "decoupled_blocks": "MLA-Decoupled: the content block and the rope block (whose key is shared by all heads).",
-    "esd_steps": "Eigenvalue histogram of the spikiest layer-level form at three steps, with the fitted product "
-                 "null's density and its bulk edge.",
-    "spike_onset": "First monitored step at which each layer has an outlier: if spikes propagate, onset moves "
-                   "with depth.",
-    "rank_vs_outliers": "Effective rank (÷ rank) against outlier energy per (run, layer, step).",
     "loss": "Validation loss per variant, with the min–max band over seeds.",
-    "sweep": "The comparison at each value of the sweep axis: the outlier fraction (outliers / rank) per variant.",
+    "layer_heatmaps": "Per variant, layer × step of the per-head query–key forms (causal-weighted over the offsets Δ, "
+                      "mean over heads, then over seeds): spikes per head (grey where the bulk is not noise-shaped, "
+                      "so there is no count), effective rank and top-10 % energy relative to the structure-matched "
+                      "null of the same shape, and the share of seeds in which the layer is spiked (≥ 0.5 spikes per "
+                      "head). One colour scale per metric across all variants.",
+    "onsets": "Spike onset per layer: the first monitored step from which the layer is spiked at that step and the "
+              "next, as a fraction of training; mean over seeds with its 95 % t-interval; layers without an onset "
+              "are censored at 1.",
+    "offsets": "The per-head forms at the last step read at each relative offset Δ (mean over layers, heads and "
+               "seeds; 95 % t-intervals).",
+    "carried": "Claim (ii): the drop of effective rank since initialisation, and the drop left in the bulk once the "
+               "spikes are removed. If the spikes carry the collapse, the hatched bar is near zero.",
+    "head_maps": "Spikes per (layer, head) at offset 0 at an early, a middle and the final monitored step (mean over "
+                 "seeds, one colour scale).",
+    "esd_steps": "Eigenvalue histogram of the spikiest head at the end, at three steps, with the fitted product "
+                 "null's density and its bulk edge.",
+    "layer_forms": "Secondary view: the layer-level forms (the sum over heads at offset 0, which has no functional "
+                   "meaning under a per-head softmax): outliers under the product null and the naive MP fit, and "
+                   "spikes.",
+    "sweep": "The comparison at each value of the sweep axis.",
 }
 
-STATS_HTML = """<details><summary>What the statistics are</summary><ul>
-<li>All from the layer-level query–key forms at the monitored steps after initialisation, per run, then the mean
-and a bootstrap CI across seeds; "− {reference}" rows are paired by seed.</li>
-<li><b>outliers</b> are eigenvalues above the edge of the null fitted to the whole spectrum ("not noise");
-<b>spikes</b> are eigenvalues above the spectrum's own noise bulk, counted sequentially against deflated nulls and
-reported only where the bulk left fits the null's shape. The statistics below read outliers.</li>
-<li><b>cells_with_outliers</b>: share of (layer, step) cells with at least one eigenvalue above the bulk edge;
-<b>head_cells_with_outliers</b>: the same per head.</li>
-<li><b>outlier_fraction</b>: mean outliers / rank per cell; <b>outlier_energy</b>: mean share of Σλ in outliers.</li>
-<li><b>first_spike</b>: first step with an outlier in any layer, as a fraction of training (1 = never);
-<b>layers_spiked_by_mid</b>: share of layers with an outlier by mid-training; <b>persistence</b>: share of a
-layer's cells from its first spike on that still have outliers.</li>
-<li><b>spike_rank_corr</b>: Spearman correlation over (layer, step) of outlier energy with the relative drop of
-effective rank since step 0 (both grow with training, so this is a co-occurrence, not a cause).</li>
-<li><b>final_effective_rank</b>: mean over layers of effective rank / rank at the last step.</li>
-<li>A claim is <i>reproduced</i> when every CI it rests on lies on the claimed side of 0, <i>not reproduced</i>
-when one lies on the other side, and <i>inconclusive</i> otherwise or with fewer than 3 seeds.</li>
+STATS_HTML = """<details><summary>How the verdict is reached</summary><ul>
+<li>The primary forms are per head, at equal head width across variants, read at several relative offsets Δ
+(<code>B_h(Δ) = Wq_hᵀ R_Δ Wk_h</code> and its decoupled/PreRoPE analogues) and averaged with causal weights
+w(Δ) ∝ T − |Δ|; heads are averaged within a layer.</li>
+<li>Rank-fair quantities: <b>spikes</b> (eigenvalues above the spectrum's own noise bulk, counted sequentially),
+<b>effective rank ÷ the null's</b> (the structure-matched null of the same shape: 1 = noise-like) and <b>top-10 %
+energy ÷ the null's</b> (above 1 = concentrated). "More collapsed" is claimed only where all three agree.</li>
+<li>Every test has an effect-size margin fixed before the data. It reads <i>reproduced</i> when its t-interval over
+seeds lies beyond the margin in the claimed direction, <i>not reproduced</i> when the interval lies inside the
+margin (an equivalence test) or on the other side of zero, else <i>inconclusive</i>; Holm's correction runs over all
+tests of a sweep point. A claim is reproduced when every part is, not reproduced when some part is. Differences from
+{reference} are paired by seed. The negative controls below show what the rule says when nothing is there.</li>
 </ul></details>"""
 
 _CHECK = """<script>
@@ -66,7 +70,8 @@ window.addEventListener('load', function () {
 
 _STYLE = """<style>
 body { font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }
-table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.85em; max-width: 100%; }
+td.n { white-space: nowrap; } td.s { min-width: 22em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
 th { background: #f3f3f3; } td.l, th.l { text-align: left; }
 .reproduced { background: #d7f5d7; } .not { background: #f8d6d6; } .inconclusive { background: #f5f0d0; }
@@ -76,11 +81,15 @@ pre { padding: 0.8em; overflow-x: auto; font-size: 0.8em; }
 </style>"""
 
 
-def _fmt(ci) -> str:
-    mean, lo, hi = ci
-    if not math.isfinite(mean):
+def _num(x, digits: int = 3) -> str:
+    return "–" if x is None or not math.isfinite(float(x)) else f"{float(x):.{digits}g}"
+
+
+def _ci(stat: dict | None) -> str:
+    """"mean [low, high]" from a t_interval dict, never wrapped mid-number."""
+    if not stat or stat.get("mean") is None:
         return "–"
-    return f"{mean:.3f} [{lo:.3f}, {hi:.3f}]"
+    return f"{_num(stat['mean'])} [{_num(stat.get('low'))}, {_num(stat.get('high'))}]"
 
 
 def _img(path: Path) -> str:
@@ -102,19 +111,26 @@ def _json_safe(obj):
 
 def _runs_table(data: StudyData) -> str:
     runs = data.runs.copy()
-    final = data.train.dropna(subset=["val_loss"]).sort_values("step").groupby(["sweep", "name"]).tail(1) \
-        if not data.train.empty and "val_loss" in data.train else pd.DataFrame(columns=["sweep", "name", "val_loss"])
+    tr = data.train
+    final = tr.dropna(subset=["val_loss"]).sort_values("step").groupby(["sweep", "name"]).tail(1) \
+        if not tr.empty and "val_loss" in tr else pd.DataFrame(columns=["sweep", "name", "val_loss"])
+    first = tr.sort_values("step").groupby(["sweep", "name"]).head(1) if not tr.empty and "loss" in tr \
+        else pd.DataFrame(columns=["sweep", "name", "loss"])
     runs = runs.merge(final[["sweep", "name", "val_loss"]], on=["sweep", "name"], how="left")
-    def first(values: pd.Series) -> str:  # the same for every seed of a variant; absent for a lone run
+    runs = runs.merge(first[["sweep", "name", "loss"]], on=["sweep", "name"], how="left")
+
+    def one(values: pd.Series) -> str:  # the same for every seed of a variant; absent for a lone run
         values = values.dropna()
         return f"{int(values.iloc[0]):,}" if len(values) else "–"
 
     rows = [f"<tr><td class=l>{html.escape(sweep)}</td><td class=l>{html.escape(variant)}</td><td>{len(g)}</td>"
-            f"<td>{first(g['params'])}</td><td>{first(g['kv_cache_floats_per_token'])}</td>"
-            f"<td>{g['val_loss'].mean():.3f} ± {g['val_loss'].std(ddof=0):.3f}</td></tr>"
+            f"<td>{one(g['params'])}</td><td>{one(g['kv_cache_floats_per_token'])}</td>"
+            f"<td class=n>{g['loss'].mean():.2f}</td>"
+            f"<td class=n>{g['val_loss'].mean():.3f} ± {g['val_loss'].std(ddof=0):.3f}</td></tr>"
             for (sweep, variant), g in runs.groupby(["sweep", "variant"], sort=False)]
     return ("<table><tr><th class=l>sweep</th><th class=l>variant</th><th>seeds</th><th>parameters</th>"
-            "<th>KV-cache floats / token</th><th>final validation loss</th></tr>" + "".join(rows) + "</table>")
+            "<th>KV-cache floats / token</th><th>training loss at step 1</th><th>final validation loss "
+            "(mean ± sd)</th></tr>" + "".join(rows) + "</table>")
 
 
 def _unfinished(data: StudyData) -> str:
@@ -125,70 +141,186 @@ def _unfinished(data: StudyData) -> str:
             "figure and statistic below; re-run the study command to finish them.</p>")
 
 
+def _cls(reading: str) -> str:
+    return "reproduced" if reading == "reproduced" else "not" if reading.startswith("not") else "inconclusive"
+
+
+def _claims_html(point: dict) -> str:
+    rows = []
+    for key, claim in point["claims"].items():
+        v = claim["verdict"]
+        extra = ""
+        if key == "iii" and claim.get("at_equal_loss"):
+            extra = f"<br><small>at equal validation loss: {html.escape(claim['at_equal_loss'])}</small>"
+        evidence = "".join(f"<li>{html.escape(e)}</li>" for e in claim["evidence"])
+        rows.append(f"<tr><td class=l>({key}) {html.escape(CLAIMS[key])}</td><td class='l {_cls(v)}'>{v}{extra}</td>"
+                    f"<td class='l s'><ul>{evidence}</ul></td></tr>")
+    return ("<table><tr><th class=l>claim</th><th class=l>verdict</th><th class=l>evidence</th></tr>"
+            + "".join(rows) + "</table>")
+
+
+def _tests_html(point: dict) -> str:
+    rows = []
+    for t in point["tests"]:
+        p = t.get("p_holm") or {}
+        rows.append(f"<tr><td class=l>({t['claim']})</td><td class='l s'>{html.escape(t['sentence'])}"
+                    f"{'' if t['primary'] else ' <small>(equal validation loss; not in the verdict)</small>'}</td>"
+                    f"<td class=n>{_ci({'mean': t['estimate'], 'low': t['low'], 'high': t['high']})}</td>"
+                    f"<td>{t['n']}</td><td class=n>{t['direction']} {_num(t['null_value'])} ± {_num(t['margin'])}</td>"
+                    f"<td>{_num(p.get('reproduce'), 2)}</td><td>{_num(p.get('equivalent'), 2)}</td>"
+                    f"<td>{_num(p.get('opposite'), 2)}</td><td class='l {_cls(t['reading'])}'>{t['reading']}</td></tr>")
+    return ("<details><summary>Every test (estimate with its 95 % t-interval over seeds; Holm-adjusted p-values)"
+            "</summary><table><tr><th class=l>claim</th><th class=l>test</th><th>estimate [95 % CI]</th><th>seeds</th>"
+            "<th>direction, null ± margin</th><th>p reproduce</th><th>p equivalent</th><th>p opposite</th>"
+            "<th class=l>reading</th></tr>" + "".join(rows) + "</table></details>")
+
+
+VARIANT_STATS = [("spikes", "spikes per head"), ("erank_vs_null", "eff. rank ÷ null's"),
+                 ("top_energy_vs_null", "top-10 % energy ÷ null's"), ("early", "median onset"),
+                 ("persistence", "persistence"), ("propagation", "onset–depth ρ"),
+                 ("layer_specificity", "layer ÷ seed variance"), ("erank_drop", "eff.-rank drop"),
+                 ("spike_share", "drop carried by spikes"), ("equal_loss_step", "step at equal loss"),
+                 ("erank_vs_null_at_equal_loss", "eff. rank ÷ null's at equal loss")]
+
+
+def _variants_html(point: dict) -> str:
+    head = "".join(f"<th>{html.escape(label)}</th>" for _, label in VARIANT_STATS)
+    rows = []
+    for variant in figs.ORDER:
+        values = point["variants"].get(variant)
+        if values is None:
+            continue
+        rows.append(f"<tr><td class=l>{html.escape(variant)}</td>"
+                    + "".join(f"<td class=n>{_ci(values.get(s))}</td>" for s, _ in VARIANT_STATS) + "</tr>")
+    return ("<div style='overflow-x:auto'><table><tr><th class=l>variant</th>" + head + "</tr>" + "".join(rows)
+            + "</table></div>")
+
+
+def _controls_html(controls: dict | None) -> str:
+    if not controls:
+        return ""
+    rows = []
+    for sim in controls.get("simulated", []):
+        for case, label in (("no_effect", "no effect"), ("boundary", "effect at the margin")):
+            shares = sim[case]
+            cells = "".join(f"<td class=n>{100 * shares[k]['reproduced']:.1f} % / "
+                            f"{100 * shares[k]['not reproduced']:.1f} %</td>" for k in ("i", "ii", "iii"))
+            rows.append(f"<tr><td class=l>{html.escape(sim['sweep'])}: {sim['studies']} simulated studies, {label} "
+                        f"({sim['seeds']} seeds)</td>{cells}</tr>")
+    for key, label in (("spike_free", "spike-free, smoothly decaying synthetic runs"),
+                       ("known_effect", "known-effect synthetic study")):
+        if key in controls:
+            v = controls[key]["verdicts"]
+            rows.append(f"<tr><td class=l>{label}</td>" + "".join(f"<td class='{_cls(v[k])}'>{v[k]}</td>"
+                                                                   for k in ("i", "ii", "iii")) + "</tr>")
+    return ("<h3>Negative controls: the same rule where the answer is known</h3><p>Simulated rows: share of "
+            "studies read reproduced / not reproduced. With no effect, reproduced must stay ≤ 5 %; there, "
+            "not reproduced is the correct (equivalence) answer. At the margin both must stay ≤ 5 %.</p><table>"
+            "<tr><th class=l>control</th><th>(i)</th><th>(ii)</th><th>(iii)</th></tr>" + "".join(rows) + "</table>"
+            + f"<p><small>{html.escape(controls.get('notes', ''))}</small></p>")
+
+
+def _offsets_html(point: dict) -> str:
+    per = point.get("per_offset") or {}
+    deltas = sorted({int(d) for v in per.values() for d in v}, key=abs)
+    if len(deltas) < 2:
+        return ""
+    head = "".join(f"<th>Δ = {d}</th>" for d in deltas)
+    rows = []
+    for variant in figs.ORDER:
+        if variant not in per:
+            continue
+        rows.append(f"<tr><td class=l>{html.escape(variant)}</td>" + "".join(
+            f"<td class=n>{_ci(per[variant].get(d, {}).get('erank_vs_null'))}</td>" for d in deltas) + "</tr>")
+    return ("<p>Effective rank ÷ the null's at the last step, per offset Δ:</p><table><tr><th class=l>variant</th>"
+            + head + "</tr>" + "".join(rows) + "</table>")
+
+
 def _verdict_html(summary: dict) -> str:
     parts = []
     for point in summary["points"]:
-        null = "product null" if point["null"] == PRODUCT else "naive MP null"
-        parts.append(f"<h3>{html.escape(point['sweep'])} — {null}</h3><table><tr><th class=l>claim</th>"
-                     "<th class=l>verdict</th><th class=l>evidence</th></tr>")
-        for key, claim in point["claims"].items():
-            v = claim["verdict"]
-            cls = "reproduced" if v == "reproduced" else "not" if v.startswith("not") else "inconclusive"
-            evidence = "<br>".join(f"{html.escape(k)}: {html.escape(r)}" for k, r in claim["evidence"].items())
-            parts.append(f"<tr><td class=l>({key}) {html.escape(CLAIMS[key])}</td><td class='l {cls}'>{v}</td>"
-                         f"<td class=l>{evidence}</td></tr>")
-        parts.append("</table>")
-        stats = list(next(iter(point["variants"].values())).keys())
-        stats = [s for s in stats if s != "seeds"]
-        parts.append("<table><tr><th class=l>variant</th>" + "".join(f"<th>{s}</th>" for s in stats) + "</tr>")
-        for variant, values in point["variants"].items():
-            parts.append(f"<tr><td class=l>{html.escape(variant)}</td>"
-                         + "".join(f"<td>{_fmt(values[s])}</td>" for s in stats) + "</tr>")
-        for variant, values in point["vs_reference"].items():
-            parts.append(f"<tr><td class=l>{html.escape(variant)} − {html.escape(REFERENCE_VARIANT)}</td>"
-                         + "".join(f"<td>{_fmt(values[s])}</td>" for s in stats) + "</tr>")
-        parts.append("</table>")
+        parts.append(f"<h3>Sweep point: {html.escape(point['sweep'])}</h3>{_claims_html(point)}{_tests_html(point)}"
+                     f"<h3>Per variant (mean [95 % t-interval] over seeds, at the last step unless named)</h3>"
+                     f"{_variants_html(point)}{_offsets_html(point)}")
+    parts.append(_controls_html(summary.get("negative_controls")))
     return "\n".join(parts)
 
 
+def _cells(data: StudyData) -> pd.DataFrame:
+    """The primary forms: per-head query–key rows under the structure-matched null, every offset."""
+    a = data.attention
+    cells = a[(a["kind"] == QK) & (a["head"] >= 0) & (a["null"] == PRODUCT)]
+    if "offset" not in cells:
+        cells = cells.assign(offset=0)
+    for col in ("top_energy_vs_null", "bulk_effective_rank"):  # runs of earlier versions lack them
+        if col not in cells:
+            cells = cells.assign(**{col: np.nan})
+    return cells
+
+
+def _figures(data: StudyData, series: pd.DataFrame, point: dict | None, sweep: str, out: Path) -> str:
+    total = int(data.runs.loc[data.runs["sweep"] == sweep, "steps"].max())
+    paths = [figs.loss_curves(data, sweep, out), figs.layer_heatmaps(series, sweep, out, total)]
+    if point is not None:
+        paths += [figs.onsets(point, out), figs.offsets(point, out), figs.carried(point, out)]
+    paths += [figs.head_maps(data, sweep, out), figs.esd_steps(data, sweep, out),
+              figs.layer_forms(data, sweep, out, total)]
+    return "".join(f"<figure>{_img(p)}<figcaption>{html.escape(CAPTIONS[p.stem])}</figcaption></figure>"
+                   for p in paths if p is not None)
+
+
 def write_report(root: str | Path) -> Path:
-    """Figures, ``summary.json`` and ``report.html`` in ``root`` (a study or a run directory)."""
+    """Figures, ``summary.json`` and ``report.html`` in ``root``: a study (the claims, their verdict and negative
+    controls) or a single run (its spectra through training, no claims)."""
     data = load(root)
     root = Path(root)
     out = root / "figures"
-    per_run = per_run_table(data.attention, data.runs)
-    summary = verdict(per_run)
-    summary["per_run"] = per_run.to_dict("records")
-    summary["command"] = data.meta.get("command")
+    runs = data.runs.assign(context=[int(c["model"]["max_seq_len"]) for c in data.runs["config"]])
+    cells = _cells(data)
+    series = layer_series(cells, runs)
+    is_study = read_study(root) is not None
+    summary: dict = {"command": data.meta.get("command"), "seconds": data.meta.get("seconds"),
+                     "runs": [{k: r.get(k) for k in ("name", "sweep", "variant", "seed", "params",
+                                                     "kv_cache_floats_per_token", "config")}
+                              for r in data.meta["runs"]]}
+    if is_study:
+        summary.update(verdict(cells, data.train, runs))
     (root / "summary.json").write_text(json.dumps(_json_safe(summary), indent=1) + "\n")
+    points = {p["sweep"]: p for p in summary.get("points", [])}
     sections = []
     for sweep in sorted(data.runs["sweep"].unique()):
-        target = out / sweep.replace("/", "_")
-        paths = [figs.loss_curves(data, sweep, target), figs.heatmaps(data, sweep, target),
-                 figs.head_maps(data, sweep, target), figs.decoupled_blocks(data, sweep, target),
-                 figs.esd_steps(data, sweep, target), figs.spike_onset(data, sweep, target),
-                 figs.rank_vs_outliers(data, sweep, target)]
-        body = "".join(f"<figure>{_img(p)}<figcaption>{html.escape(CAPTIONS[p.stem])}</figcaption></figure>"
-                       for p in paths if p is not None)
+        body = _figures(data, series, points.get(sweep), sweep, out / sweep.replace("/", "_"))
         sections.append(f"<h2>Figures — {html.escape(sweep)}</h2>{body}")
-    sweep_fig = figs.sweep_summary(per_run, out)
-    if sweep_fig is not None:
-        sections.insert(0, f"<h2>Sweep</h2><figure>{_img(sweep_fig)}<figcaption>{CAPTIONS['sweep']}</figcaption>"
-                           "</figure>")
+    if is_study:
+        per_run = pd.DataFrame([r for p in summary["points"] for r in p["per_run"]])
+        sweep_fig = figs.sweep_summary(per_run, out)
+        if sweep_fig is not None:
+            sections.insert(0, f"<h2>Sweep</h2><figure>{_img(sweep_fig)}<figcaption>{CAPTIONS['sweep']}"
+                               "</figcaption></figure>")
     command = data.meta.get("command") or f"rankscope report {root}"
     configs = {r["name"] + ("" if r["sweep"] == "base" else f" ({r['sweep']})"): r["config"]
                for r in data.meta["runs"]}
+    wall = data.meta.get("seconds")
+    wall = f" Training took {wall / 60:.0f} min of wall time." if wall else ""
+    if is_study:
+        intro = f"""<p>Reproduces the comparison of Jha &amp; Reagen, <i>A Random Matrix Theory Perspective on the
+Learning Dynamics of Multi-head Latent Attention</i> (arXiv 2507.09394), with a design that separates latent
+compression, the way RoPE is applied and rope-key sharing. Verdicts need at least {MIN_SEEDS} seeds.{wall}</p>"""
+        verdict_html = (f"<h2>Verdict</h2>{STATS_HTML.format(reference=html.escape(REFERENCE_VARIANT))}"
+                        f"{_verdict_html(summary)}")
+        title = f"Rank collapse in attention: {html.escape(root.name)}"
+    else:
+        intro = "<p>One training run: the spectra of its attention heads through training (no claims).</p>"
+        verdict_html = ""
+        title = f"Attention spectra through training: {html.escape(root.name)}"
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>rankscope report: {html.escape(root.name)}</title>
 {_STYLE}</head><body>
-<h1>Rank collapse in attention: {html.escape(root.name)}</h1>
-<p>Reproduces the comparison of Jha &amp; Reagen, <i>A Random Matrix Theory Perspective on the Learning Dynamics
-of Multi-head Latent Attention</i> (arXiv 2507.09394). Every statistic is given under the structure-matched
-product null (the correct null for a product of matrices) and under the naive Marchenko–Pastur fit. Verdicts need
-at least {MIN_SEEDS} seeds; CIs are 95 % percentile bootstraps across seeds (differences paired by seed).</p>
+<h1>{title}</h1>
+{intro}
 <p>Reproduce with: <code>{html.escape(command)}</code></p>
 <h2>Runs</h2>{_runs_table(data)}{_unfinished(data)}
-<h2>Verdict</h2>{STATS_HTML.format(reference=html.escape(REFERENCE_VARIANT))}{_verdict_html(summary)}
+{verdict_html}
 {''.join(sections)}
 <h2>Configurations</h2><details><summary>resolved config of every run</summary>
 <pre>{html.escape(json.dumps(configs, indent=1))}</pre></details>

@@ -1,8 +1,9 @@
-"""The figures of a study (matplotlib, PNG): one function per figure, each reading ``StudyData`` only.
+"""The figures of a study or a run (matplotlib, PNG): one function per figure.
 
-Colours are fixed per variant across every figure. Heatmaps average over seeds. Figures are drawn on
-``matplotlib.figure.Figure`` objects directly: no pyplot, so no GUI backend is chosen and no global figure
-registry is touched.
+Colours are fixed per variant across every figure, and each metric has one colour scale across all variants
+(so rows can be compared). Step axes are the real steps on a symlog scale (the dense early monitoring stays
+visible) with the same ticks in every panel. Figures are drawn on ``matplotlib.figure.Figure`` objects
+directly: no pyplot, so no GUI backend is chosen and no global figure registry is touched.
 """
 
 from __future__ import annotations
@@ -16,23 +17,26 @@ from rankscope.report.data import StudyData
 from rankscope.vocab import (
     GQA,
     MHA,
+    MHA_DECOUPLED,
     MLA_DECOUPLED,
     MLA_PREROPE,
     MLA_PREROPE_COUPLED,
     MLA_PREROPE_INPUT,
-    MONITOR_NULLS,
     MP,
     MQA,
     PRODUCT,
     QK,
-    QK_CONTENT,
-    QK_ROPE,
 )
 
-COLORS = {MHA: "tab:red", MLA_PREROPE_INPUT: "tab:orange", MLA_PREROPE_COUPLED: "tab:purple",
-          MLA_DECOUPLED: "tab:blue", GQA: "tab:green", MQA: "tab:olive", MLA_PREROPE: "tab:orange"}
-ORDER = [MHA, MLA_PREROPE_INPUT, MLA_PREROPE_COUPLED, MLA_DECOUPLED, GQA, MQA]
+COLORS = {MHA: "tab:red", GQA: "tab:green", MLA_PREROPE_INPUT: "tab:orange", MLA_PREROPE_COUPLED: "tab:purple",
+          MHA_DECOUPLED: "tab:cyan", MLA_DECOUPLED: "tab:blue", MQA: "tab:olive", MLA_PREROPE: "tab:orange"}
+ORDER = [MHA, GQA, MLA_PREROPE_INPUT, MLA_PREROPE_COUPLED, MHA_DECOUPLED, MLA_DECOUPLED, MQA]
 NULL_LABEL = {PRODUCT: "product null", MP: "naive MP"}
+# (column of the layer series, panel title, colour map, fixed colour range or None for the data's range)
+SERIES_PANELS = [("spikes", "spikes per head", "magma", None),
+                 ("erank_vs_null", "effective rank ÷ null's", "cividis", None),
+                 ("top_energy_vs_null", "top-10 % energy ÷ null's", "viridis", None),
+                 ("spiked", "share of seeds spiked", "Greys", (0.0, 1.0))]
 
 
 def _figure(rows: int = 1, cols: int = 1, **kwargs):
@@ -51,130 +55,250 @@ def _variants(frame: pd.DataFrame) -> list[str]:
 
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90, bbox_inches="tight")
+    fig.savefig(path, dpi=80, bbox_inches="tight")
     return path
 
 
-def _layers(data: StudyData, sweep: str, kind: str = QK) -> pd.DataFrame:
-    rows = data.attention
-    return rows[(rows["sweep"] == sweep) & (rows["kind"] == kind) & (rows["head"] < 0)]
+def _step_ticks(total: int) -> list[int]:
+    """0, 1, 10, 100, … and the last step: the same ticks on every step axis of a figure."""
+    ticks = [0] + [10**k for k in range(int(np.log10(max(total, 1))) + 1)]
+    return sorted({t for t in ticks if t < total * 0.7} | {total})
 
 
-def _grid(frame: pd.DataFrame, value: str) -> pd.DataFrame:
-    """layer × step mean over seeds."""
-    return frame.pivot_table(index="layer", columns="step", values=value, aggfunc="mean", dropna=False)
+def _step_axis(ax, total: int) -> None:
+    ax.set_xscale("symlog", linthresh=10, linscale=0.6)
+    ticks = _step_ticks(total)
+    ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=7)
+    ax.set_xlim(0, total)
 
 
-def _heat(ax, grid: pd.DataFrame, title: str, cmap: str = "viridis", log: bool = False, vmax=None):
+def _edges(values: np.ndarray) -> np.ndarray:
+    """Cell edges around sorted centres (midpoints; the ends extended by half a gap)."""
+    v = np.asarray(values, float)
+    if v.size == 1:
+        return np.array([v[0] - 0.5, v[0] + 0.5])
+    mid = (v[1:] + v[:-1]) / 2
+    return np.concatenate([[max(v[0] - (mid[0] - v[0]), 0)], mid, [v[-1] + (v[-1] - mid[-1])]])
+
+
+def _norms(frame: pd.DataFrame, panels) -> dict:
+    """One colour range per metric across every variant (finite values; fixed ranges where given)."""
+    out = {}
+    for col, _, _, fixed in panels:
+        if fixed is not None:
+            out[col] = fixed
+            continue
+        v = frame[col].to_numpy(float)
+        v = v[np.isfinite(v)]
+        out[col] = (float(v.min()), float(v.max())) if v.size else (0.0, 1.0)
+    return out
+
+
+def _mesh(ax, grid: pd.DataFrame, cmap: str, limits: tuple[float, float]):
     import matplotlib
-    from matplotlib.colors import LogNorm
 
-    values = np.ma.masked_invalid(grid.to_numpy(dtype=float))  # NaN cells (no count): drawn grey
-    colors = matplotlib.colormaps[cmap].with_extremes(bad="lightgrey")
-    finite = values.compressed()
-    top = finite.max() if finite.size else 1.0
-    norm = LogNorm(vmin=max(finite.min(), 1e-2), vmax=top) if log and finite.size and top > 0 else None
-    im = ax.imshow(values, aspect="auto", origin="lower", cmap=colors, norm=norm,
-                   vmin=None if norm else 0, vmax=None if norm else vmax, interpolation="nearest")
-    steps = list(grid.columns)
-    ticks = np.linspace(0, len(steps) - 1, min(6, len(steps))).round().astype(int)
-    ax.set_xticks(ticks, [str(steps[t]) for t in ticks], fontsize=7)
-    ax.set_yticks(range(len(grid.index)), [str(v) for v in grid.index], fontsize=7)
-    ax.set_title(title, fontsize=9)
-    ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+    colors = matplotlib.colormaps[cmap].with_extremes(bad="lightgrey")  # NaN (no count): grey
+    values = np.ma.masked_invalid(grid.to_numpy(dtype=float))
+    lo, hi = limits
+    return ax.pcolormesh(_edges(grid.columns.to_numpy()), _edges(grid.index.to_numpy()), values, cmap=colors,
+                         vmin=lo, vmax=hi if hi > lo else lo + 1e-9, shading="flat")
 
 
-def heatmaps(data: StudyData, sweep: str, out: Path) -> Path:
-    """Per variant, layer × step: outliers under both nulls, spikes, spike strength, stable and effective rank."""
-    frame = _layers(data, sweep)
+def layer_heatmaps(series: pd.DataFrame, sweep: str, out: Path, total: int, name: str = "layer_heatmaps") -> Path:
+    """Per variant (rows), layer × step of the per-head forms (Δ-weighted, head mean, then mean over seeds):
+    spikes, effective rank ÷ null's, top-10 % energy ÷ null's, and the share of seeds with the layer spiked."""
+    frame = series[series["sweep"] == sweep].assign(spiked=lambda d: d["spiked"].astype(float))
     variants = _variants(frame)
-    cols = [("outliers", PRODUCT, "outliers — product null", "magma", False),
-            ("spikes", PRODUCT, "spikes (grey: bulk not noise)", "magma", False),
-            ("outliers", MP, "outliers — naive MP", "magma", False),
-            ("spike_strength", PRODUCT, "spike strength λmax/edge", "viridis", True),
-            ("stable_rank", PRODUCT, "stable rank", "cividis", False),
-            ("effective_rank", PRODUCT, "effective rank", "cividis", False)]
-    vmax_out = frame["outliers"].max()
-    fig, axes = _figure(len(variants), len(cols), figsize=(3.2 * len(cols), 2.3 * len(variants)))
+    limits = _norms(frame, SERIES_PANELS)
+    fig, axes = _figure(len(variants), len(SERIES_PANELS), figsize=(3.3 * len(SERIES_PANELS), 1.9 * len(variants)
+                                                                   + 0.8), sharex=True, sharey=True)
+    images = {}
     for i, variant in enumerate(variants):
         mine = frame[frame["variant"] == variant]
-        for j, (value, null, title, cmap, log) in enumerate(cols):
-            sub = mine[mine["null"] == null]
-            _heat(axes[i, j], _grid(sub, value), title, cmap, log,
-                  vmax=vmax_out if value in ("outliers", "spikes") else None)
-            axes[i, j].set_ylabel(f"{variant}\nlayer" if j == 0 else "", fontsize=9)
-            axes[i, j].set_xlabel("step" if i == len(variants) - 1 else "")
-    fig.suptitle("Layer-level query–key forms through training (mean over seeds)", fontsize=11)
-    fig.tight_layout()
-    return _save(fig, out / "heatmaps.png")
+        for j, (col, title, cmap, _) in enumerate(SERIES_PANELS):
+            grid = mine.pivot_table(index="layer", columns="step", values=col, aggfunc="mean", dropna=False)
+            ax = axes[i, j]
+            images[col] = _mesh(ax, grid, cmap, limits[col])
+            _step_axis(ax, total)
+            layers = sorted(frame["layer"].unique())
+            ax.set_yticks(layers, [str(v) for v in layers], fontsize=7)
+            if i == 0:
+                ax.set_title(title, fontsize=9)
+            if j == 0:
+                ax.set_ylabel(f"{variant}\nlayer", fontsize=8)
+            if i == len(variants) - 1:
+                ax.set_xlabel("step", fontsize=8)
+    for j, (col, *_rest) in enumerate(SERIES_PANELS):  # one colour bar per metric, shared by its column
+        fig.colorbar(images[col], ax=list(axes[:, j]), fraction=0.05, pad=0.02, location="top")
+    return _save(fig, out / f"{name}.png")
+
+
+def onsets(point: dict, out: Path) -> Path | None:
+    """Spike onset per layer, per variant: the mean over seeds with its t-interval (censored at 1 = no onset)."""
+    data = point.get("onsets") or {}
+    if not data:
+        return None
+    fig, axes = _figure(figsize=(7.5, 3.6))
+    ax = axes[0, 0]
+    variants = sorted(data, key=lambda v: ORDER.index(v) if v in ORDER else len(ORDER))
+    for k, variant in enumerate(variants):
+        layers = sorted(int(x) for x in data[variant])
+        rows = [data[variant][layer] if layer in data[variant] else data[variant][str(layer)] for layer in layers]
+        mean = np.array([r["mean"] if r["mean"] is not None else np.nan for r in rows], float)
+        lo = np.array([r["low"] if r.get("low") is not None else np.nan for r in rows], float)
+        hi = np.array([r["high"] if r.get("high") is not None else np.nan for r in rows], float)
+        x = np.asarray(layers, float) + (k - (len(variants) - 1) / 2) * 0.08
+        ax.errorbar(x, mean, yerr=[np.clip(mean - lo, 0, None), np.clip(hi - mean, 0, None)], fmt="o-", ms=4,
+                    capsize=2, color=COLORS.get(variant), label=variant, lw=1)
+    ax.set_yscale("log")
+    ax.axhline(1.0, color="k", lw=0.6, ls=":")
+    ax.set_ylim(None, 1.3)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("spike onset (fraction of training)\nmean over seeds, 95 % t-interval")
+    ax.set_title("When each layer's heads start to carry spikes (1 = not before the end)", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, out / "onsets.png")
+
+
+def offsets(point: dict, out: Path) -> Path | None:
+    """The final rank-fair quantities per relative offset Δ, per variant (mean and t-interval over seeds)."""
+    data = point.get("per_offset") or {}
+    if not data:
+        return None
+    metrics = [("spikes", "spikes per head"), ("erank_vs_null", "effective rank ÷ null's"),
+               ("top_energy_vs_null", "top-10 % energy ÷ null's")]
+    fig, axes = _figure(1, len(metrics), figsize=(4 * len(metrics), 3.2))
+    variants = sorted(data, key=lambda v: ORDER.index(v) if v in ORDER else len(ORDER))
+    for ax, (metric, title) in zip(axes[0], metrics, strict=True):
+        for k, variant in enumerate(variants):
+            deltas = sorted((int(d) for d in data[variant]), key=abs)
+            rows = [data[variant].get(d, data[variant].get(str(d), {})).get(metric, {}) for d in deltas]
+            mean = np.array([r.get("mean") if r.get("mean") is not None else np.nan for r in rows], float)
+            lo = np.array([r.get("low") if r.get("low") is not None else np.nan for r in rows], float)
+            hi = np.array([r.get("high") if r.get("high") is not None else np.nan for r in rows], float)
+            x = np.abs(deltas).astype(float) * (1 + 0.03 * (k - len(variants) / 2))
+            ax.errorbar(np.maximum(x, 0.35 + 0.03 * k), mean, yerr=[np.clip(mean - lo, 0, None),
+                        np.clip(hi - mean, 0, None)], fmt="o-", ms=3, capsize=2, lw=1, color=COLORS.get(variant),
+                        label=variant)
+        ax.set_xscale("log")
+        ticks = sorted({abs(int(d)) for v in data.values() for d in v})
+        ax.set_xticks([max(t, 0.35) for t in ticks], [("0" if t == 0 else f"−{t}") for t in ticks], fontsize=7)
+        ax.set_xlabel("relative offset Δ = key − query position")
+        ax.set_title(title, fontsize=9)
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle("Per-head query–key forms at the last step, by offset (RoPE makes the form depend on Δ)", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
+    return _save(fig, out / "offsets.png")
+
+
+def carried(point: dict, out: Path) -> Path | None:
+    """Claim (ii): the drop of effective rank, and the drop left in the bulk once the spikes are removed."""
+    per_run = pd.DataFrame(point.get("per_run") or [])
+    if per_run.empty or "erank_drop" not in per_run:
+        return None
+    variants = _variants(per_run)
+    fig, axes = _figure(figsize=(7.5, 3.3))
+    ax = axes[0, 0]
+    width = 0.38
+    for k, variant in enumerate(variants):
+        mine = per_run[per_run["variant"] == variant]
+        for off, col, hatch in ((-width / 2, "erank_drop", None), (width / 2, "bulk_drop", "//")):
+            v = mine[col].to_numpy(float)
+            v = v[np.isfinite(v)]
+            if not v.size:
+                continue
+            ax.bar(k + off, v.mean(), width, color=COLORS.get(variant), hatch=hatch, alpha=0.85 if hatch is None
+                   else 0.45, edgecolor="k", lw=0.5)
+            ax.plot(np.full(v.size, k + off), v, "k.", ms=3)
+    ax.axhline(0, color="k", lw=0.6)
+    ax.set_xticks(range(len(variants)), variants, fontsize=7, rotation=15)
+    ax.set_ylabel("relative drop since step 0")
+    ax.set_title("Effective-rank drop (solid) and the bulk's drop without the spikes (hatched); dots: seeds",
+                 fontsize=9)
+    return _save(fig, out / "carried.png")
 
 
 def head_maps(data: StudyData, sweep: str, out: Path) -> Path:
-    """Per variant, outliers per (layer, head) at an early, a middle and the final monitored step."""
+    """Per variant, spikes per (layer, head) at offset 0 at an early, a middle and the final monitored step."""
     rows = data.attention
     frame = rows[(rows["sweep"] == sweep) & (rows["kind"] == QK) & (rows["head"] >= 0) & (rows["null"] == PRODUCT)]
+    if "offset" in frame:
+        frame = frame[frame["offset"] == 0]
     variants = _variants(frame)
     steps = sorted(s for s in frame["step"].unique() if s > 0)
-    picks = [steps[0], steps[len(steps) // 2], steps[-1]] if steps else []
-    fig, axes = _figure(len(variants), max(1, len(picks)), figsize=(3.2 * len(picks), 2.3 * len(variants)))
-    vmax = frame["outliers"].max()
+    picks = sorted({steps[min(len(steps) - 1, 10)], steps[len(steps) // 2], steps[-1]}) if steps else []
+    fig, axes = _figure(len(variants), max(1, len(picks)), figsize=(2.8 * len(picks), 1.9 * len(variants) + 0.6),
+                        sharey=True)
+    finite = frame["spikes"].to_numpy(float)
+    finite = finite[np.isfinite(finite)]
+    vmax = float(finite.max()) if finite.size else 1.0
+    image = None
     for i, variant in enumerate(variants):
         for j, step in enumerate(picks):
             sub = frame[(frame["variant"] == variant) & (frame["step"] == step)]
-            grid = sub.pivot_table(index="layer", columns="head", values="outliers", aggfunc="mean")
+            grid = sub.pivot_table(index="layer", columns="head", values="spikes", aggfunc="mean", dropna=False)
             ax = axes[i, j]
-            im = ax.imshow(grid.to_numpy(float), origin="lower", cmap="magma", vmin=0, vmax=vmax, aspect="auto")
-            ax.set_xticks(range(len(grid.columns)), [str(h) for h in grid.columns], fontsize=7)
-            ax.set_yticks(range(len(grid.index)), [str(v) for v in grid.index], fontsize=7)
-            ax.set_title(f"step {step}", fontsize=9)
-            ax.set_xlabel("head", fontsize=8)
-            ax.set_ylabel(f"{variant}\nlayer" if j == 0 else "", fontsize=9)
-            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
-    fig.suptitle("Outliers per head (product null, mean over seeds)", fontsize=11)
-    fig.tight_layout()
+            image = _mesh(ax, grid, "magma", (0.0, vmax))
+            ax.set_xticks(grid.columns.to_numpy(), [str(h) for h in grid.columns], fontsize=7)
+            ax.set_title(f"step {step}" if i == 0 else "", fontsize=9)
+            ax.set_xlabel("head" if i == len(variants) - 1 else "", fontsize=8)
+            ax.set_ylabel(f"{variant}\nlayer" if j == 0 else "", fontsize=8)
+    if image is not None:
+        fig.colorbar(image, ax=list(axes.flat), fraction=0.03, pad=0.02, label="spikes (mean over seeds)")
     return _save(fig, out / "head_maps.png")
 
 
-def decoupled_blocks(data: StudyData, sweep: str, out: Path) -> Path | None:
-    """MLA-Decoupled: the content block and the shared rope block of the query–key form, side by side."""
+def layer_forms(data: StudyData, sweep: str, out: Path, total: int) -> Path:
+    """Secondary view: the layer-level forms (sum over heads, offset 0): outliers under both nulls and spikes,
+    one colour scale for all three and all variants."""
     rows = data.attention
-    frame = rows[(rows["sweep"] == sweep) & (rows["variant"] == MLA_DECOUPLED) & (rows["head"] < 0)
-                 & (rows["null"] == PRODUCT)]
-    if frame.empty:
-        return None
-    fig, axes = _figure(1, 4, figsize=(15, 3.3))
-    vmax = frame["outliers"].max()
-    for j, (kind, value, log) in enumerate([(QK_CONTENT, "outliers", False), (QK_ROPE, "outliers", False),
-                                            (QK_CONTENT, "spike_strength", True),
-                                            (QK_ROPE, "spike_strength", True)]):
-        sub = frame[frame["kind"] == kind]
-        _heat(axes[0, j], _grid(sub, value), f"{kind}: {value}", "magma" if value == "outliers" else "viridis",
-              log, vmax=vmax if value == "outliers" else None)
-        axes[0, j].set_xlabel("step")
-    axes[0, 0].set_ylabel("layer")
-    fig.suptitle("MLA-Decoupled: content block vs shared rope block (product null)", fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
-    return _save(fig, out / "decoupled_blocks.png")
+    frame = rows[(rows["sweep"] == sweep) & (rows["kind"] == QK) & (rows["head"] < 0)]
+    variants = _variants(frame)
+    panels = [("outliers", PRODUCT, "outliers — product null"), ("spikes", PRODUCT, "spikes (grey: bulk not noise)"),
+              ("outliers", MP, "outliers — naive MP")]
+    values = np.concatenate([frame["outliers"].to_numpy(float), frame["spikes"].to_numpy(float)])
+    values = values[np.isfinite(values)]
+    limits = (0.0, float(values.max()) if values.size else 1.0)
+    fig, axes = _figure(len(variants), len(panels), figsize=(3.4 * len(panels), 1.9 * len(variants) + 0.8),
+                        sharex=True, sharey=True)
+    image = None
+    for i, variant in enumerate(variants):
+        for j, (col, null, title) in enumerate(panels):
+            sub = frame[(frame["variant"] == variant) & (frame["null"] == null)]
+            grid = sub.pivot_table(index="layer", columns="step", values=col, aggfunc="mean", dropna=False)
+            ax = axes[i, j]
+            image = _mesh(ax, grid, "magma", limits)
+            _step_axis(ax, total)
+            ax.set_title(title if i == 0 else "", fontsize=9)
+            ax.set_ylabel(f"{variant}\nlayer" if j == 0 else "", fontsize=8)
+            ax.set_xlabel("step" if i == len(variants) - 1 else "", fontsize=8)
+    if image is not None:
+        fig.colorbar(image, ax=list(axes.flat), fraction=0.03, pad=0.02, label="count (mean over seeds)")
+    return _save(fig, out / "layer_forms.png")
 
 
 def esd_steps(data: StudyData, sweep: str, out: Path) -> Path | None:
-    """Eigenvalue histogram of the spikiest layer-level form at three steps, with the fitted null and edge."""
-    frame = _layers(data, sweep)
-    frame = frame[(frame["null"] == PRODUCT) & (frame["step"] == frame["step"].max())]
-    if frame.empty:
+    """Eigenvalue histogram of the spikiest per-head form (offset 0) at three steps, with the fitted null."""
+    rows = data.attention
+    frame = rows[(rows["sweep"] == sweep) & (rows["kind"] == QK) & (rows["head"] >= 0) & (rows["null"] == PRODUCT)]
+    if "offset" in frame:
+        frame = frame[frame["offset"] == 0]
+    frame = frame[frame["step"] == frame["step"].max()]
+    if frame.empty or not np.isfinite(frame["spike_strength"]).any():
         return None
-    top = frame.loc[frame["spike_strength"].idxmax()]
-    spectra = data.spectra(top["name"], sweep, f"layer = {int(top['layer'])} and head = -1 and kind = '{QK}' "
-                                                 f"and \"null\" = '{PRODUCT}'")
+    top = frame.loc[frame["spike_strength"].replace(np.inf, np.nan).idxmax()]
+    where = (f"layer = {int(top['layer'])} and head = {int(top['head'])} and kind = '{QK}' and \"null\" = "
+             f"'{PRODUCT}'" + (" and \"offset\" = 0" if "offset" in frame else ""))
+    spectra = data.spectra(top["name"], sweep, where)
     steps = sorted(spectra["step"].unique())
-    picks = sorted({steps[0], steps[len(steps) // 4], steps[-1]})
-    fig, axes = _figure(1, len(picks), figsize=(4.3 * len(picks), 3.2))
+    picks = sorted({steps[0], steps[len(steps) // 2], steps[-1]})
+    fig, axes = _figure(1, len(picks), figsize=(4.0 * len(picks), 3.0))
     for ax, step in zip(axes[0], picks, strict=True):
         row = spectra[spectra["step"] == step].iloc[0]
         lam = np.asarray(row["eigenvalues"], float)
         lam = lam[lam > 0]
         edge = float(row["bulk_edge"])
-        bins = np.geomspace(min(lam.min(), edge) * 0.9, max(lam.max(), edge) * 1.1, 40)
+        bins = np.geomspace(min(lam.min(), edge) * 0.9, max(lam.max(), edge) * 1.1, 30)
         ax.hist(lam[lam <= edge], bins=bins, color=COLORS.get(top["variant"], "tab:gray"), alpha=0.8, label="bulk")
         ax.hist(lam[lam > edge], bins=bins, color="k", alpha=0.9, label=f"outliers ({int((lam > edge).sum())})")
         if row["null_quantiles"] is not None:
@@ -186,55 +310,10 @@ def esd_steps(data: StudyData, sweep: str, out: Path) -> Path | None:
         ax.set_title(f"step {step}", fontsize=9)
         ax.set_xlabel("eigenvalue of B Bᵀ")
         ax.legend(fontsize=7)
-    fig.suptitle(f"ESD of the spikiest layer: {top['name']} ({top['variant']}), layer {int(top['layer'])}, qk",
-                 fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.suptitle(f"ESD of the spikiest head at the end: {top['name']} layer {int(top['layer'])} head "
+                 f"{int(top['head'])}", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
     return _save(fig, out / "esd_steps.png")
-
-
-def spike_onset(data: StudyData, sweep: str, out: Path) -> Path:
-    """First step each layer crosses the bulk edge, against layer index (does the spike propagate?)."""
-    frame = _layers(data, sweep)
-    frame = frame[frame["step"] > 0]
-    fig, axes = _figure(1, 2, figsize=(10, 3.3), sharey=True)
-    total = int(data.runs["steps"].max())
-    for ax, null in zip(axes[0], MONITOR_NULLS, strict=True):
-        sub = frame[frame["null"] == null]
-        for k, variant in enumerate(_variants(sub)):
-            mine = sub[sub["variant"] == variant]
-            first = (mine[mine["outliers"] > 0].groupby(["seed", "layer"])["step"].min()
-                     .unstack("layer").reindex(columns=sorted(mine["layer"].unique())))
-            first = first.reindex(sorted(mine["seed"].unique())).fillna(np.inf)
-            med = np.median(first.to_numpy(), axis=0)
-            x = np.asarray(first.columns, float) + (k - 1.5) * 0.06
-            shown = np.where(np.isfinite(med), med, np.nan)
-            ax.plot(x, shown, "o-", color=COLORS.get(variant), label=variant)
-            lo, hi = first.min().to_numpy(), first.max().to_numpy()
-            hi = np.where(np.isfinite(hi), hi, total)
-            ax.vlines(x, np.where(np.isfinite(lo), lo, np.nan), hi, color=COLORS.get(variant), alpha=0.4)
-        ax.set_title(f"{NULL_LABEL[null]}: first step with an outlier", fontsize=9)
-        ax.set_xlabel("layer")
-        ax.set_xticks(sorted(sub["layer"].unique()))
-        ax.set_ylabel("step (median over seeds; bars: min–max)")
-    axes[0, 0].legend(fontsize=7)
-    return _save(fig, out / "spike_onset.png")
-
-
-def rank_vs_outliers(data: StudyData, sweep: str, out: Path) -> Path:
-    """Effective rank (÷ rank) against outlier energy, one dot per (run, layer, step), coloured by variant."""
-    frame = _layers(data, sweep)
-    fig, axes = _figure(1, 2, figsize=(10, 3.5), sharey=True)
-    for ax, null in zip(axes[0], MONITOR_NULLS, strict=True):
-        sub = frame[(frame["null"] == null) & (frame["step"] > 0)]
-        for variant in _variants(sub):
-            mine = sub[sub["variant"] == variant]
-            ax.scatter(mine["outlier_energy"], mine["effective_rank"] / mine["rank"], s=8, alpha=0.5,
-                       color=COLORS.get(variant), label=variant)
-        ax.set_xlabel(f"outlier energy ({NULL_LABEL[null]})")
-        ax.set_title("rank collapse vs outliers", fontsize=9)
-    axes[0, 0].set_ylabel("effective rank / rank")
-    axes[0, 0].legend(fontsize=7)
-    return _save(fig, out / "rank_vs_outliers.png")
 
 
 def loss_curves(data: StudyData, sweep: str, out: Path) -> Path | None:
@@ -243,7 +322,9 @@ def loss_curves(data: StudyData, sweep: str, out: Path) -> Path | None:
     if tr.empty or "val_loss" not in tr:
         return None
     tr = tr[(tr["sweep"] == sweep) & tr["val_loss"].notna()]
-    fig, axes = _figure(figsize=(6, 3.5))
+    if tr.empty:
+        return None
+    fig, axes = _figure(figsize=(6, 3.3))
     ax = axes[0, 0]
     for variant in _variants(tr):
         grid = tr[tr["variant"] == variant].pivot_table(index="step", columns="seed", values="val_loss")
@@ -251,25 +332,24 @@ def loss_curves(data: StudyData, sweep: str, out: Path) -> Path | None:
         ax.fill_between(grid.index, grid.min(axis=1), grid.max(axis=1), color=COLORS.get(variant), alpha=0.2)
     ax.set_xlabel("step")
     ax.set_ylabel("validation loss (nats/token)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     ax.set_title("Validation loss (band: min–max over seeds)", fontsize=10)
     return _save(fig, out / "loss.png")
 
 
 def sweep_summary(per_run: pd.DataFrame, out: Path) -> Path | None:
-    """Outlier fraction (outliers / rank, mean over layer × step) per variant at each sweep value, both nulls."""
-    if per_run["sweep"].nunique() < 2:
+    """Final spikes per head and effective rank ÷ null's per variant at each sweep value (mean ± sd)."""
+    if per_run.empty or per_run["sweep"].nunique() < 2:
         return None
-    fig, axes = _figure(1, 2, figsize=(10, 3.3), sharey=True)
+    metrics = [("spikes", "spikes per head"), ("erank_vs_null", "effective rank ÷ null's")]
+    fig, axes = _figure(1, len(metrics), figsize=(10, 3.3))
     points = sorted(per_run["sweep"].unique())
-    for ax, null in zip(axes[0], MONITOR_NULLS, strict=True):
-        sub = per_run[per_run["null"] == null]
-        for variant in _variants(sub):
-            g = sub[sub["variant"] == variant].groupby("sweep")["outlier_fraction"]
+    for ax, (metric, title) in zip(axes[0], metrics, strict=True):
+        for variant in _variants(per_run):
+            g = per_run[per_run["variant"] == variant].groupby("sweep")[metric]
             ax.errorbar(range(len(points)), g.mean().reindex(points), yerr=g.std().reindex(points).fillna(0),
                         marker="o", capsize=3, color=COLORS.get(variant), label=variant)
         ax.set_xticks(range(len(points)), points)
-        ax.set_title(NULL_LABEL[null], fontsize=9)
-    axes[0, 0].set_ylabel("outlier fraction (outliers / rank)\nmean ± sd over seeds")
+        ax.set_title(title + " at the last step (mean ± sd over seeds)", fontsize=9)
     axes[0, 0].legend(fontsize=7)
     return _save(fig, out / "sweep.png")

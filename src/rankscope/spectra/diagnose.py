@@ -58,12 +58,16 @@ class Diagnosis:
     mp_soft_rank: float  # bulk_edge / λ_max
     stable_rank: float  # Σλ / λ_max
     effective_rank: float  # exp(entropy of σ/Σσ)
+    bulk_effective_rank: float  # effective rank of λ[spikes:], the eigenvalues below the spikes (NaN with spikes)
     participation_ratio: float  # (Σλ)² / Σλ²
     spectral_entropy: float  # −Σ p log p, p = λ/Σλ
+    top_energy: float  # share of Σλ in the top k = ⌈r/10⌉ eigenvalues (0 for the zero form)
     ks: float  # KS distance between the bulk's empirical CDF and the fitted null
     pl_alpha: float  # power-law tail exponent (NaN below 10 positive or 4 distinct eigenvalues)
     pl_xmin: float  # where the power-law tail starts
     erank_vs_null: float  # effective rank / the structure-matched null's mean effective rank (1 = noise-like)
+    top_energy_vs_null: float  # top_energy / the structure-matched null's mean top_energy (1 = noise-like, > 1:
+    #   concentrated); NaN, like erank_vs_null, for the other nulls and spectra too small to count (r ≤ 4)
     excess_kurtosis: float  # the largest excess kurtosis of a factor's entries (0 for Gaussian entries)
     factor_kurtosis: tuple[float, ...] = field(default=(), repr=False)  # each factor's, in factor order (not a row)
     null_quantiles: np.ndarray | None = field(default=None, repr=False, compare=False)  # fitted null's λ quantiles
@@ -125,10 +129,20 @@ def _diagnose_spectra(lam: torch.Tensor, n: int, m: int, null_objs: list, null: 
             lambda_max=float(ev[0]), scale=float(scale[b]), bulk_edge=float(edge[b]),
             **{k: (int(v[b]) if k == "outliers" else float(v[b])) for k, v in cols.items()},
             spikes=c.spikes, bulk_fits=c.bulk_fits, bulk_stat=c.bulk_stat, bulk_threshold=c.bulk_threshold,
-            erank_vs_null=c.erank_vs_null, ks=ks, pl_alpha=tails[b].alpha, pl_xmin=tails[b].xmin,
+            erank_vs_null=c.erank_vs_null, top_energy_vs_null=c.top_energy_vs_null,
+            bulk_effective_rank=_bulk_effective_rank(ev, c.spikes), ks=ks, pl_alpha=tails[b].alpha,
+            pl_xmin=tails[b].xmin,
             null_quantiles=r0 * null_objs[b].ratio_quantiles, **per_spectrum[b],
         ))
     return out
+
+
+def _bulk_effective_rank(ev: torch.Tensor, spikes: float) -> float:
+    """Effective rank of ``ev[spikes:]`` (descending): the eigenvalues below the spikes; NaN where spikes is NaN."""
+    if math.isnan(spikes):
+        return math.nan
+    bulk = ev[int(spikes):]
+    return float(metrics.effective_rank(bulk)) if bulk.numel() else 0.0
 
 
 def excess_kurtosis(form: Form, batch: int) -> np.ndarray:
@@ -158,6 +172,7 @@ def _shared_metrics(lam: torch.Tensor, form: Form) -> tuple[dict, list, list]:
         "effective_rank": metrics.effective_rank(lam),
         "participation_ratio": metrics.participation_ratio(lam),
         "spectral_entropy": metrics.spectral_entropy(lam),
+        "top_energy": metrics.top_energy(lam),
     }
     kurt = excess_kurtosis(form, lam.shape[0])  # (B, F)
     lam_np = lam.numpy()
@@ -212,7 +227,7 @@ def _diagnose_form(form: Form, nulls: tuple[str, ...], fpr: float, draws: int | 
             null_objs = [_null_for(s, null, fpr, draws, row.tolist()) for row in norms]
         if null == PRODUCT:
             counts = count_spikes(lam.numpy(), s, None if norms is None else norms.numpy(), fpr, draws,
-                                  shared[0]["effective_rank"].numpy())
+                                  shared[0]["effective_rank"].numpy(), shared[0]["top_energy"].numpy())
         out[null] = _diagnose_spectra(lam, n, m, null_objs, null, fpr, shared, counts)
     return out
 

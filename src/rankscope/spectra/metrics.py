@@ -6,6 +6,8 @@ Lower rank metrics = more collapse.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -39,6 +41,14 @@ def effective_rank(lam: torch.Tensor) -> torch.Tensor:
     """exp(−Σ p log p) with p = σ/Σσ over singular values σ = √λ (Roy & Vetterli 2007); 0 for B = 0."""
     sigma = lam.clamp_min(0).sqrt()
     return torch.where(sigma.sum(-1) > 0, torch.exp(_entropy(sigma)), torch.zeros_like(sigma[..., 0]))
+
+
+def top_energy(lam: torch.Tensor, k: int | None = None) -> torch.Tensor:
+    """Σ_{i ≤ k} λ_(i) / Σλ: the share of ‖B‖_F² in the k largest eigenvalues, k = ⌈r/10⌉ by default (r = the
+    spectrum's length, the structural rank). Higher = energy more concentrated; 0 for B = 0."""
+    r = lam.shape[-1]
+    k = min(math.ceil(r / 10) if k is None else int(k), r)
+    return _safe_div(torch.topk(lam, k, dim=-1).values.sum(-1), lam.sum(-1))
 
 
 def outlier_count(lam: torch.Tensor, edge: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,9 @@
 
 A null is keyed by what determines it: its structure, block-norm ratios, number of draws, a format version and a
 hash of the code that simulates it (editing that code can never reuse a stale null). Files are written to a
-temporary name and renamed, so concurrent processes may share the directory; an unreadable file is simulated
-again. Override the directory with ``RANKSCOPE_CACHE_DIR``.
+temporary name and renamed, so concurrent processes may share the directory; an unreadable file, or one
+without an array its reader requires (``get(..., required=)``), is simulated again.
+Override the directory with ``RANKSCOPE_CACHE_DIR``.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ import json
 import os
 import zipfile
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 
-VERSION = 4
+VERSION = 5  # 5: top_energy in the simulated arrays
 MEMORY_ENTRIES = 512  # nulls kept in memory (a few kB each); the least recently used go first
 
 # The simulation code itself is part of the key.
@@ -68,14 +69,17 @@ class NullCache:
     def __len__(self) -> int:
         return len(self._memory)
 
-    def get(self, key: tuple, make: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-        if key in self._memory:
+    def get(self, key: tuple, make: Callable[[], dict[str, np.ndarray]],
+            required: Iterable[str] = ()) -> dict[str, np.ndarray]:
+        """``required``: the arrays a caller reads; a stored null lacking one (an older format) is made again."""
+        required = tuple(required)
+        if key in self._memory and all(name in self._memory[key] for name in required):
             self._memory.move_to_end(key)
             return self._memory[key]
         text = _text(key)
         path = cache_dir() / f"{hashlib.sha256(text.encode()).hexdigest()[:32]}.npz"
         arrays = _load(path, text)
-        if arrays is None:
+        if arrays is None or not all(name in arrays for name in required):
             arrays = make()
             _save(path, text, arrays)
         for a in arrays.values():

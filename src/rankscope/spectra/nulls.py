@@ -50,6 +50,8 @@ RATIO_GRID = 0.1  # block-norm ratios are rounded to this step in log10
 QUANTILE_POINTS = 1025  # resolution of the stored λ/median distribution (KS distance, bulk scale and fit)
 PROBS = np.linspace(0, 1, QUANTILE_POINTS)
 DEFLATION_STEP = 2.0  # from rank FIT_MIN_RANK on, deflations are simulated at k = 0, 1, 2, 4, 8, …
+# what ``_simulate`` stores: a cached null lacking any of them (an older format) is simulated again
+NULL_ARRAYS = ("t", "ratio_quantiles", "mean_ratio", "t_seq", "gof", "erank", "top_energy")
 GOF_COUNTED_EXCEEDANCES = 20  # fewer null draws than this above the bulk threshold: an exponential tail fit
 
 
@@ -165,6 +167,7 @@ class ProductNull:
     t_seq: np.ndarray | None = None  # (draws,) sorted: λ_max / σ̂ with the bulk scale (spikes.bulk_scale)
     gof: np.ndarray | None = None  # (draws,) sorted: Anderson–Darling A² of the draw's spectrum against the null
     erank: float = math.nan  # the null's mean effective rank
+    top_energy: float = math.nan  # the null's mean share of Σλ in the top ⌈r/10⌉ eigenvalues (metrics.top_energy)
     name: str = PRODUCT
     reference: str = "median"
 
@@ -220,6 +223,10 @@ class InterpolatedNull:
     def erank(self) -> float:
         return sum(w * p.erank for p, w in self.parts)
 
+    @property
+    def top_energy(self) -> float:
+        return sum(w * p.top_energy for p, w in self.parts)
+
     def cdf(self, ratio: np.ndarray) -> np.ndarray:
         return sum(w * p.cdf(ratio) for p, w in self.parts)
 
@@ -261,10 +268,11 @@ def product_null(structure, ratios: Sequence[float] | None = None, draws: int | 
     s = _canonical(structure)
     ratios = tuple(ratios) if ratios is not None else (1.0,) * len(s.chains)
     draws = draws or budget.default_draws(s)
-    arrays = CACHE.get(key(PRODUCT, s, ratios, draws), lambda: _simulate(s, ratios, draws, seed(s, draws)))
+    arrays = CACHE.get(key(PRODUCT, s, ratios, draws), lambda: _simulate(s, ratios, draws, seed(s, draws)),
+                       required=NULL_ARRAYS)
     return ProductNull(t=arrays["t"], ratio_quantiles=arrays["ratio_quantiles"],
                        mean_ratio=float(arrays["mean_ratio"]), fitted=budget.fitted(s), t_seq=arrays["t_seq"],
-                       gof=arrays["gof"], erank=float(arrays["erank"]))
+                       gof=arrays["gof"], erank=float(arrays["erank"]), top_energy=float(arrays["top_energy"]))
 
 
 def sum_null(structure, norms: Sequence[float], draws: int | None = None) -> InterpolatedNull:
@@ -347,4 +355,5 @@ def _simulate(s: Structure, ratios, draws: int, seed: int, chunk_bytes: float = 
             "mean_ratio": np.array(float(ratio.mean())),
             "t_seq": np.sort(sequential_statistic(ascending, PROBS, quantiles)),
             "gof": np.sort(anderson_darling(ascending, PROBS, quantiles)),
-            "erank": np.array(float(metrics.effective_rank(lam).mean()))}
+            "erank": np.array(float(metrics.effective_rank(lam).mean())),
+            "top_energy": np.array(float(metrics.top_energy(lam).mean()))}

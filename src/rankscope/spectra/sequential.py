@@ -32,15 +32,16 @@ class SpikeCount:
     bulk_stat: float  # Anderson–Darling A² of the bulk left after the spikes
     bulk_threshold: float  # its (1 − fpr) quantile on pure noise of the deflated structure
     erank_vs_null: float  # effective rank of the spectrum / the null's mean effective rank
+    top_energy_vs_null: float  # metrics.top_energy of the spectrum / the null's mean top_energy
 
 
-UNTESTED = SpikeCount(math.nan, None, math.nan, math.nan, math.nan)  # no count: too small, or not this null
+UNTESTED = SpikeCount(math.nan, None, math.nan, math.nan, math.nan, math.nan)  # no count: too small, or not this null
 
 
 def count_spikes(lam: np.ndarray, structure: Structure, norms: np.ndarray | None, fpr: float,
-                 draws: int | None, effective_rank: np.ndarray) -> list[SpikeCount]:
+                 draws: int | None, effective_rank: np.ndarray, top_energy: np.ndarray) -> list[SpikeCount]:
     """The spike count of each spectrum of a batch: ``lam`` (B, r) descending, ``norms`` (B, C) block norms of a
-    sum (None for a chain), ``effective_rank`` (B,) of each spectrum."""
+    sum (None for a chain), ``effective_rank`` and ``top_energy`` (B,) of each spectrum."""
     B, r = lam.shape
     if r <= MIN_BULK:
         return [UNTESTED] * B
@@ -52,7 +53,7 @@ def count_spikes(lam: np.ndarray, structure: Structure, norms: np.ndarray | None
     out: list[SpikeCount | None] = [None] * B
     for idx, block_norms in groups:
         for b, result in zip(idx, _count(ascending[idx], structure, block_norms, fpr, draws,
-                                         effective_rank[idx]), strict=True):
+                                         effective_rank[idx], top_energy[idx]), strict=True):
             out[b] = result
     return out
 
@@ -66,12 +67,14 @@ class _Step:
     edge: float
     threshold: float
     erank: float
+    top_energy: float
 
 
 def _step(s: Structure, k: int, norms, draws: int | None, fpr: float) -> _Step:
     null = spike_null(s, k, norms, draws, fpr)
     weights = fit_weights(s.rank_bound - k, PROBS, null.ratio_quantiles)
-    return _Step(null.ratio_quantiles, weights, null.seq_edge(fpr), null.gof_threshold(fpr), null.erank)
+    return _Step(null.ratio_quantiles, weights, null.seq_edge(fpr), null.gof_threshold(fpr), null.erank,
+                 null.top_energy)
 
 
 @lru_cache(maxsize=4096)
@@ -81,7 +84,7 @@ def _chain_step(s: Structure, k: int, draws: int | None, fpr: float) -> _Step:
 
 
 def _count(ascending: np.ndarray, s: Structure, norms, fpr: float, draws: int | None,
-           effective_rank: np.ndarray) -> list[SpikeCount]:
+           effective_rank: np.ndarray, top_energy: np.ndarray) -> list[SpikeCount]:
     """Spectra (G, r) ascending that share their nulls: the sequential tests run for all at once."""
     G, r = ascending.shape
     top = min(max_spikes(r), s.max_deflation)
@@ -96,20 +99,21 @@ def _count(ascending: np.ndarray, s: Structure, norms, fpr: float, draws: int | 
         counts[active[~reject]] = k
         active = active[reject]
         k += 1
-    erank_null = steps[0].erank
+    erank_null, top_null = steps[0].erank, steps[0].top_energy
     results = []
     for g in range(G):
-        ratio = float(effective_rank[g] / erank_null) if erank_null > 0 else math.nan
+        ratios = (float(effective_rank[g] / erank_null) if erank_null > 0 else math.nan,
+                  float(top_energy[g] / top_null) if top_null > 0 else math.nan)
         k = int(counts[g])
         if ascending[g, -1] <= 0:  # the zero form: no spike, and no bulk to check
-            results.append(SpikeCount(0.0, None, math.nan, math.nan, ratio))
+            results.append(SpikeCount(0.0, None, math.nan, math.nan, *ratios))
             continue
         if k < 0:
-            results.append(SpikeCount(math.nan, False, math.nan, math.nan, ratio))
+            results.append(SpikeCount(math.nan, False, math.nan, math.nan, *ratios))
             continue
         step = steps[k]
         stat = float(anderson_darling(ascending[g, : r - k], PROBS, step.quantiles))
         threshold = step.threshold
         fits = stat <= threshold
-        results.append(SpikeCount(float(k) if fits else math.nan, bool(fits), stat, threshold, ratio))
+        results.append(SpikeCount(float(k) if fits else math.nan, bool(fits), stat, threshold, *ratios))
     return results

@@ -48,18 +48,20 @@ class RunStore:
     >>> store.sql("select layer, max(outliers) from qk group by layer")
     """
 
-    def __init__(self, root: str | Path, run: str | None = None):
+    def __init__(self, root: str | Path, run: str | None = None, sweep: str | None = None):
         self.root = Path(root)
         self.run = run if run is not None else self.root.name
+        self._tags = {"run": self.run} if sweep is None else {"run": self.run, "sweep": sweep}  # every row's
         self._pending: dict[str, list[dict]] = defaultdict(list)
 
     # ---- writing ----------------------------------------------------------------------------------------
     def append(self, table: str, rows: list[dict] | pd.DataFrame) -> None:
-        """Buffer rows for ``table`` (written at the next ``flush``); each row gets this store's ``run``."""
+        """Buffer rows for ``table`` (written at the next ``flush``); each row gets this store's ``run`` (and
+        ``sweep``, when the store was given one)."""
         if table not in TABLES:
             raise InputError(f"unknown table {table!r}; the run store has {list(TABLES)}")
         rows = rows.to_dict("records") if isinstance(rows, pd.DataFrame) else rows
-        self._pending[table].extend({"run": self.run, **r} for r in rows)
+        self._pending[table].extend({**self._tags, **r} for r in rows)
 
     def flush(self) -> list[Path]:
         """Write every buffered table as one new part (temporary name, then an atomic rename)."""

@@ -40,13 +40,46 @@ class TrainConfig:
     ckpt_every: int = 200  # checkpoint every N steps (and at the end, and on Ctrl-C)
     keep_checkpoints: int = 2  # older periodic checkpoints are deleted; the final one is always kept
     monitor_every: int = 50  # spectral diagnostics every N steps (0 = off)
+    monitor_early: int = 0  # also every step up to this one, then log-spaced up to monitor_every (onsets)
+    monitor_offsets: str = "0"  # relative offsets Δ ≤ 0 at which per-head qk forms are read, e.g. "0,-1,-4,-16"
     monitor_per_head: bool = True
     monitor_weights: bool = True  # also diagnose MLP and embedding matrices
     fpr: float = 0.01  # false-positive rate of the outlier test
+    sweep: str = ""  # the study's sweep point ("lr=0.002"; set by ``rankscope study``): a store column, in run names
     repr_every: int = 0  # linguistic collapse of the top layer on a fixed probe batch every N steps (0 = off)
     threads: int = 0  # CPU threads, torch and BLAS; 0 = the cores free when the run starts (then saved)
     device: str = "auto"  # "auto" (cuda when present), "cpu", "cuda", "cuda:1", ...
     amp: str = "auto"  # "auto" (bf16 autocast on CUDA), "bf16", "off"
+
+
+def parse_offsets(text: str, context: int) -> tuple[int, ...]:
+    """``"0,-1,-4"`` → (0, −1, −4): relative offsets Δ = j − i ≤ 0 (key before query), 0 included, |Δ| < context."""
+    try:
+        offsets = tuple(sorted({int(v) for v in str(text).split(",") if v.strip()}, reverse=True))
+    except ValueError:
+        raise InputError(f"--monitor_offsets {text!r}: expected comma-separated integers like 0,-1,-4,-16") from None
+    bad = [o for o in offsets if o > 0 or -o >= context]
+    if 0 not in offsets or bad:
+        raise InputError(f"--monitor_offsets {text!r}: offsets are key − query positions, 0 ≥ Δ > −{context} "
+                         f"(the context), and must include 0")
+    return offsets
+
+
+def monitor_schedule(steps: int, every: int, early: int = 0, growth: float = 1.3) -> list[int]:
+    """The steps a run is diagnosed at: every step up to ``early``, then log-spaced (each ≈ ``growth`` × the last)
+    up to ``every``, then every multiple of ``every``, and the last step; empty when ``every`` is 0."""
+    if every <= 0:
+        return []
+    out = set(range(min(early, steps) + 1))
+    point = float(early)
+    while early > 0:
+        point = max(point * growth, point + 1)
+        if round(point) >= every:
+            break
+        out.add(round(point))
+    out.update(range(0, steps + 1, every))
+    out.add(steps)
+    return sorted(s for s in out if s <= steps)
 
 
 @dataclass(frozen=True)
@@ -81,15 +114,19 @@ PRESETS: dict[str, dict] = {
     "smoke": dict(vocab_size=512, n_layer=2, d_model=64, n_head=4, kv_lora_rank=32, qk_rope_dim=8, max_seq_len=64,
                   max_bytes=2_000_000, batch_size=8, steps=100, lr=2e-3, min_lr=2e-4, warmup_steps=10, eval_every=50,
                   eval_batches=4, ckpt_every=50, monitor_every=25, repr_every=50),
-    # The CPU-scale study: 4 layers, d=128, 4 heads of 32, 1200 steps (README, "Results", for its time).
-    "cpu": dict(vocab_size=1024, n_layer=4, d_model=128, n_head=4, kv_lora_rank=64, qk_rope_dim=16, max_seq_len=128,
-                max_bytes=12_000_000, batch_size=16, steps=1200, lr=2e-3, min_lr=2e-4, warmup_steps=100,
-                eval_every=100, eval_batches=8, ckpt_every=200, monitor_every=50, repr_every=100),
-    # GPT-2-small scale, for a GPU (bf16 autocast; torchrun for several GPUs). Not run in tests.
+    # The CPU-scale study (README, "Results", for its time and the loss it reaches): 8 layers, d=64, 4 heads of
+    # 32 (per-head forms of rank 32), 600 steps, dense early monitoring, per-head forms at five offsets.
+    "cpu": dict(vocab_size=1024, n_layer=8, d_model=64, n_head=4, head_dim=32, kv_lora_rank=32, qk_rope_dim=8,
+                max_seq_len=128,
+                max_bytes=12_000_000, batch_size=16, steps=600, lr=3e-3, min_lr=3e-4, warmup_steps=30,
+                eval_every=25, eval_batches=8, ckpt_every=200, monitor_every=50, monitor_early=10,
+                monitor_offsets="0,-1,-4,-16,-64", monitor_weights=False, repr_every=0),
+    # GPT-2-small shape as in the authors' sibling setup (12 layers, d=768, 12 heads of 64, context 128, code data),
+    # for a GPU (bf16 autocast, fused attention; torchrun for several GPUs). Not run in tests.
     "paper": dict(vocab_size=32768, n_layer=12, d_model=768, n_head=12, kv_lora_rank=256, qk_rope_dim=32,
-                  max_seq_len=1024, max_bytes=None, batch_size=32, steps=20_000, lr=6e-4, min_lr=6e-5,
+                  max_seq_len=128, max_bytes=None, batch_size=64, steps=20_000, lr=6e-4, min_lr=6e-5,
                   warmup_steps=1000, eval_every=500, eval_batches=20, ckpt_every=1000, monitor_every=250,
-                  repr_every=1000),
+                  monitor_early=10, monitor_offsets="0,-1,-4,-16,-64", repr_every=1000),
 }
 
 _MODEL_FIELDS = {f.name: f for f in dataclasses.fields(ModelConfig)}
@@ -148,9 +185,14 @@ def resolve(preset: str = "smoke", overrides: dict | None = None, base: RunConfi
     model_kw = {k: _convert(k, v, model_hints[k]) for k, v in values.items() if k in _MODEL_FIELDS}
     train_kw = {k: _convert(k, v, train_hints[k]) for k, v in values.items() if k in _TRAIN_FIELDS}
     if base is not None:
-        return RunConfig(dataclasses.replace(base.model, **model_kw), dataclasses.replace(base.train, **train_kw),
-                         base.preset)
-    return RunConfig(ModelConfig(**model_kw), TrainConfig(**train_kw), preset)
+        cfg = RunConfig(dataclasses.replace(base.model, **model_kw), dataclasses.replace(base.train, **train_kw),
+                        base.preset)
+    else:
+        cfg = RunConfig(ModelConfig(**model_kw), TrainConfig(**train_kw), preset)
+    parse_offsets(cfg.train.monitor_offsets, cfg.model.max_seq_len)  # checked before any work starts
+    if cfg.train.monitor_early < 0:
+        raise InputError(f"--monitor_early must be ≥ 0, got {cfg.train.monitor_early}")
+    return cfg
 
 
 def parse_pairs(args: list[str]) -> dict[str, str]:

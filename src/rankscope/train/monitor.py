@@ -1,8 +1,10 @@
 """``Monitor``: spectral diagnostics of a model while it trains, written to the run store.
 
-Every ``every`` steps it diagnoses each layer's and each head's attention forms (query–key, and OV) under
+Every ``every`` steps (or at the steps of a ``schedule``, e.g. ``train.config.monitor_schedule``: dense early, so
+onsets are resolved) it diagnoses each layer's and each head's attention forms (query–key, and OV) under
 both nulls (the structure-matched product null and the naive MP fit, side by side), and the other weight
-matrices, under ``torch.no_grad``; rows go to the store's ``attention``/``weights`` tables, eigenvalues and the
+matrices, under ``torch.no_grad``; per-head query–key forms also at the relative ``offsets`` Δ (an ``offset``
+column; layer forms at Δ = 0); rows go to the store's ``attention``/``weights`` tables, eigenvalues and the
 fitted null's quantiles to ``spectra``. It records its own wall time, so its overhead is measured. With
 ``threads`` it runs its numerics under that thread budget (one torch thread, ``threads`` BLAS threads); without,
 it leaves the process's threads alone (the trainer sets them for the whole run).
@@ -15,6 +17,7 @@ it leaves the process's threads alone (the trainer sets them for the whole run).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -41,11 +44,14 @@ class Monitor:
                  nulls: tuple[str, ...] = MONITOR_NULLS, per_head: bool = True,
                  kinds: tuple[str, ...] = ALL_GROUPS, fpr: float = 0.01,
                  run: str | None = None, store: RunStore | None = None, flush_seconds: float = 30.0,
-                 tensorboard: bool = True, threads: int | None = None):
+                 tensorboard: bool = True, threads: int | None = None, schedule: Iterable[int] | None = None,
+                 offsets: Iterable[int] = (0,), sweep: str | None = None):
         self.model = model
+        self.schedule = None if schedule is None else frozenset(int(s) for s in schedule)  # replaces ``every``
+        self.offsets = tuple(int(o) for o in offsets)
         self.every, self.nulls, self.per_head, self.kinds, self.fpr = every, tuple(nulls), per_head, tuple(kinds), fpr
         self.threads = threads
-        self.store = store or RunStore(run_dir, run=run)
+        self.store = store or RunStore(run_dir, run=run, sweep=sweep)
         self.flush_seconds = flush_seconds  # write a Parquet part when the last one is this old (0: every step)
         self._last_flush = time.perf_counter()
         self.seconds = 0.0  # wall time spent in diagnostics and writing
@@ -56,7 +62,11 @@ class Monitor:
         self._tb = _tensorboard(Path(run_dir) / "events") if tensorboard else None
 
     def due(self, step: int) -> bool:
-        return self.every > 0 and step % self.every == 0 and step not in self._done
+        if step in self._done:
+            return False
+        if self.schedule is not None:
+            return step in self.schedule
+        return self.every > 0 and step % self.every == 0
 
     def step(self, step: int, force: bool = False) -> bool:
         """Diagnose the model now if ``step`` is a multiple of ``every`` (or ``force``); True if it did."""
@@ -75,7 +85,7 @@ class Monitor:
         model = _unwrap(self.model)
         variant = getattr(getattr(model, "config", None), "attention", None)
         found = analyze_full(model, per_head=self.per_head, kinds=self.kinds, null=self.nulls, fpr=self.fpr,
-                             threads=self.threads)
+                             threads=self.threads, offsets=self.offsets)
         table = found.table
         if not table.empty:
             table = table.assign(step=step)
@@ -85,11 +95,12 @@ class Monitor:
             self.store.append("attention", table[attention])
             self.store.append("weights", table[~attention])
             spectra = []
-            kinds, layers, heads = (table[c].to_numpy() for c in ("kind", "layer", "head"))
+            kinds, layers, heads, offsets = (table[c].to_numpy() for c in ("kind", "layer", "head", "offset"))
             for i, d in found.diagnoses.items():  # keys are row positions of the table
                 if kinds[i] in ATTENTION_KINDS:
                     spectra.append({"step": step, "layer": int(layers[i]), "head": int(heads[i]),
-                                    "kind": kinds[i], "null": d.null, "bulk_edge": d.bulk_edge,
+                                    "kind": kinds[i], "offset": int(offsets[i]), "null": d.null,
+                                    "bulk_edge": d.bulk_edge,
                                     "eigenvalues": d.eigenvalues.tolist(),
                                     "null_quantiles": None if d.null_quantiles is None else
                                     np.asarray(d.null_quantiles, dtype=np.float64).tolist()})

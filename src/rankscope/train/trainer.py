@@ -27,7 +27,7 @@ from rankscope.errors import InputError
 from rankscope.nn import GPT
 from rankscope.rundir import RunDir
 from rankscope.spectra.threads import free_cores, thread_budget
-from rankscope.train.config import RunConfig
+from rankscope.train.config import RunConfig, monitor_schedule, parse_offsets
 from rankscope.train.monitor import Monitor
 from rankscope.vocab import ALL_GROUPS, OV, QK
 
@@ -102,6 +102,7 @@ def _resolved(cfg: RunConfig, run: RunDir, resume: bool, world: int) -> RunConfi
         raise InputError(f"{run.config_path}: --resume with a different model config; start a new run directory")
     if not resume and run.steps():
         raise InputError(f"{run.path} already holds checkpoints; pass --resume to continue it, or use a new --run")
+    parse_offsets(cfg.train.monitor_offsets, cfg.model.max_seq_len)  # a bad option fails before any work
     threads = cfg.train.threads or (saved.train.threads if saved else 0) or max(1, free_cores() // world)
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, threads=threads))
 
@@ -186,7 +187,10 @@ def _setup(cfg: RunConfig, run: RunDir, resume: bool) -> tuple[_Run, int]:
     monitor = None
     if rank == 0:
         monitor = Monitor(model, run.path, every=tc.monitor_every, per_head=tc.monitor_per_head, fpr=tc.fpr,
-                          kinds=ALL_GROUPS if tc.monitor_weights else (QK, OV))
+                          kinds=ALL_GROUPS if tc.monitor_weights else (QK, OV),
+                          schedule=monitor_schedule(tc.steps, tc.monitor_every, tc.monitor_early),
+                          offsets=parse_offsets(tc.monitor_offsets, cfg.model.max_seq_len),
+                          run=f"{tc.sweep}/{run.path.name}" if tc.sweep else None, sweep=tc.sweep or None)
     return _Run(cfg, run, model, net, opt, data, device, amp, rank, world, monitor), start
 
 
