@@ -139,8 +139,8 @@ def test_qk_chains_reproduce_the_modules_logits(case, monkeypatch):
 
 @pytest.mark.parametrize("case", CASES)
 def test_offset_forms_reproduce_the_modules_logits_at_every_offset(case, monkeypatch):
-    """One float64 sequence of T tokens: the module's own q_i·k_j (RoPE at positions i and j applied by the module) equals
-    x_iᵀ B_h(Δ) x_j with Δ = j − i and B_h(Δ) = ``qk_chains(offset=Δ)`` multiplied out; for PreRoPE-input the
+    """One float64 sequence of T tokens: the module's own q_i·k_j (RoPE at positions i and j applied by the module)
+    equals x_iᵀ B_h(Δ) x_j with Δ = j − i and B_h(Δ) = ``qk_chains(offset=Δ)`` multiplied out; for PreRoPE-input the
     rotation acts on the token, so the score is x_iᵀ R_iᵀ B(Δ) R_i x_j (R_i: RoPE over d at position i)."""
     from rankscope.attention_forms import rope_matrix
 
@@ -441,3 +441,18 @@ def test_positions_are_encoded(case):
         a, _ = model(idx)
         b, _ = model(swapped)
     assert (a[0, -1] - b[0, -1]).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("case", ["mha", "mla_prerope_coupled", "mla_prerope_input", "mla_decoupled"])
+def test_the_offset_changes_the_spectrum_only_where_rope_sits_between_query_and_key(case):
+    """B(Δ) = Wqᵀ R_Δ Wk has other singular values than B(0) when the rotation sits between the factors; for
+    PreRoPE-input B(Δ) = B R_Δ with R_Δ orthogonal, so the singular values are those of B(0) (a closed form)."""
+    attn = make_attention(small(case), layer_idx=0).double()
+    _reinit(attn, seed=6)
+    sv = {o: torch.linalg.svdvals(multiplied_out(next(f.form for f in attn.qk_chains(offset=o) if f.head == 1
+                                                      and f.kind == "qk"))) for o in (0, -3)}
+    gap = float((sv[0] - sv[-3]).abs().max() / sv[0][0])
+    if case == "mla_prerope_input":
+        assert gap < 1e-12
+    else:
+        assert gap > 1e-3

@@ -137,3 +137,22 @@ def test_report_loads_in_headless_chromium(study, tmp_path):
     dom, log = _render(browser, bad)
     assert f'data-figures="{FIGURES}/{FIGURES + 1}"' in dom
     assert _console_errors(log)
+
+
+def test_a_run_written_by_the_monitor_alone_gets_a_run_report(tmp_path):
+    """rs.Monitor (and the HF/Lightning callbacks built on it) write rows but no config.json: the report still
+    renders, as a run report without the claims template."""
+    import torch
+
+    import rankscope as rs
+    from rankscope.nn import GPT, ModelConfig
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=64, n_layer=2, d_model=32, n_head=2, max_seq_len=16))
+    mon = rs.Monitor(model, tmp_path / "loop", every=1, kinds=("qk",), tensorboard=False)
+    for step in range(3):
+        mon.step(step)
+    mon.close()
+    page = write_report(tmp_path / "loop").read_text()
+    assert "Attention spectra through training" in page and "Verdict" not in page
+    assert len(re.findall(r'<img src="data:image/png;base64,', page)) >= 3

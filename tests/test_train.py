@@ -244,3 +244,31 @@ def test_a_resumed_run_uses_the_thread_count_it_was_started_with(tmp_path, monke
     train(tiny(threads=0, steps=4, ckpt_every=2, eval_every=2), tmp_path / "r", resume=True, progress=False,
           on_step=lambda step, loss: seen.append(torch.get_num_threads()))
     assert seen == [1, 1]
+
+
+def test_monitor_schedule_is_dense_early_then_log_spaced_then_regular():
+    from rankscope.train.config import monitor_schedule
+
+    steps = monitor_schedule(600, 50, early=10)
+    assert steps[:11] == list(range(11))  # every step of the first ten: onsets there are resolved
+    middle = [s for s in steps if 10 < s < 50]
+    ratios = np.diff(np.log(np.array([10, *middle], float)))
+    assert middle and np.all(ratios > np.log(1.15)) and np.all(ratios < np.log(1.5))  # log-spaced (×1.3)
+    assert [s for s in steps if s >= 50] == list(range(50, 601, 50))
+    assert monitor_schedule(100, 25) == [0, 25, 50, 75, 100]  # no early part: the old grid
+    assert monitor_schedule(110, 25)[-1] == 110 and monitor_schedule(10, 0) == []  # the last step; off
+
+
+def test_offsets_and_sweep_reach_the_store_and_bad_offsets_fail_before_work(tmp_path):
+    cfg = tiny(steps=4, monitor_every=4, monitor_early=1, monitor_offsets="0,-3", sweep="lr=0.002")
+    train(cfg, tmp_path / "r", progress=False)
+    rows = RunStore(tmp_path / "r").sql('select distinct step, head, kind, "offset", run, sweep from attention')
+    assert set(rows["step"]) == {0, 1, 2, 3, 4}  # 0..early, then each ≥ 1 step and ≈ ×1.3 apart, up to the grid
+    assert set(rows.loc[rows["head"] >= 0, "offset"]) == {0, -3}  # per-head qk forms at both offsets
+    assert set(rows.loc[rows["head"] < 0, "offset"]) == {0}  # layer forms at 0 only
+    assert set(rows.loc[rows["kind"] == "ov", "offset"]) == {0}
+    assert set(rows["run"]) == {"lr=0.002/r"} and set(rows["sweep"]) == {"lr=0.002"}
+    for bad in ("0,3", "-1", "0,-32", "0,x"):  # a key after the query, no 0, beyond the context, not a number
+        with pytest.raises(InputError, match="monitor_offsets"):
+            tiny(monitor_offsets=bad)
+    assert not (tmp_path / "bad").exists()

@@ -16,7 +16,7 @@ Forms are read at ``offset`` Δ (default 0, where the rotation is the identity);
 factor, so a form keeps its structure (and a Gaussian factor rotated stays Gaussian: the null is unchanged).
 Where RoPE rotates the token before the projections (``mla_prerope`` with ``rope_mode="input"``) the score is
 x_iᵀ R_iᵀ B R_j x_j = x_iᵀ R_iᵀ (B R_Δ) R_i x_j: the form at position i is R_iᵀ B(Δ) R_i with
-``B(Δ) = B R_Δ``, whose spectrum does not depend on i. A layer sum over
+``B(Δ) = B R_Δ``, whose spectrum depends neither on i nor on Δ (R_Δ is orthogonal). A layer sum over
 grouped heads is written with the group's query (or output) heads summed,
 ``Σ_{h∈g} Wq_hᵀ Wk_g = (Σ_{h∈g} Wq_h)ᵀ Wk_g``: the same matrix, but the inner width is the true rank bound
 ``H_kv·dh``, so the structure-matched null simulates the right shapes.
@@ -69,7 +69,7 @@ class NamedForm:
         return (self.layer, self.head, self.kind)
 
 
-def rope_matrix(dim: int, offset: int, theta: float = 10000.0) -> torch.Tensor:
+def rope_matrix(dim: int, offset: int, theta: float = 10000.0, device=None) -> torch.Tensor:
     """R_Δ (dim, dim) float64: RoPE's rotation by Δ positions in LLaMA's rotate-half convention,
     R_Δ v = v·cos(Δθ) + rotate_half(v)·sin(Δθ), θ_i = theta^(−2i/dim) for the pair (i, i + dim/2)
     (RoFormer, arXiv 2104.09864). R_0 = I, R_aᵀ = R_−a, R_a R_b = R_{a+b}."""
@@ -81,14 +81,14 @@ def rope_matrix(dim: int, offset: int, theta: float = 10000.0) -> torch.Tensor:
     rotate_half = torch.zeros(dim, dim, dtype=torch.float64)  # rotate_half(v) = P v = [−v2; v1]
     rotate_half[:half, half:] = -torch.eye(half, dtype=torch.float64)
     rotate_half[half:, :half] = torch.eye(half, dtype=torch.float64)
-    return torch.diag(angles.cos()) + torch.diag(angles.sin()) @ rotate_half
+    return (torch.diag(angles.cos()) + torch.diag(angles.sin()) @ rotate_half).to(device)
 
 
 def _rotate_rows(w: torch.Tensor, dim: int, offset: int, theta: float) -> torch.Tensor:
     """Each consecutive block of ``dim`` rows of w (…, n·dim, m) rotated by R_Δ: blockdiag(R_Δ) @ w."""
     if offset == 0:
         return w
-    r = rope_matrix(dim, offset, theta)
+    r = rope_matrix(dim, offset, theta, device=w.device)
     shape = w.shape
     return (r @ w.reshape(*shape[:-2], shape[-2] // dim, dim, shape[-1])).reshape(shape)
 
@@ -297,7 +297,8 @@ def mla_forms(layer: int, weights: MLAWeights, *, heads: bool = True, kinds: Seq
         elif rope == ROPE_COUPLED:
             f = dataclasses.replace(f, w_uk=_rotate_rows(f.w_uk, f.w_uk.shape[1], offset, rope_theta))
         else:  # the key latent reads R_Δ x: (dc, d) @ (d, d)
-            f = dataclasses.replace(f, key_latent=f.key_latent @ rope_matrix(f.key_latent.shape[1], offset, rope_theta))
+            r = rope_matrix(f.key_latent.shape[1], offset, rope_theta, device=f.key_latent.device)
+            f = dataclasses.replace(f, key_latent=f.key_latent @ r)
     H, dn, dr, dv = weights.n_heads, weights.qk_nope_head_dim, weights.qk_rope_head_dim, weights.v_head_dim
     todo = _kinds(kinds, (QK, QK_CONTENT, QK_ROPE, OV) if dr else (QK, OV))
     cache = f.key_latent.shape[0] + dr if kv_cache_floats is None else int(kv_cache_floats)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from rankscope.errors import InputError
-from rankscope.rundir import RunDir, read_study
+from rankscope.rundir import METRICS, RunDir, read_study
 from rankscope.store import RunStore
 from rankscope.vocab import variant_of
 
@@ -35,17 +35,33 @@ def _one_run(root: Path, cfg: dict) -> dict:
                                        "kv_cache_floats_per_token": None, "config": cfg}]}
 
 
+def _monitored_run(root: Path) -> dict | None:
+    """A run written by ``rs.Monitor`` or a training-loop callback (rows, no config.json): its stand-in record."""
+    store = RunStore(root)
+    if not (root / METRICS).is_dir() or "attention" not in store.tables():
+        return None
+    variants = store.sql("select variant, count(*) as n from attention group by variant order by n desc")
+    variant = next((v for v in variants["variant"] if isinstance(v, str) and v), "unknown")
+    return {"command": None, "runs": [{"name": root.name, "directory": str(root), "variant": variant, "seed": 0,
+                                       "sweep": "base", "params": None, "kv_cache_floats_per_token": None,
+                                       "config": None}]}
+
+
 def load(root: str | Path) -> StudyData:
-    """The runs and rows under ``root`` (a study directory or a single run directory)."""
+    """The runs and rows under ``root``: a study directory, a run of ``rankscope train`` (config.json), or a run
+    written by ``rs.Monitor`` / the training-loop callbacks (only its rows)."""
     root = Path(root)
     meta = read_study(root)
     if meta is None:
         config = RunDir(root).read_config()
-        if config is None:
-            raise InputError(f"{root}: neither a study (study.json) nor a run (config.json)")
-        meta = _one_run(root, config)
+        meta = _one_run(root, config) if config is not None else _monitored_run(root)
+        if meta is None:
+            raise InputError(f"{root}: neither a study (study.json) nor a run (config.json or monitor rows in "
+                             f"{METRICS}/)")
     runs = pd.DataFrame(meta["runs"])
-    runs["steps"] = [r["config"]["train"]["steps"] for r in meta["runs"]]
+    runs["steps"] = [r["config"]["train"]["steps"] if r["config"] else
+                     int(RunStore(r["directory"]).sql("select max(step) as s from attention")["s"].iloc[0])
+                     for r in meta["runs"]]
     runs["finished"] = [RunDir(d).finished() for d in runs["directory"]]
     if len(runs) > 1 and runs["finished"].any():  # a study still training: compare finished runs only
         runs = runs[runs["finished"]].reset_index(drop=True)

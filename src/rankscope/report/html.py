@@ -18,6 +18,8 @@ from rankscope.report.verdict import CLAIMS, MIN_SEEDS, layer_series, verdict
 from rankscope.rundir import read_study
 from rankscope.vocab import PRODUCT, QK, REFERENCE_VARIANT
 
+UNKNOWN_CONTEXT = 10**9  # a run without config.json: offsets Δ weighted (almost exactly) alike
+
 CAPTIONS = {
     "loss": "Validation loss per variant, with the min–max band over seeds.",
     "layer_heatmaps": "Per variant, layer × step of the per-head query–key forms (causal-weighted over the offsets Δ, "
@@ -275,7 +277,9 @@ def write_report(root: str | Path) -> Path:
     data = load(root)
     root = Path(root)
     out = root / "figures"
-    runs = data.runs.assign(context=[int(c["model"]["max_seq_len"]) for c in data.runs["config"]])
+    # the context sets the causal weights of the offsets; a monitored run without config.json weighs them alike
+    runs = data.runs.assign(context=[int(c["model"]["max_seq_len"]) if c else UNKNOWN_CONTEXT
+                                     for c in data.runs["config"]])
     cells = _cells(data)
     series = layer_series(cells, runs)
     is_study = read_study(root) is not None

@@ -60,8 +60,8 @@ def _save(fig, path: Path) -> Path:
 
 
 def _step_ticks(total: int) -> list[int]:
-    """0, 1, 10, 100, … and the last step: the same ticks on every step axis of a figure."""
-    ticks = [0] + [10**k for k in range(int(np.log10(max(total, 1))) + 1)]
+    """0, 5, 10, 100, … and the last step: the same ticks on every step axis of a figure (symlog: 0–10 linear)."""
+    ticks = [0, 5] + [10**k for k in range(1, int(np.log10(max(total, 1))) + 1)]
     return sorted({t for t in ticks if t < total * 0.7} | {total})
 
 
@@ -151,6 +151,8 @@ def onsets(point: dict, out: Path) -> Path | None:
         ax.errorbar(x, mean, yerr=[np.clip(mean - lo, 0, None), np.clip(hi - mean, 0, None)], fmt="o-", ms=4,
                     capsize=2, color=COLORS.get(variant), label=variant, lw=1)
     ax.set_yscale("log")
+    every_layer = sorted({int(x) for v in data.values() for x in v})
+    ax.set_xticks(every_layer, [str(x) for x in every_layer])
     ax.axhline(1.0, color="k", lw=0.6, ls=":")
     ax.set_ylim(None, 1.3)
     ax.set_xlabel("layer")
@@ -176,13 +178,16 @@ def offsets(point: dict, out: Path) -> Path | None:
             mean = np.array([r.get("mean") if r.get("mean") is not None else np.nan for r in rows], float)
             lo = np.array([r.get("low") if r.get("low") is not None else np.nan for r in rows], float)
             hi = np.array([r.get("high") if r.get("high") is not None else np.nan for r in rows], float)
-            x = np.abs(deltas).astype(float) * (1 + 0.03 * (k - len(variants) / 2))
-            ax.errorbar(np.maximum(x, 0.35 + 0.03 * k), mean, yerr=[np.clip(mean - lo, 0, None),
-                        np.clip(hi - mean, 0, None)], fmt="o-", ms=3, capsize=2, lw=1, color=COLORS.get(variant),
-                        label=variant)
-        ax.set_xscale("log")
+            x = np.abs(deltas).astype(float)
+            x = x * (1 + 0.04 * (k - len(variants) / 2)) + 0.04 * (k - len(variants) / 2)  # side by side
+            ax.errorbar(x, mean, yerr=[np.clip(mean - lo, 0, None), np.clip(hi - mean, 0, None)], fmt="o-", ms=3,
+                        capsize=2, lw=1, color=COLORS.get(variant), label=variant)
+        from matplotlib.ticker import NullLocator
+
+        ax.set_xscale("symlog", linthresh=1, linscale=0.5)
         ticks = sorted({abs(int(d)) for v in data.values() for d in v})
-        ax.set_xticks([max(t, 0.35) for t in ticks], [("0" if t == 0 else f"−{t}") for t in ticks], fontsize=7)
+        ax.set_xticks(ticks, [("0" if t == 0 else f"−{t}") for t in ticks], fontsize=7)
+        ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xlabel("relative offset Δ = key − query position")
         ax.set_title(title, fontsize=9)
     axes[0, 0].legend(fontsize=7)
