@@ -65,7 +65,7 @@ class NamedForm:
 
     @property
     def key(self) -> tuple[int, int, str]:
-        """(layer, head, kind): the row key of the store (with ``offset`` for forms read at Δ ≠ 0)."""
+        """(layer, head, kind): the form's key at one offset (the store's rows add ``offset``)."""
         return (self.layer, self.head, self.kind)
 
 

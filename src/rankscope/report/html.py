@@ -45,17 +45,23 @@ CAPTIONS = {
 }
 
 STATS_HTML = """<details><summary>How the verdict is reached</summary><ul>
-<li>The primary forms are per head, at equal head width across variants, read at several relative offsets Δ
+<li>The primary forms are per head, at equal head width dh across variants (the decoupled variants' query–key
+forms add the rope width dr, so their rank is dh + dr), read at several relative offsets Δ
 (<code>B_h(Δ) = Wq_hᵀ R_Δ Wk_h</code> and its decoupled/PreRoPE analogues) and averaged with causal weights
-w(Δ) ∝ T − |Δ|; heads are averaged within a layer.</li>
+w(Δ): the share of the query–key pairs of a causal context of T that the offsets nearest Δ hold (Σ T − |Δ'|
+over its bin); heads are averaged within a layer.</li>
 <li>Rank-fair quantities: <b>spikes</b> (eigenvalues above the spectrum's own noise bulk, counted sequentially),
-<b>effective rank ÷ the null's</b> (the structure-matched null of the same shape: 1 = noise-like) and <b>top-10 %
+<b>spikes per unit of rank</b> in the comparisons, <b>effective rank ÷ the null's</b> (the structure-matched
+null of the same shape: 1 = noise-like) and <b>top-10 %
 energy ÷ the null's</b> (above 1 = concentrated). "More collapsed" is claimed only where all three agree.</li>
 <li>Every test has an effect-size margin fixed before the data. It reads <i>reproduced</i> when its t-interval over
 seeds lies beyond the margin in the claimed direction, <i>not reproduced</i> when the interval lies inside the
-margin (an equivalence test) or on the other side of zero, else <i>inconclusive</i>; Holm's correction runs over all
-tests of a sweep point. A claim is reproduced when every part is, not reproduced when some part is. Differences from
-{reference} are paired by seed. The negative controls below show what the rule says when nothing is there.</li>
+margin (an equivalence test) or on the other side of zero, else <i>inconclusive</i>. A claim is reproduced when
+every part is and its intersection–union p (the largest of its parts') survives Holm across the claims; it is not
+reproduced when some part is, with Holm across every part. Differences from {reference} are paired by seed; the
+SD of an onset statistic is at least the monitoring grid's rounding error. The negative controls below show what
+the rule says when nothing is there. Heads whose bulk is not noise-shaped have no spike count: the share of such
+heads is reported ("uncounted"), and their rank drop is left to the bulk.</li>
 </ul></details>"""
 
 _CHECK = """<script>
@@ -73,7 +79,7 @@ window.addEventListener('load', function () {
 _STYLE = """<style>
 body { font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }
 table { border-collapse: collapse; margin: 1em 0; font-size: 0.85em; max-width: 100%; }
-td.n { white-space: nowrap; } td.s { min-width: 22em; }
+td.n { white-space: nowrap; } td.s { min-width: 22em; } table.v { font-size: 0.78em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
 th { background: #f3f3f3; } td.l, th.l { text-align: left; }
 .reproduced { background: #d7f5d7; } .not { background: #f8d6d6; } .inconclusive { background: #f5f0d0; }
@@ -91,7 +97,7 @@ def _ci(stat: dict | None) -> str:
     """"mean [low, high]" from a t_interval dict, never wrapped mid-number."""
     if not stat or stat.get("mean") is None:
         return "–"
-    return f"{_num(stat['mean'])} [{_num(stat.get('low'))}, {_num(stat.get('high'))}]"
+    return f"{_num(stat['mean'])} [{_num(stat.get('low'), 2)}, {_num(stat.get('high'), 2)}]"
 
 
 def _img(path: Path) -> str:
@@ -177,25 +183,30 @@ def _tests_html(point: dict) -> str:
             "<th class=l>reading</th></tr>" + "".join(rows) + "</table></details>")
 
 
-VARIANT_STATS = [("spikes", "spikes per head"), ("erank_vs_null", "eff. rank ÷ null's"),
-                 ("top_energy_vs_null", "top-10 % energy ÷ null's"), ("early", "median onset"),
-                 ("persistence", "persistence"), ("propagation", "onset–depth ρ"),
-                 ("layer_specificity", "layer ÷ seed variance"), ("erank_drop", "eff.-rank drop"),
-                 ("spike_share", "drop carried by spikes"), ("equal_loss_step", "step at equal loss"),
-                 ("erank_vs_null_at_equal_loss", "eff. rank ÷ null's at equal loss")]
+VARIANT_TABLES = [  # two tables of a few columns each, so that both fit the page at 1280 px
+    [("spikes", "spikes per head"), ("spikes_per_rank", "spikes ÷ rank"), ("uncounted", "uncounted"),
+     ("erank_vs_null", "eff. rank ÷ null's"),
+     ("top_energy_vs_null", "top-10 % energy ÷ null's"), ("equal_loss_step", "step at equal loss"),
+     ("erank_vs_null_at_equal_loss", "eff. rank ÷ null's at equal loss")],
+    [("early", "median onset"), ("layer_specificity", "layer ÷ seed variance"), ("propagation", "onset–depth ρ"),
+     ("persistence", "persistence"), ("erank_drop", "eff.-rank drop"), ("spike_share", "drop carried by spikes"),
+     ("lead", "rank-drop onset − spike onset")],
+]
 
 
 def _variants_html(point: dict) -> str:
-    head = "".join(f"<th>{html.escape(label)}</th>" for _, label in VARIANT_STATS)
-    rows = []
-    for variant in figs.ORDER:
-        values = point["variants"].get(variant)
-        if values is None:
-            continue
-        rows.append(f"<tr><td class=l>{html.escape(variant)}</td>"
-                    + "".join(f"<td class=n>{_ci(values.get(s))}</td>" for s, _ in VARIANT_STATS) + "</tr>")
-    return ("<div style='overflow-x:auto'><table><tr><th class=l>variant</th>" + head + "</tr>" + "".join(rows)
-            + "</table></div>")
+    out = []
+    for stats in VARIANT_TABLES:
+        head = "".join(f"<th>{html.escape(label)}</th>" for _, label in stats)
+        rows = []
+        for variant in figs.ORDER:
+            values = point["variants"].get(variant)
+            if values is None:
+                continue
+            rows.append(f"<tr><td class=l>{html.escape(variant)}</td>"
+                        + "".join(f"<td class=n>{_ci(values.get(s))}</td>" for s, _ in stats) + "</tr>")
+        out.append("<table class=v><tr><th class=l>variant</th>" + head + "</tr>" + "".join(rows) + "</table>")
+    return "".join(out)
 
 
 def _controls_html(controls: dict | None) -> str:
@@ -234,8 +245,8 @@ def _offsets_html(point: dict) -> str:
             continue
         rows.append(f"<tr><td class=l>{html.escape(variant)}</td>" + "".join(
             f"<td class=n>{_ci(per[variant].get(d, {}).get('erank_vs_null'))}</td>" for d in deltas) + "</tr>")
-    return ("<p>Effective rank ÷ the null's at the last step, per offset Δ:</p><table><tr><th class=l>variant</th>"
-            + head + "</tr>" + "".join(rows) + "</table>")
+    return ("<p>Effective rank ÷ the null's at the last step, per offset Δ:</p><table class=v><tr>"
+            "<th class=l>variant</th>" + head + "</tr>" + "".join(rows) + "</table>")
 
 
 def _verdict_html(summary: dict) -> str:
@@ -252,8 +263,8 @@ def _cells(data: StudyData) -> pd.DataFrame:
     """The primary forms: per-head query–key rows under the structure-matched null, every offset."""
     a = data.attention
     cells = a[(a["kind"] == QK) & (a["head"] >= 0) & (a["null"] == PRODUCT)]
-    if "offset" not in cells:
-        cells = cells.assign(offset=0)
+    # parts of earlier versions lack the offset (read at 0) and the newer statistics (NaN)
+    cells = cells.assign(offset=cells["offset"].fillna(0).astype(int) if "offset" in cells else 0)
     for col in ("top_energy_vs_null", "bulk_effective_rank"):  # runs of earlier versions lack them
         if col not in cells:
             cells = cells.assign(**{col: np.nan})

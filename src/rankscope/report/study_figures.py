@@ -104,10 +104,13 @@ def _mesh(ax, grid: pd.DataFrame, cmap: str, limits: tuple[float, float]):
                          vmin=lo, vmax=hi if hi > lo else lo + 1e-9, shading="flat")
 
 
-def layer_heatmaps(series: pd.DataFrame, sweep: str, out: Path, total: int, name: str = "layer_heatmaps") -> Path:
+def layer_heatmaps(series: pd.DataFrame, sweep: str, out: Path, total: int,
+                   name: str = "layer_heatmaps") -> Path | None:
     """Per variant (rows), layer × step of the per-head forms (Δ-weighted, head mean, then mean over seeds):
     spikes, effective rank ÷ null's, top-10 % energy ÷ null's, and the share of seeds with the layer spiked."""
     frame = series[series["sweep"] == sweep].assign(spiked=lambda d: d["spiked"].astype(float))
+    if frame.empty:  # no per-head forms were monitored (per_head=False)
+        return None
     variants = _variants(frame)
     limits = _norms(frame, SERIES_PANELS)
     fig, axes = _figure(len(variants), len(SERIES_PANELS), figsize=(3.3 * len(SERIES_PANELS), 1.9 * len(variants)
@@ -223,12 +226,14 @@ def carried(point: dict, out: Path) -> Path | None:
     return _save(fig, out / "carried.png")
 
 
-def head_maps(data: StudyData, sweep: str, out: Path) -> Path:
+def head_maps(data: StudyData, sweep: str, out: Path) -> Path | None:
     """Per variant, spikes per (layer, head) at offset 0 at an early, a middle and the final monitored step."""
     rows = data.attention
     frame = rows[(rows["sweep"] == sweep) & (rows["kind"] == QK) & (rows["head"] >= 0) & (rows["null"] == PRODUCT)]
     if "offset" in frame:
-        frame = frame[frame["offset"] == 0]
+        frame = frame[frame["offset"].fillna(0) == 0]
+    if frame.empty:
+        return None
     variants = _variants(frame)
     steps = sorted(s for s in frame["step"].unique() if s > 0)
     picks = sorted({steps[min(len(steps) - 1, 10)], steps[len(steps) // 2], steps[-1]}) if steps else []
@@ -287,7 +292,7 @@ def esd_steps(data: StudyData, sweep: str, out: Path) -> Path | None:
     rows = data.attention
     frame = rows[(rows["sweep"] == sweep) & (rows["kind"] == QK) & (rows["head"] >= 0) & (rows["null"] == PRODUCT)]
     if "offset" in frame:
-        frame = frame[frame["offset"] == 0]
+        frame = frame[frame["offset"].fillna(0) == 0]
     frame = frame[frame["step"] == frame["step"].max()]
     if frame.empty or not np.isfinite(frame["spike_strength"]).any():
         return None

@@ -10,7 +10,8 @@ Layer series (:func:`layer_series`)
     quantities ``spikes_per_rank = spikes / rank``, ``erank_frac = effective_rank / rank`` and
     ``bulk_frac = bulk_effective_rank / (rank − spikes)`` are formed first. Offsets Δ ≤ 0 are then averaged with
     the causal weights ``w(Δ) = (T − |Δ|) / Σ_Δ' (T − |Δ'|)`` (:func:`offset_weights`: the share of query–key pairs
-    at offset Δ in a causal context of length T), renormalised over the offsets whose value is finite; heads are
+    at the offsets Δ each read offset stands for in a causal context of length T: the offsets between the
+    midpoints to its neighbours), renormalised over the offsets whose value is finite; heads are
     averaged within a layer after that (NaN skipped). A layer is *spiked* at a step when its head-mean spike count
     is ≥ 0.5.
 
@@ -18,10 +19,10 @@ Per-run statistics (:func:`run_statistics`), all times as fractions of training 
     - ``onset`` per layer: the first monitored step s_k with the layer spiked at s_k *and* at s_{k+1} (a one-step
       flicker is no onset). A layer that never has an onset is **censored at 1.0** (right-censored: "not before the
       end of training"). ``early`` = median over layers of the onsets.
-    - ``layer_specificity`` (per variant, not per run): the two-way layer × seed ANOVA of the onsets (one value per
-      cell, no replication). With F = MS_layer / MS_residual, n seeds and L layers, the layer-effect variance
-      relative to the seed-to-seed variance is θ = σ²_layer / σ²_seed; under the random-effects model
-      F / (1 + nθ) ~ F(L − 1, (L − 1)(n − 1)), so θ̂ = (F − 1) / n, its 95 % interval is
+    - ``layer_specificity`` (per variant, not per run): the one-way ANOVA of the onsets with layers as groups and
+      seeds as replicates. With F = MS_between / MS_within, n seeds and L layers, the layer-effect variance
+      relative to the seed-to-seed variance of a layer's onset is θ = σ²_layer / σ²_seed; under the random-effects
+      model F / (1 + nθ) ~ F(L − 1, L(n − 1)), so θ̂ = (F − 1) / n, its 95 % interval is
       ((F / F_0.975 − 1) / n, (F / F_0.025 − 1) / n), and the margin tests below are exact.
     - ``propagation``: the Spearman correlation of onset with layer index over the layers with an (uncensored)
       onset, NaN when fewer than 3 layers have one. The claim is a monotone trend of either sign.
@@ -72,7 +73,8 @@ The claims (parts per spiky variant: ``mha`` and ``mla_prerope_*``; claim iii: e
          spikes coincide with the drop or lead it (``lead`` > −margin of ``lead``, with no margin of its own:
          "coincide" is a claim about timing, so the spikes must not come clearly after the drop; reproduced when
          the interval lies above −0.05, not reproduced when it lies below);
-    (iii) every other variant is more collapsed than MLA-Decoupled: paired differences of ``spikes`` (higher),
+    (iii) every other variant is more collapsed than MLA-Decoupled: paired differences of ``spikes_per_rank``
+          (higher; the decoupled head forms have rank dh + dr, the others dh),
           ``erank_vs_null`` (lower) and ``top_energy_vs_null`` (higher) must all agree. The **primary** reading is
           at equal step (the last monitored step); the equal-validation-loss reading is a robustness column,
           Holm-corrected within its own family and not part of the verdict.
@@ -122,6 +124,7 @@ MARGINS = {
     "lead": 0.05,  # spike onset vs rank-drop onset, fraction of training (as for "early"): "coincide" = within it
     "coincide": 0.0,  # the "no later than" test of claim (ii) sits at −lead's margin, with no margin of its own
     "spikes": 0.5,  # spike count per head: half an eigenvalue on average, the "spiked" threshold itself
+    "spikes_per_rank": 0.02,  # spikes / the form's rank: half a spike of a rank-32 head form (0.016), rounded up
     "erank_vs_null": 0.05,  # effective rank / null's: 5 % of the noise level, well above its seed-to-seed jitter
     "top_energy_vs_null": 0.1,  # top-decile energy / null's: a 10 % concentration is the smallest that matters
 }
@@ -131,9 +134,9 @@ RANK_DROP_AT = 0.9  # erank_vs_null below which a layer's rank has dropped
 MIN_DROP = 0.01  # erank_drop below which spike_share is undefined (nothing to attribute)
 LEVEL = 0.95
 READINGS = {1: "reproduced", -1: "not reproduced", 0: "inconclusive"}
-FINAL = ("spikes", "spikes_per_rank", "erank_vs_null", "top_energy_vs_null")
+FINAL = ("spikes", "spikes_per_rank", "erank_vs_null", "top_energy_vs_null", "uncounted")
 METRICS = ("rank", "spikes", "spikes_per_rank", "effective_rank", "erank_frac", "erank_vs_null",
-           "top_energy_vs_null", "bulk_effective_rank", "bulk_frac")
+           "top_energy_vs_null", "bulk_effective_rank", "bulk_frac", "uncounted")
 NAMES = {"mha": "MHA", "gqa": "GQA", "mla_prerope_input": "MLA-PreRoPE (input)",
          "mla_prerope_coupled": "MLA-PreRoPE (coupled)", "mha_decoupled": "MHA-Decoupled",
          "mla_decoupled": "MLA-Decoupled"}
@@ -150,10 +153,30 @@ def _name(variant: str) -> str:
 
 
 # ---- layer series ------------------------------------------------------------------------------------------------
-def offset_weights(offsets, context: int) -> np.ndarray:
-    """w(Δ) = (T − |Δ|) / Σ (T − |Δ'|): the causal share of query–key pairs at each offset present."""
-    w = np.clip(float(context) - np.abs(np.asarray(offsets, dtype=float)), 0.0, None)
-    return w / w.sum()
+def offset_weights(offsets, context: int | None) -> np.ndarray:
+    """The causal share of query–key pairs each read offset stands for, in the order given.
+
+    The read offsets, sorted by |Δ| = a_0 < a_1 < …, split 0 … T − 1 into bins at the midpoints between
+    neighbours; offset i stands for the |Δ| in its bin, and a causal context of T holds T − |Δ| pairs at each, so
+    w_i ∝ Σ_{|Δ| ∈ bin i} (T − |Δ|) (normalised to 1). Equal weights when the context is unknown (None or ≤ 0).
+    """
+    a = np.abs(np.asarray(offsets, dtype=int))
+    if context is None or context <= 0 or a.size == 1:
+        return np.full(a.size, 1.0 / a.size)
+    order = np.argsort(a, kind="stable")
+    sa = a[order]
+    lo = np.r_[0, np.floor((sa[:-1] + sa[1:]) / 2).astype(int) + 1]  # first |Δ| of each bin
+    hi = np.r_[lo[1:] - 1, context - 1]  # last |Δ| of each bin
+    hi = np.maximum(hi, lo - 1)
+
+    def pairs(k):  # Σ_{j=0}^{k} (T − j)
+        k = np.clip(k, -1, context - 1)
+        return (k + 1) * context - k * (k + 1) / 2
+
+    w = np.clip(pairs(hi) - pairs(lo - 1), 0.0, None).astype(float)
+    out = np.empty_like(w)
+    out[order] = w
+    return out / out.sum() if out.sum() > 0 else np.full(a.size, 1.0 / a.size)
 
 
 def layer_series(cells: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
@@ -172,9 +195,17 @@ def layer_series(cells: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
             "erank_vs_null": c["erank_vs_null"].to_numpy(float),
             "top_energy_vs_null": c["top_energy_vs_null"].to_numpy(float),
             "bulk_effective_rank": c["bulk_effective_rank"].to_numpy(float),
-            "bulk_frac": np.where(rest > 0, c["bulk_effective_rank"].to_numpy(float) / rest, np.nan),
+            # a head whose spikes could not be counted (its bulk is not noise-shaped) keeps its whole drop in
+            # the bulk: conservative for claim (ii), and no head is selected out of the mean
+            "bulk_frac": np.where(np.isfinite(spikes) & (rest > 0), c["bulk_effective_rank"].to_numpy(float) / rest,
+                                  c["effective_rank"].to_numpy(float) / rank),
+            "uncounted": (~np.isfinite(spikes)).astype(float),  # share of heads × offsets without a count
         }
-    w = np.clip(c["context"].to_numpy(float) - np.abs(c["offset"].to_numpy(float)), 0.0, None)
+    weights = {}  # (run, offset) → the causal share of pairs the offset stands for in that run
+    for (sweep, name, context), g in c.groupby(["sweep", "name", "context"]):
+        read = sorted(g["offset"].unique(), key=abs)
+        weights.update({(sweep, name, o): w for o, w in zip(read, offset_weights(read, context), strict=True)})
+    w = np.array([weights[k] for k in zip(c["sweep"], c["name"], c["offset"], strict=True)], dtype=float)
     keys = ["sweep", "name", "step", "layer", "head"]
     frame = c[keys].copy()
     for m, v in derived.items():
@@ -199,7 +230,8 @@ def per_offset_final(cells: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     meta = runs[["sweep", "name", "variant", "seed"]]
     c = cells[cells["head"] >= 0].drop(columns=["variant", "seed"], errors="ignore")
     last = c.groupby(["sweep", "name"])["step"].transform("max")
-    c = c[c["step"] == last].assign(spikes_per_rank=lambda d: d["spikes"] / d["rank"])
+    c = c[c["step"] == last].assign(spikes_per_rank=lambda d: d["spikes"] / d["rank"],
+                                    uncounted=lambda d: (~np.isfinite(d["spikes"].to_numpy(float))).astype(float))
     per_layer = c.groupby(["sweep", "name", "offset", "layer"])[list(FINAL)].mean()
     out = per_layer.groupby(level=["sweep", "name", "offset"]).mean().reset_index()
     return out.merge(meta, on=["sweep", "name"], how="left")
@@ -278,7 +310,7 @@ def run_statistics(series: pd.DataFrame, runs: pd.DataFrame, train: pd.DataFrame
             ron = 1.0 if kr is None else steps[kr] / total
             after = spiked[i, k + 2:] if k is not None else np.array([])
             per = float(after.mean()) if after.size else np.nan
-            lead = ron - on if (k is not None or kr is not None) else np.nan
+            lead = ron - on if (k is not None and kr is not None) else np.nan  # only where both happened
             er = piv["effective_rank"].iloc[i].to_numpy()
             ef = piv["erank_frac"].iloc[i].to_numpy()
             bf = piv["bulk_frac"].iloc[i].to_numpy()
@@ -300,6 +332,7 @@ def run_statistics(series: pd.DataFrame, runs: pd.DataFrame, train: pd.DataFrame
             rho = float(stats.spearmanr(layers[seen], ons[seen]).statistic)
         out = dict(base)
         out["early"] = float(np.median(ons))
+        out["onset_resolution"] = _grid_gap(steps, out["early"] * total) / total
         out["propagation"] = rho
         out["persistence"] = _nanmean(persist)
         for m in FINAL:
@@ -328,6 +361,15 @@ def run_statistics(series: pd.DataFrame, runs: pd.DataFrame, train: pd.DataFrame
     return pd.DataFrame(rows), pd.DataFrame(layer_rows)
 
 
+def _grid_gap(steps, at: float) -> float:
+    """The gap between the monitored steps around ``at`` (the resolution of an onset read there)."""
+    steps = np.asarray(steps, dtype=float)
+    if steps.size < 2:
+        return 1.0
+    k = int(np.clip(np.searchsorted(steps, at), 1, steps.size - 1))
+    return float(steps[k] - steps[k - 1])
+
+
 def _nanmean(x) -> float:
     x = np.asarray(x, dtype=float)
     x = x[np.isfinite(x)]
@@ -335,8 +377,9 @@ def _nanmean(x) -> float:
 
 
 # ---- intervals, tests, Holm --------------------------------------------------------------------------------------
-def t_interval(values, level: float = LEVEL) -> dict:
-    """{"mean", "low", "high", "n"}: the t-interval over seeds, x̄ ± t_{n−1,(1+level)/2} s/√n (NaN skipped)."""
+def t_interval(values, level: float = LEVEL, sd_floor: float = 0.0) -> dict:
+    """{"mean", "low", "high", "n"}: the t-interval over seeds, x̄ ± t_{n−1,(1+level)/2} s/√n (NaN skipped), with
+    s at least ``sd_floor`` (the measurement resolution of a statistic read off a grid)."""
     x = np.asarray(values, dtype=float)
     x = x[np.isfinite(x)]
     n = int(x.size)
@@ -345,19 +388,21 @@ def t_interval(values, level: float = LEVEL) -> dict:
     mean = float(x.mean())
     if n < 2:
         return {"mean": mean, "low": None, "high": None, "n": n}
-    half = float(stats.t.ppf((1 + level) / 2, n - 1) * x.std(ddof=1) / math.sqrt(n))
+    half = float(stats.t.ppf((1 + level) / 2, n - 1) * max(x.std(ddof=1), sd_floor) / math.sqrt(n))
     return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
 
 
-def t_pvalues(y, *, margin: float, direction: int, center: float = 0.0) -> dict:
+def t_pvalues(y, *, margin: float, direction: int, center: float = 0.0, sd_floor: float = 0.0) -> dict:
     """The three readings' p-values (each twice the one-sided t p-value, capped at 1) for per-seed values ``y``
-    along the last axis (vectorised over leading axes). direction: +1, −1, or 0 (either sign)."""
+    along the last axis (vectorised over leading axes). direction: +1, −1, or 0 (either sign). The seeds' SD is
+    taken as at least ``sd_floor``: onsets snap to the monitored steps, so identical values across seeds carry the
+    grid's rounding error (gap/√12), not certainty."""
     y = np.asarray(y, dtype=float)
     n = y.shape[-1]
     df = max(n - 1, 1)
     with np.errstate(divide="ignore", invalid="ignore"):
         z = y.mean(axis=-1) - center
-        se = y.std(axis=-1, ddof=1) / math.sqrt(n) if n > 1 else np.full(z.shape, np.nan)
+        se = np.maximum(y.std(axis=-1, ddof=1), sd_floor) / math.sqrt(n) if n > 1 else np.full(z.shape, np.nan)
         if direction == 0:
             up = stats.t.sf((z - margin) / se, df)
             down = stats.t.cdf((z + margin) / se, df)
@@ -374,30 +419,31 @@ def t_pvalues(y, *, margin: float, direction: int, center: float = 0.0) -> dict:
 
 
 def anova_f(x) -> np.ndarray:
-    """F = MS_layer / MS_residual of the two-way layer × seed ANOVA without replication; ``x``: (..., seeds,
-    layers)."""
+    """F = MS_between layers / MS_within layers of the one-way ANOVA with the seeds as replicates (the seed-to-seed
+    spread of each layer's onset is the yardstick); ``x``: (..., seeds, layers)."""
     x = np.asarray(x, dtype=float)
     n, L = x.shape[-2], x.shape[-1]
     g = x.mean(axis=(-2, -1), keepdims=True)
     lm = x.mean(axis=-2, keepdims=True)
-    sm = x.mean(axis=-1, keepdims=True)
-    ss_layer = n * ((lm - g) ** 2).sum(axis=(-2, -1))
-    ss_res = ((x - lm - sm + g) ** 2).sum(axis=(-2, -1))
+    ss_between = n * ((lm - g) ** 2).sum(axis=(-2, -1))
+    ss_within = ((x - lm) ** 2).sum(axis=(-2, -1))
     with np.errstate(divide="ignore", invalid="ignore"):
-        return (ss_layer / (L - 1)) / (ss_res / ((L - 1) * (n - 1)))
+        return (ss_between / (L - 1)) / (ss_within / (L * (n - 1)))
 
 
 def layer_specificity(onsets, *, margin: float = MARGINS["layer_specificity"], level: float = LEVEL) -> dict:
-    """θ̂ = (F − 1)/n with its F-based interval and the three readings' p-values; ``onsets``: (seeds, layers)."""
+    """θ̂ = (F − 1)/n with its F-based interval and the three readings' p-values; ``onsets``: (seeds, layers).
+    With no seed-to-seed spread at all (every layer's onset the same in every seed, e.g. all censored) there is
+    no yardstick: the estimate is reported, the p-values are None (the test reads inconclusive)."""
     x = np.asarray(onsets, dtype=float)
     n, L = x.shape[-2], x.shape[-1]
-    df1, df2 = L - 1, (L - 1) * (n - 1)
+    df1, df2 = L - 1, L * (n - 1)
     F = anova_f(x)
-    p = _f_pvalues(F, n, df1, df2, margin)
     lo_q, hi_q = stats.f.ppf((1 + level) / 2, df1, df2), stats.f.ppf((1 - level) / 2, df1, df2)
     est = (F - 1) / n
+    p = {k: float(v) for k, v in _f_pvalues(F, n, df1, df2, margin).items()} if np.isfinite(F) else None
     return {"estimate": _num(est), "low": _num((F / lo_q - 1) / n), "high": _num((F / hi_q - 1) / n), "n": n,
-            "F": _num(F), "df": [int(df1), int(df2)], "p": {k: float(v) for k, v in p.items()}}
+            "F": _num(F), "df": [int(df1), int(df2)], "p": p}
 
 
 def _f_pvalues(F, n, df1, df2, margin) -> dict:
@@ -422,11 +468,34 @@ def holm(p) -> np.ndarray:
     return out
 
 
-def _decide(adjusted: dict, valid, alpha: float) -> np.ndarray:
-    """Reading codes (1 reproduced, −1 not reproduced, 0 inconclusive) from Holm-adjusted p-values."""
-    code = np.where(adjusted["reproduce"] < alpha, 1,
-                    np.where((adjusted["equivalent"] < alpha) | (adjusted["opposite"] < alpha), -1, 0))
-    return np.where(valid, code, 0)
+def decide(p: dict, claims: list[str], valid, alpha: float) -> tuple[np.ndarray, dict, dict]:
+    """The rule's decisions from raw p-values ``p[reading]`` (…, tests), one claim key per test.
+
+    - A test reads "reproduced" when its raw reproduce p < α, and a claim is "reproduced" when every part is and
+      the claim's intersection–union p (the largest of its parts' reproduce p; Berger 1982: a conjunction needs
+      no correction across its own parts) survives Holm across the claims.
+    - A test reads "not reproduced" when its equivalence or opposite p survives Holm across all tests of the
+      family; a claim is "not reproduced" when some part is (a union: Holm across every part).
+    - Invalid tests (too few seeds, no estimate) read "inconclusive", and so does a claim with one.
+    Returns (test codes, claim codes, the claims' Holm-adjusted intersection–union p), codes 1 / −1 / 0.
+    """
+    valid = np.asarray(valid, dtype=bool)
+    rep = np.where(valid, np.asarray(p["reproduce"], dtype=float), 1.0)
+    eq = holm(np.where(valid, np.asarray(p["equivalent"], dtype=float), 1.0))
+    op = holm(np.where(valid, np.asarray(p["opposite"], dtype=float), 1.0))
+    codes = np.where(rep < alpha, 1, np.where((eq < alpha) | (op < alpha), -1, 0))
+    codes = np.where(valid, codes, 0)
+    keys = list(dict.fromkeys(claims))
+    cols = {c: [j for j, k in enumerate(claims) if k == c] for c in keys}
+    iut = np.stack([rep[..., cols[c]].max(axis=-1) for c in keys], axis=-1) if keys else np.ones((*rep.shape[:-1], 0))
+    adjusted = holm(iut) if keys else iut
+    claim_codes, claim_p = {}, {}
+    for i, c in enumerate(keys):
+        part = codes[..., cols[c]]
+        ok = (adjusted[..., i] < alpha) & (part == 1).all(axis=-1) & valid[cols[c]].all()
+        claim_codes[c] = np.where(ok, 1, np.where((part == -1).any(axis=-1), -1, 0))
+        claim_p[c] = adjusted[..., i]
+    return codes, claim_codes, claim_p
 
 
 def _combine(codes, axis: int = -1):
@@ -456,7 +525,7 @@ def rule_specs(variants, reference: str = REFERENCE_VARIANT) -> list[dict]:
         add("i", v, "early", "paired", -1, 0.0, f"{N}'s spikes start earlier than {R}'s (paired difference of "
             "the median onset over layers, fraction of training)")
         add("i", v, "layer_specificity", "anova", +1, 0.0, f"{N}'s spike onset depends on the layer more than "
-            "on the seed (layer-effect variance over seed-to-seed variance of the onset, layer × seed ANOVA)")
+            "on the seed (layer-effect variance over the seed-to-seed variance of a layer's onset, one-way ANOVA)")
         add("i", v, "propagation", "one", 0, 0.0, f"{N}'s spike onset moves monotonically with depth "
             "(Spearman correlation of onset with layer index, per run, either sign)")
         add("i", v, "persistence", "one", +1, 0.5, f"{N}'s spiked layers stay spiked after the onset (share of "
@@ -474,8 +543,9 @@ def rule_specs(variants, reference: str = REFERENCE_VARIANT) -> list[dict]:
         at = "at the last step" if primary else "at equal validation loss"
         for v in others:
             N = _name(v)
-            add("iii", v, "spikes" + suffix, "paired", +1, 0.0, f"{N} has more spikes per head than {R} {at} "
-                "(paired difference, mean over layers)", basis, primary, "spikes")
+            add("iii", v, "spikes_per_rank" + suffix, "paired", +1, 0.0, f"{N} has more spikes per unit of rank "
+                f"than {R} {at} (paired difference of spikes / the head form's rank, mean over layers; the decoupled "
+                "forms have rank dh + dr)", basis, primary, "spikes_per_rank")
             add("iii", v, "erank_vs_null" + suffix, "paired", -1, 0.0, f"{N}'s spectral support is narrower than "
                 f"{R}'s {at} (paired difference of effective rank / null's)", basis, primary, "erank_vs_null")
             add("iii", v, "top_energy_vs_null" + suffix, "paired", +1, 0.0, f"{N}'s energy is more concentrated "
@@ -496,6 +566,22 @@ def _seed_values(per_run: pd.DataFrame, spec: dict, reference: str) -> np.ndarra
         mine = mine.loc[common] - ref.loc[common]
     v = mine.to_numpy()
     return v[np.isfinite(v)]
+
+
+ONSET_STATISTICS = ("early", "lead")  # read off the monitoring grid: their SD is floored at its rounding error
+
+
+def _onset_sd_floor(per_run: pd.DataFrame, spec: dict, reference: str) -> float:
+    """gap/√12 (the SD of rounding to a grid of that gap) for onset statistics, √2 × that for a difference of
+    two onsets (paired, or the lead of one onset over another); 0 for every other statistic."""
+    if spec["statistic"] not in ONSET_STATISTICS or "onset_resolution" not in per_run:
+        return 0.0
+    mine = per_run["variant"] == spec["variant"]
+    if spec["kind"] == "paired":
+        mine = mine | (per_run["variant"] == reference)
+    gap = float(np.nanmean(per_run.loc[mine, "onset_resolution"].to_numpy(float))) if mine.any() else 0.0
+    two = spec["kind"] == "paired" or spec["statistic"] == "lead"
+    return (math.sqrt(2.0) if two else 1.0) * gap / math.sqrt(12.0) if np.isfinite(gap) else 0.0
 
 
 def _onset_matrix(layers: pd.DataFrame, variant: str) -> np.ndarray:
@@ -529,10 +615,12 @@ def _tests(per_run: pd.DataFrame, layers: pd.DataFrame, reference: str, alpha: f
                 p = None
         else:
             y = _seed_values(per_run, spec, reference)
-            ci = t_interval(y)
-            rec.update(estimate=ci["mean"], low=ci["low"], high=ci["high"], n=ci["n"])
+            floor = _onset_sd_floor(per_run, spec, reference)
+            ci = t_interval(y, sd_floor=floor)
+            rec.update(estimate=ci["mean"], low=ci["low"], high=ci["high"], n=ci["n"], sd_floor=floor)
             p = ({k: float(v) for k, v in t_pvalues(y, margin=spec["margin"], direction=spec["direction"],
-                                                     center=spec["center"]).items()} if y.size >= 2 else None)
+                                                     center=spec["center"], sd_floor=floor).items()}
+                 if y.size >= 2 else None)
         rec["p"] = p if p is not None else {"reproduce": None, "equivalent": None, "opposite": None}
         if spec["direction"] == 0 or spec["kind"] == "anova":
             rec["p"]["opposite"] = None  # no "other direction" for a two-sided or a variance-ratio claim
@@ -542,16 +630,19 @@ def _tests(per_run: pd.DataFrame, layers: pd.DataFrame, reference: str, alpha: f
         idx = [i for i, r in enumerate(records) if r["primary"] is primary]
         if not idx:
             continue
-        adjusted = {}
-        for reading in ("reproduce", "equivalent", "opposite"):
-            raw = np.array([records[i]["p"][reading] if records[i]["valid"] and records[i]["p"][reading]
-                            is not None else 1.0 for i in idx])
-            adjusted[reading] = holm(raw)
+        raw = {reading: np.array([records[i]["p"][reading] if records[i]["valid"] and records[i]["p"][reading]
+                                  is not None else 1.0 for i in idx]) for reading in ("reproduce", "equivalent",
+                                                                                       "opposite")}
+        claims = [records[i]["claim"] for i in idx]
         valid = np.array([records[i]["valid"] for i in idx])
-        codes = _decide(adjusted, valid, alpha)
+        codes, claim_codes, claim_p = decide(raw, claims, valid, alpha)
+        eq, op = holm(raw["equivalent"]), holm(raw["opposite"])
         for j, i in enumerate(idx):
-            records[i]["p_holm"] = {k: float(adjusted[k][j]) for k in adjusted}
+            c = records[i]["claim"]
+            records[i]["p_holm"] = {"reproduce": float(claim_p[c]), "equivalent": float(eq[j]),
+                                    "opposite": float(op[j])}
             records[i]["reading"] = READINGS[int(codes[j])]
+            records[i]["claim_reading"] = READINGS[int(claim_codes[c])]
             records[i]["holm_family"] = "primary" if primary else "robustness (equal validation loss)"
     for r in records:
         r.pop("valid")
@@ -573,8 +664,8 @@ def _claim_readings(tests: list[dict], reference: str) -> dict:
     out = {}
     for claim in CLAIMS:
         prim = [t for t in tests if t["claim"] == claim and t["primary"]]
-        verdict_code = int(_combine(np.array([code[t["reading"]] for t in prim], dtype=int)))
-        out[claim] = {"verdict": READINGS[verdict_code], "evidence": [_evidence(t) for t in prim]}
+        reading = prim[0]["claim_reading"] if prim else READINGS[0]
+        out[claim] = {"verdict": reading, "evidence": [_evidence(t) for t in prim]}
         if not prim:
             out[claim]["evidence"] = ["No test could be formed (the variants the claim is about are missing)."]
     per_variant, robust = {}, {}
@@ -585,7 +676,8 @@ def _claim_readings(tests: list[dict], reference: str) -> dict:
     agree_eq = {v: READINGS[int(_combine(np.array(c)))] for v, c in robust.items()}
     out["iii"]["per_variant"] = agree
     out["iii"]["per_variant_at_equal_loss"] = agree_eq
-    out["iii"]["at_equal_loss"] = READINGS[int(_combine(np.array([code[r] for r in agree_eq.values()], dtype=int)))]
+    robust_tests = [t for t in tests if t["claim"] == "iii" and not t["primary"]]
+    out["iii"]["at_equal_loss"] = robust_tests[0]["claim_reading"] if robust_tests else READINGS[0]
     out["iii"]["evidence"] += [
         f"{_name(v)} is more collapsed than {_name(reference)} on all three measures at the last step: {r} "
         f"(at equal validation loss: {agree_eq.get(v, 'n/a')})." for v, r in agree.items()]
@@ -701,7 +793,7 @@ def simulate_studies(per_run: pd.DataFrame | None = None, layers: pd.DataFrame |
                 x = rng.standard_normal((studies, seeds, n_layers))
                 if effect == "boundary":
                     x = x + math.sqrt(m) * rng.standard_normal((studies, 1, n_layers))
-                pj = _f_pvalues(anova_f(x), seeds, n_layers - 1, (n_layers - 1) * (seeds - 1), m)
+                pj = _f_pvalues(anova_f(x), seeds, n_layers - 1, n_layers * (seeds - 1), m)
             elif s["kind"] == "paired":
                 a = draws[st][:, var_list.index(s["variant"])] + shift
                 b = draws[st][:, var_list.index(reference)] if reference in var_list else np.zeros_like(a)
@@ -711,12 +803,11 @@ def simulate_studies(per_run: pd.DataFrame | None = None, layers: pd.DataFrame |
                 pj = t_pvalues(y, margin=m, direction=d, center=s["center"])
             for k in p:
                 p[k][:, j] = pj[k] if not (k == "opposite" and (d == 0 or s["kind"] == "anova")) else 1.0
-        adjusted = {k: holm(v) for k, v in p.items()}
-        codes = _decide(adjusted, np.full(len(specs), seeds >= MIN_SEEDS), alpha)
+        codes, claim_codes, _ = decide(p, [s["claim"] for s in specs], np.full(len(specs), seeds >= MIN_SEEDS),
+                                       alpha)
         shares = {}
         for claim in CLAIMS:
-            cols = [j for j, s in enumerate(specs) if s["claim"] == claim]
-            c = _combine(codes[:, cols]) if cols else np.zeros(studies, dtype=int)
+            c = claim_codes.get(claim, np.zeros(studies, dtype=int))
             shares[claim] = {READINGS[k]: float(np.mean(c == k)) for k in (1, -1, 0)}
         # the stricter, family-wise check Holm guarantees: the share of studies with *any* test reading so
         shares["any_test"] = {READINGS[k]: float(np.mean((codes == k).any(axis=-1))) for k in (1, -1)}
