@@ -300,3 +300,15 @@ def test_identical_onsets_across_seeds_carry_the_grids_rounding_error():
     assert p["equivalent"] == pytest.approx(2 * stats.t.cdf(t_eq, 4))
     assert 0 < p["equivalent"] and p["opposite"] == pytest.approx(1.0) and p["reproduce"] == pytest.approx(1.0)
     assert t_interval(y, sd_floor=floor)["high"] == pytest.approx(0.02 + stats.t.ppf(0.975, 4) * floor / math.sqrt(5))
+
+
+def test_attribution_is_the_paired_difference_of_the_contrasts():
+    cells, train, runs = synthetic_study("known_effect", seed=8)
+    point = verdict(cells, train, runs, controls=False)["points"][0]
+    per_run = pd.DataFrame(point["per_run"])
+    row = next(r for r in point["attribution"] if r["a"] == "mla_decoupled" and r["b"] == "mha_decoupled")
+    a = per_run[per_run["variant"] == "mla_decoupled"].set_index("seed")["erank_vs_null"]
+    b = per_run[per_run["variant"] == "mha_decoupled"].set_index("seed")["erank_vs_null"]
+    assert row["erank_vs_null"]["mean"] == pytest.approx(float((a - b).mean()))
+    assert row["erank_vs_null"]["low"] == pytest.approx(t_interval((a - b).to_numpy())["low"])
+    assert {r["contrast"] for r in point["attribution"]} >= {"grouped keys", "a shared rope key (no latent)"}

@@ -151,7 +151,8 @@ def sql(
 def study(
     ctx: typer.Context,
     preset: str = typer.Option("cpu", help="smoke | cpu | paper"),
-    seeds: int = typer.Option(5, help="seeds per variant (a verdict needs at least 3)"),
+    seeds: int | None = typer.Option(None, help="seeds per variant (default 3 for smoke, 5 otherwise; a verdict "
+                                                "needs at least 3)"),
     variants: str = typer.Option(",".join(STUDY_VARIANTS), help="comma-separated variants"),
     out: Path | None = typer.Option(None, help="study directory (default studies/<preset>)"),
     set_: list[str] = typer.Option([], "--set", help="key=value applied to every run (repeatable)"),
@@ -167,6 +168,7 @@ def study(
 
     out = out or Path("studies") / preset
     with _bad_input_exits_2():
+        seeds = seeds if seeds is not None else (3 if preset == "smoke" else 5)
         run_study(console, out, preset=preset, seeds=seeds, variants=[v.strip() for v in variants.split(",")
                                                                       if v.strip()],
                   sets=set_, extra=ctx.args, sweep=sweep, jobs=jobs, command=shlex.join(["rankscope", *sys.argv[1:]]))

@@ -249,12 +249,28 @@ def _offsets_html(point: dict) -> str:
             "<th class=l>variant</th>" + head + "</tr>" + "".join(rows) + "</table>")
 
 
+def _attribution_html(point: dict) -> str:
+    rows = point.get("attribution") or []
+    if not rows:
+        return ""
+    cols = [("spikes_per_rank", "spikes ÷ rank"), ("erank_vs_null", "eff. rank ÷ null's"),
+            ("top_energy_vs_null", "top-10 % energy ÷ null's"), ("erank_vs_null_at_equal_loss",
+                                                                  "eff. rank ÷ null's at equal loss")]
+    body = "".join(f"<tr><td class=l>{html.escape(r['contrast'])}</td><td class=l>{html.escape(r['a'])} − "
+                   f"{html.escape(r['b'])}</td>" + "".join(f"<td class=n>{_ci(r.get(c))}</td>" for c, _ in cols)
+                   + "</tr>" for r in rows)
+    head = "".join(f"<th>{html.escape(label)}</th>" for _, label in cols)
+    return ("<h3>Attribution: what each single design change does (paired differences at the last step, "
+            "95 % t-intervals; descriptive)</h3><table class=v><tr><th class=l>change</th><th class=l>contrast</th>"
+            + head + "</tr>" + body + "</table>")
+
+
 def _verdict_html(summary: dict) -> str:
     parts = []
     for point in summary["points"]:
         parts.append(f"<h3>Sweep point: {html.escape(point['sweep'])}</h3>{_claims_html(point)}{_tests_html(point)}"
                      f"<h3>Per variant (mean [95 % t-interval] over seeds, at the last step unless named)</h3>"
-                     f"{_variants_html(point)}{_offsets_html(point)}")
+                     f"{_variants_html(point)}{_offsets_html(point)}{_attribution_html(point)}")
     parts.append(_controls_html(summary.get("negative_controls")))
     return "\n".join(parts)
 

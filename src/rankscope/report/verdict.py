@@ -568,6 +568,37 @@ def _seed_values(per_run: pd.DataFrame, spec: dict, reference: str) -> np.ndarra
     return v[np.isfinite(v)]
 
 
+# The design's contrasts: each pair differs in one way only (docs/design.md §4), so its paired difference
+# attributes an effect to that difference. (label, a, b): a − b, paired by seed. Descriptive: not in the verdict.
+CONTRASTS = [
+    ("latent compression (RoPE on the heads)", "mla_prerope_coupled", "mha"),
+    ("latent compression (decoupled RoPE)", "mla_decoupled", "mha_decoupled"),
+    ("a shared rope key (no latent)", "mha_decoupled", "mha"),
+    ("a shared rope key (with the latent)", "mla_decoupled", "mla_prerope_coupled"),
+    ("RoPE on the token instead of the heads", "mla_prerope_input", "mla_prerope_coupled"),
+    ("grouped keys", "gqa", "mha"),
+]
+CONTRAST_STATISTICS = ("spikes_per_rank", "erank_vs_null", "top_energy_vs_null", "erank_vs_null_at_equal_loss")
+
+
+def attribution(per_run: pd.DataFrame) -> list[dict]:
+    """For each contrast of the design, the paired difference (a − b, same seed) of the rank-fair statistics with
+    its t-interval: what changing that one thing does."""
+    out = []
+    for label, a, b in CONTRASTS:
+        if not {a, b} <= set(per_run["variant"]):
+            continue
+        A = per_run[per_run["variant"] == a].set_index("seed")
+        B = per_run[per_run["variant"] == b].set_index("seed")
+        common = A.index.intersection(B.index)
+        row = {"contrast": label, "a": a, "b": b}
+        for stat in CONTRAST_STATISTICS:
+            if stat in per_run:
+                row[stat] = t_interval(A.loc[common, stat].astype(float) - B.loc[common, stat].astype(float))
+        out.append(row)
+    return out
+
+
 ONSET_STATISTICS = ("early", "lead")  # read off the monitoring grid: their SD is floored at its rounding error
 
 
@@ -712,6 +743,7 @@ def verdict(cells: pd.DataFrame, train: pd.DataFrame, runs: pd.DataFrame, *, alp
         po = offsets_all[offsets_all["sweep"] == sweep]
         for (v, off), g in po.groupby(["variant", "offset"]):
             point["per_offset"].setdefault(v, {})[int(off)] = {m: t_interval(g[m]) for m in FINAL}
+        point["attribution"] = attribution(per_run)
         point["tests"] = _tests(per_run, layers, reference, alpha)
         point["claims"] = _claim_readings(point["tests"], reference)
         out["points"].append(point)
