@@ -156,3 +156,12 @@ def test_a_run_written_by_the_monitor_alone_gets_a_run_report(tmp_path):
     page = write_report(tmp_path / "loop").read_text()
     assert "Attention spectra through training" in page and "Verdict" not in page
     assert len(re.findall(r'<img src="data:image/png;base64,', page)) >= 3
+
+
+def test_study_cli_rejects_bad_settings_before_any_work(tmp_path):
+    runner = CliRunner()
+    for args, message in ((["--set", "monitor_offsets=0,4"], "monitor_offsets"), (["--variants", "mla"], "unknown"),
+                          (["--set", "monitor_early=-1"], "monitor_early")):
+        result = runner.invoke(app, ["study", "--preset", "smoke", "--out", str(tmp_path / "s"), *args])
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert not (tmp_path / "s" / "base").exists()  # nothing trained

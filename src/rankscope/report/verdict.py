@@ -792,8 +792,9 @@ def simulate_studies(per_run: pd.DataFrame | None = None, layers: pd.DataFrame |
     non-reference variant against the reference; for the layer specificity σ²_layer = margin · σ²_seed). The SD of
     each statistic is its observed across-seed SD pooled over variants, or the margin when that is unavailable.
     Seeds, variants and layers are the study's (or the arguments'). Returns the share of each verdict per claim,
-    and under ``"any_test"`` the share of studies in which any single test reads "reproduced" / "not reproduced"
-    (the family-wise rate Holm bounds by α for the readings whose null is true).
+    and under ``"any_test"`` the share of studies in which any single part reads "reproduced" / "not reproduced".
+    A part's "reproduced" is uncorrected (it is one leg of its claim's intersection–union test, not a verdict on
+    its own), so that share is not bounded by α; the claims' shares are.
     At no effect "not reproduced" is mostly the equivalence answer, which is then *correct* (the true effect, 0,
     lies inside the margin): its share is reported, not bounded; "reproduced" must be ≤ α. At the boundary both
     "reproduced" and "not reproduced" are errors and must be ≤ α.
@@ -864,8 +865,9 @@ def negative_controls(*, alpha: float = 0.05, simulated: list | None = None, see
                          "expected": "all three claims 'reproduced' (spikes early in layers 2–3, spreading with "
                                      "depth, carrying the rank collapse; MLA-Decoupled flat)"},
         "notes": "Simulated: share of each verdict per claim over studies drawn with no effect and at the boundary "
-                 "(true effect = margin). 'Reproduced' must be ≤ alpha in both; 'not reproduced' must be ≤ alpha at "
-                 "the boundary, while at no effect it is the correct equivalence answer.",
+                 "(true effect = margin), with the study's seeds and the observed seed-to-seed SDs. 'Reproduced' "
+                 "must be ≤ alpha in both; 'not reproduced' must be ≤ alpha at the boundary, while at no effect it "
+                 "is the correct equivalence answer (its share there is the equivalence test's power).",
     }
 
 
