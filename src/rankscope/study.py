@@ -1,4 +1,4 @@
-"""``rankscope study``: the three-variant comparison of Jha & Reagen (arXiv 2507.09394), resumable.
+"""``rankscope study``: the six-variant comparison of Jha & Reagen (arXiv 2507.09394), resumable.
 
 Variants (``vocab.STUDY_VARIANTS``): ``mha``, ``gqa``, ``mla_prerope_input`` and ``mla_prerope_coupled`` (the
 two readings of "RoPE before compression", docs/design.md §4), ``mha_decoupled`` (MHA with DeepSeek's shared
