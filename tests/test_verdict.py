@@ -246,7 +246,7 @@ def test_simulated_no_effect_and_boundary_studies():
 
 
 def test_verdict_carries_the_negative_controls():
-    result = verdict(*synthetic_study("known_effect", seed=5), studies=1000)
+    result = verdict(*synthetic_study("known_effect", seed=5), studies=1000, permutations=20)
     nc = result["negative_controls"]
     json.dumps(nc, allow_nan=False)
     assert nc["known_effect"]["verdicts"] == {"i": "reproduced", "ii": "reproduced", "iii": "reproduced"}
@@ -254,6 +254,7 @@ def test_verdict_carries_the_negative_controls():
     sim = nc["simulated"][0]
     assert sim["seeds"] == 3 and sim["layers"] == 8 and len(sim["variants"]) == 6
     assert all(sim["no_effect"][c]["reproduced"] <= 0.05 for c in CLAIMS)
+    assert nc["permuted"][0]["permutations"] == 20
 
 
 def test_spikes_that_come_after_the_rank_drop_do_not_coincide_with_it():
@@ -312,3 +313,17 @@ def test_attribution_is_the_paired_difference_of_the_contrasts():
     assert row["erank_vs_null"]["mean"] == pytest.approx(float((a - b).mean()))
     assert row["erank_vs_null"]["low"] == pytest.approx(t_interval((a - b).to_numpy())["low"])
     assert {r["contrast"] for r in point["attribution"]} >= {"grouped keys", "a shared rope key (no latent)"}
+
+
+def test_permuting_the_variant_labels_within_seeds_removes_the_comparisons_effect():
+    """On a study with a strong known effect the rule says "reproduced" for (iii); with the same runs' labels
+    permuted within each seed (no systematic difference left) it must say so in at most 5 % of permutations."""
+    from rankscope.report.verdict import permutation_control
+
+    cells, train, runs = synthetic_study("known_effect", seeds=5, seed=9)
+    assert _claims(verdict(cells, train, runs, controls=False))["iii"] == "reproduced"
+    per_run, layers = run_statistics(layer_series(cells, runs), runs, train)
+    perm = permutation_control(per_run, layers, permutations=60, seed=3)
+    assert perm["permutations"] == 60
+    assert perm["iii"]["reproduced"] <= 0.05 and perm["i: earlier onset"]["reproduced"] <= 0.05
+    assert sum(perm["iii"].values()) == pytest.approx(1.0)

@@ -220,6 +220,14 @@ def _controls_html(controls: dict | None) -> str:
                             f"{100 * shares[k]['not reproduced']:.1f} %</td>" for k in ("i", "ii", "iii"))
             rows.append(f"<tr><td class=l>{html.escape(sim['sweep'])}: {sim['studies']} simulated studies, {label} "
                         f"({sim['seeds']} seeds)</td>{cells}</tr>")
+    for perm in controls.get("permuted", []):
+        if not perm.get("permutations"):
+            continue
+        iii, early = perm["iii"], perm["i: earlier onset"]
+        rows.append(f"<tr><td class=l>{html.escape(perm['sweep'])}: this study's runs, variant labels permuted "
+                    f"within seeds ({perm['permutations']} permutations)</td><td class=n>earlier onset: "
+                    f"{100 * early['reproduced']:.1f} % / {100 * early['not reproduced']:.1f} %</td><td>–</td>"
+                    f"<td class=n>{100 * iii['reproduced']:.1f} % / {100 * iii['not reproduced']:.1f} %</td></tr>")
     for key, label in (("spike_free", "spike-free, smoothly decaying synthetic runs"),
                        ("known_effect", "known-effect synthetic study")):
         if key in controls:

@@ -717,14 +717,16 @@ def _claim_readings(tests: list[dict], reference: str) -> dict:
 
 # ---- the verdict -------------------------------------------------------------------------------------------------
 def verdict(cells: pd.DataFrame, train: pd.DataFrame, runs: pd.DataFrame, *, alpha: float = 0.05,
-            reference: str = REFERENCE_VARIANT, controls: bool = True, studies: int = 2000, seed: int = 0) -> dict:
-    """The whole verdict, JSON-ready (module docstring). ``controls=False`` leaves the negative controls out."""
+            reference: str = REFERENCE_VARIANT, controls: bool = True, studies: int = 2000, permutations: int = 200,
+            seed: int = 0) -> dict:
+    """The whole verdict, JSON-ready (module docstring). ``controls=False`` leaves the negative controls out;
+    ``studies`` and ``permutations`` size the simulated and the label-permutation controls."""
     series = layer_series(cells, runs)
     per_run_all, layers_all = run_statistics(series, runs, train)
     offsets_all = per_offset_final(cells, runs)
     out: dict = {"claims": CLAIMS, "margins": MARGINS, "alpha": alpha, "interval": INTERVAL,
                  "min_seeds": MIN_SEEDS, "reference": reference, "points": []}
-    sims = []
+    sims, perms = [], []
     for sweep in sorted(runs["sweep"].unique()):
         per_run = per_run_all[per_run_all["sweep"] == sweep]
         layers = layers_all[layers_all["sweep"] == sweep] if not layers_all.empty else layers_all
@@ -750,8 +752,10 @@ def verdict(cells: pd.DataFrame, train: pd.DataFrame, runs: pd.DataFrame, *, alp
         if controls:
             sims.append({"sweep": sweep, **simulate_studies(per_run, layers, alpha=alpha, studies=studies,
                                                             seed=seed, reference=reference)})
+            perms.append({"sweep": sweep, **permutation_control(per_run, layers, alpha=alpha, seed=seed,
+                                                                permutations=permutations, reference=reference)})
     if controls:
-        out["negative_controls"] = negative_controls(alpha=alpha, simulated=sims, seed=seed)
+        out["negative_controls"] = negative_controls(alpha=alpha, simulated=sims, permuted=perms, seed=seed)
     return _jsonable(out)
 
 
@@ -852,13 +856,52 @@ def _claim_verdicts(result: dict) -> dict:
     return {k: v["verdict"] for k, v in result["points"][0]["claims"].items()}
 
 
-def negative_controls(*, alpha: float = 0.05, simulated: list | None = None, seed: int = 0) -> dict:
-    """(a) the simulated studies (one entry per sweep point, as given), (b) the spike-free decaying synthetic
-    study and (c) the known-effect synthetic study, each through the whole pipeline."""
+def permutation_control(per_run: pd.DataFrame, layers: pd.DataFrame, *, alpha: float = 0.05,
+                        permutations: int = 200, seed: int = 0, reference: str = REFERENCE_VARIANT) -> dict:
+    """(a′) The rule on the study's own per-run statistics with the variant labels permuted within each seed.
+
+    A permutation keeps every run's real statistics, seed pairing and spread, and destroys any systematic
+    difference between the variants, so a comparison of one variant with another has no effect by construction.
+    The share of each verdict is reported for the comparisons: claim (iii) (every part paired with the reference)
+    and claim (i)'s paired part (onset earlier than the reference's); the one-sample parts of (i) and (ii) test
+    properties every variant may share, which a permutation does not remove. "Reproduced" must stay ≤ α.
+    """
+    rng = np.random.default_rng(seed)
+    variants = sorted(per_run["variant"].unique())
+    counts = {"iii": {r: 0 for r in READINGS.values()}, "i: earlier onset": {r: 0 for r in READINGS.values()}}
+    done = 0
+    for _ in range(permutations if len(variants) > 1 and reference in variants else 0):
+        mapping = {}
+        for s, g in per_run.groupby("seed"):
+            vs = list(g["variant"])
+            mapping.update({(s, v): w for v, w in zip(vs, rng.permutation(vs), strict=True)})
+        pr = per_run.assign(variant=[mapping[(s, v)] for s, v in zip(per_run["seed"], per_run["variant"],
+                                                                       strict=True)])
+        ly = layers if layers.empty else layers.assign(
+            variant=[mapping.get((s, v), v) for s, v in zip(layers["seed"], layers["variant"], strict=True)])
+        tests = _tests(pr, ly, reference, alpha)
+        claims = _claim_readings(tests, reference)
+        counts["iii"][claims["iii"]["verdict"]] += 1
+        early = [t["reading"] for t in tests if t["statistic"] == "early"]
+        if early:
+            worst = "reproduced" if all(r == "reproduced" for r in early) else (
+                "not reproduced" if "not reproduced" in early else "inconclusive")
+            counts["i: earlier onset"][worst] += 1
+        done += 1
+    return {"permutations": done, **{k: {r: (n / done if done else None) for r, n in v.items()}
+                                      for k, v in counts.items()}}
+
+
+def negative_controls(*, alpha: float = 0.05, simulated: list | None = None, permuted: list | None = None,
+                      seed: int = 0) -> dict:
+    """(a) the simulated studies (one entry per sweep point, as given), (a′) the label permutations of the
+    study's own runs (as given), (b) the spike-free decaying synthetic study and (c) the known-effect synthetic
+    study, each through the whole pipeline."""
     spike_free = verdict(*synthetic_study("spike_free", seed=seed), alpha=alpha, controls=False)
     known = verdict(*synthetic_study("known_effect", seed=seed), alpha=alpha, controls=False)
     return {
         "simulated": simulated or [],
+        "permuted": permuted or [],
         "spike_free": {"verdicts": _claim_verdicts(spike_free),
                        "expected": "claim (ii) not 'reproduced' (no spikes; the whole bulk decays smoothly)"},
         "known_effect": {"verdicts": _claim_verdicts(known),
