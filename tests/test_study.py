@@ -55,6 +55,20 @@ def test_plan_matches_budgets_and_shares_seeds():
     # sweep points have their own seeds and carry their label into the config (store column, run name)
     assert [s.config.train.seed for s in swept] == [0, 1000]
     assert [s.config.train.sweep for s in swept] == ["lr=5e-4", "lr=2e-3"]
+
+
+def test_a_run_planned_by_an_earlier_version_keeps_its_saved_seed(tmp_path):
+    """Earlier versions shared seeds across sweep points: resuming such a study must not switch a half-trained
+    run to another seed's batches."""
+    from rankscope.train.config import resolve
+
+    old = tmp_path / "lr=2e-3" / "mha-s0"
+    old.mkdir(parents=True)
+    resolve("smoke", {"lr": "2e-3", "seed": 0}).save(old / "config.json")
+    swept = plan(tmp_path, "smoke", seeds=1, sweep="lr=5e-4,2e-3", variants=["mha"])
+    assert [(s.directory.parent.name, s.config.train.seed) for s in swept] == [("lr=5e-4", 0), ("lr=2e-3", 0)]
+    fresh = plan(tmp_path / "new", "smoke", seeds=1, sweep="lr=5e-4,2e-3", variants=["mha"])
+    assert [s.config.train.seed for s in fresh] == [0, 1000]
     with pytest.raises(InputError, match="unknown variant"):
         plan(Path("/x"), "smoke", variants=["transformer"])
     with pytest.raises(InputError, match="--sweep"):

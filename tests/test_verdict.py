@@ -327,3 +327,15 @@ def test_permuting_the_variant_labels_within_seeds_removes_the_comparisons_effec
     assert perm["permutations"] == 60
     assert perm["iii"]["reproduced"] <= 0.05 and perm["i: earlier onset"]["reproduced"] <= 0.05
     assert sum(perm["iii"].values()) == pytest.approx(1.0)
+
+
+def test_persistence_is_a_share_of_training_time_not_of_monitored_steps():
+    """Steps 0, 1, 2, 3, 4, 5 (dense) then 50 and 100: spiked from 1 on, unspiked at 50 only. Each step stands
+    for the time until the next (the last for the gap before it): after the confirming step 2 that is steps 3, 4,
+    5, 50, 100 with spans 1, 1, 45, 50, 50; unspiked 50 of 147 → persistence 97/147 (by count it would be 4/5)."""
+    steps = (0, 1, 2, 3, 4, 5, 50, 100)
+    spikes = [0, 2, 2, 2, 2, 2, 0, 2]
+    cells, runs = _one_run(spikes=spikes, erank=[12] * 8, bulk=[12] * 8, ervn=[1] * 8, steps=steps)
+    runs = runs.assign(steps=100)
+    r = run_statistics(layer_series(cells, runs), runs)[0].iloc[0]
+    assert r["persistence"] == pytest.approx(97 / 147)

@@ -30,7 +30,10 @@ from rankscope.rundir import RunDir, write_study
 from rankscope.train.config import RunConfig, resolve
 from rankscope.vocab import MHA, STUDY_VARIANTS
 
-SEED_STRIDE = 1000  # sweep point i uses seeds 1000·i, 1000·i + 1, …: its runs do not repeat another point's draws
+# Sweep point i uses seeds 1000·i, 1000·i + 1, …: its runs do not repeat another point's draws. A run directory
+# that already holds a config (a study planned by an earlier version, which shared seeds) keeps its saved seed, so
+# resuming it never mixes two seeds' batches.
+SEED_STRIDE = 1000
 
 
 @dataclass(frozen=True)
@@ -93,11 +96,14 @@ def plan(out: Path, preset: str = "cpu", seeds: int = 3, variants: list[str] | N
         for s in range(seeds):  # seed-major: an interrupted study has whole seeds of every variant
             seed = SEED_STRIDE * index + s  # sweep points get their own seeds (shared by the variants of a point)
             for variant in variants:
-                cfg = resolve(preset, {**common, **STUDY_VARIANTS[variant], "seed": seed})
+                name = f"{variant}-s{s}"
+                directory = Path(out) / label / name
+                saved = RunDir(directory).read_config()  # a run planned by an earlier version keeps its seed
+                run_seed = saved["train"].get("seed", seed) if saved else seed
+                cfg = resolve(preset, {**common, **STUDY_VARIANTS[variant], "seed": run_seed})
                 if variant != MHA and "d_ff" not in common:
                     cfg = dataclasses.replace(cfg, model=match_budget(cfg.model, target))
-                name = f"{variant}-s{seed}"
-                specs.append(RunSpec(name, Path(out) / label / name, variant, seed, label, cfg))
+                specs.append(RunSpec(name, directory, variant, run_seed, label, cfg))
     return specs
 
 

@@ -26,9 +26,10 @@ Per-run statistics (:func:`run_statistics`), all times as fractions of training 
       ((F / F_0.975 − 1) / n, (F / F_0.025 − 1) / n), and the margin tests below are exact.
     - ``propagation``: the Spearman correlation of onset with layer index over the layers with an (uncensored)
       onset, NaN when fewer than 3 layers have one. The claim is a monotone trend of either sign.
-    - ``persistence``: per layer with an onset, the share of monitored steps after the confirming step s_{k+1}
-      at which the layer is still spiked (the confirming step is spiked by definition, so it is left out), mean
-      over those layers.
+    - ``persistence``: per layer with an onset, the share of training time after the confirming step s_{k+1}
+      during which the layer is still spiked (the confirming step is spiked by definition, so it is left out;
+      each later monitored step stands for the time until the next, so the dense early schedule does not weigh
+      more), mean over those layers.
     - rank-fair final quantities, mean over layers at the last monitored step: ``spikes``, ``spikes_per_rank``,
       ``erank_vs_null``, ``top_energy_vs_null``; and the same at equal validation loss (``*_at_equal_loss``):
       L* = the largest final val_loss among the runs of the sweep point (every run reaches it); a run's step at L*
@@ -300,6 +301,9 @@ def run_statistics(series: pd.DataFrame, runs: pd.DataFrame, train: pd.DataFrame
         piv = {m: g.pivot_table(index="layer", columns="step", values=m, aggfunc="mean", dropna=False)
                .reindex(columns=steps) for m in (*FINAL, "effective_rank", "erank_frac", "bulk_frac")}
         spiked = piv["spikes"].to_numpy() >= SPIKED_AT
+        # a monitored step stands for the time until the next one (the last, for the gap before it): persistence
+        # is a share of training time, not of monitored steps, which are dense early
+        spans = np.diff(steps, append=steps[-1] + (steps[-1] - steps[-2] if steps.size > 1 else 1)).astype(float)
         dropped = piv["erank_vs_null"].to_numpy() < RANK_DROP_AT
         layers = piv["spikes"].index.to_numpy()
         ons, rank_ons, persist, leads, edrop, bdrop = [], [], [], [], [], []
@@ -309,7 +313,8 @@ def run_statistics(series: pd.DataFrame, runs: pd.DataFrame, train: pd.DataFrame
             kr = onset_index(dropped[i])
             ron = 1.0 if kr is None else steps[kr] / total
             after = spiked[i, k + 2:] if k is not None else np.array([])
-            per = float(after.mean()) if after.size else np.nan
+            span = spans[k + 2:] if k is not None else np.array([])  # the training time each later step stands for
+            per = float((after * span).sum() / span.sum()) if after.size and span.sum() > 0 else np.nan
             lead = ron - on if (k is not None and kr is not None) else np.nan  # only where both happened
             er = piv["effective_rank"].iloc[i].to_numpy()
             ef = piv["erank_frac"].iloc[i].to_numpy()
