@@ -24,7 +24,7 @@ def check_well_defined(d: rs.Diagnosis):
             assert k in ALLOWED_NAN | SPIKE_NAN, f"{k} is NaN"
     # spikes is a count exactly where the bulk check passed (or the form is zero); else NaN, never a silent number
     if d.bulk_fits is True:
-        assert d.spikes == int(d.spikes) and 0 <= d.spikes < d.rank
+        assert float(d.spikes).is_integer() and 0 <= d.spikes < d.rank  # a count, held in a float
     elif d.lambda_max > 0:
         assert math.isnan(d.spikes)
     if d.bulk_fits is None and d.lambda_max > 0:  # not tested: a spectrum too small to hold a bulk

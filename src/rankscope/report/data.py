@@ -76,5 +76,16 @@ def load(root: str | Path) -> StudyData:
             train.append(store.sql("select * exclude (run) from train order by step").assign(**tag))
     if not attention:
         raise InputError(f"{root}: no diagnostics stored yet (train with monitor_every > 0)")
-    return StudyData(root, meta, runs, pd.concat(attention, ignore_index=True),
+    return StudyData(root, meta, runs, _current(pd.concat(attention, ignore_index=True)),
                      pd.concat(train, ignore_index=True) if train else pd.DataFrame())
+
+
+def _current(attention: pd.DataFrame) -> pd.DataFrame:
+    """Attention rows in today's columns: parts of earlier versions have no offset (they were read at Δ = 0)
+    and lack the newer statistics (NaN)."""
+    offset = attention["offset"].fillna(0).astype(int) if "offset" in attention else 0
+    attention = attention.assign(offset=offset)
+    for col in ("top_energy_vs_null", "bulk_effective_rank"):
+        if col not in attention:
+            attention[col] = float("nan")
+    return attention

@@ -286,13 +286,7 @@ def _verdict_html(summary: dict) -> str:
 def _cells(data: StudyData) -> pd.DataFrame:
     """The primary forms: per-head query–key rows under the structure-matched null, every offset."""
     a = data.attention
-    cells = a[(a["kind"] == QK) & (a["head"] >= 0) & (a["null"] == PRODUCT)]
-    # parts of earlier versions lack the offset (read at 0) and the newer statistics (NaN)
-    cells = cells.assign(offset=cells["offset"].fillna(0).astype(int) if "offset" in cells else 0)
-    for col in ("top_energy_vs_null", "bulk_effective_rank"):  # runs of earlier versions lack them
-        if col not in cells:
-            cells = cells.assign(**{col: np.nan})
-    return cells
+    return a[(a["kind"] == QK) & (a["head"] >= 0) & (a["null"] == PRODUCT)]
 
 
 def _figures(data: StudyData, series: pd.DataFrame, point: dict | None, sweep: str, out: Path) -> str:

@@ -136,6 +136,21 @@ def layer_heatmaps(series: pd.DataFrame, sweep: str, out: Path, total: int,
     return _save(fig, out / f"{name}.png")
 
 
+def _by_key(table: dict, keys: list[int]) -> list[dict]:
+    """The entries of a summary dict at integer ``keys`` (JSON turns the keys into strings)."""
+    return [table.get(k, table.get(str(k), {})) for k in keys]
+
+
+def _interval_bars(ax, x, intervals: list[dict], **style) -> None:
+    """Means with t-interval error bars from ``{"mean", "low", "high"}`` dicts (None: not drawn)."""
+    def column(key):
+        return np.array([np.nan if r.get(key) is None else r[key] for r in intervals], float)
+
+    mean, lo, hi = column("mean"), column("low"), column("high")
+    ax.errorbar(x, mean, yerr=[np.clip(mean - lo, 0, None), np.clip(hi - mean, 0, None)], fmt="o-", capsize=2,
+                lw=1, **style)
+
+
 def onsets(point: dict, out: Path) -> Path | None:
     """Spike onset per layer, per variant: the mean over seeds with its t-interval (censored at 1 = no onset)."""
     data = point.get("onsets") or {}
@@ -146,13 +161,8 @@ def onsets(point: dict, out: Path) -> Path | None:
     variants = sorted(data, key=lambda v: ORDER.index(v) if v in ORDER else len(ORDER))
     for k, variant in enumerate(variants):
         layers = sorted(int(x) for x in data[variant])
-        rows = [data[variant][layer] if layer in data[variant] else data[variant][str(layer)] for layer in layers]
-        mean = np.array([r["mean"] if r["mean"] is not None else np.nan for r in rows], float)
-        lo = np.array([r["low"] if r.get("low") is not None else np.nan for r in rows], float)
-        hi = np.array([r["high"] if r.get("high") is not None else np.nan for r in rows], float)
         x = np.asarray(layers, float) + (k - (len(variants) - 1) / 2) * 0.08
-        ax.errorbar(x, mean, yerr=[np.clip(mean - lo, 0, None), np.clip(hi - mean, 0, None)], fmt="o-", ms=4,
-                    capsize=2, color=COLORS.get(variant), label=variant, lw=1)
+        _interval_bars(ax, x, _by_key(data[variant], layers), ms=4, color=COLORS.get(variant), label=variant)
     ax.set_yscale("log")
     every_layer = sorted({int(x) for v in data.values() for x in v})
     ax.set_xticks(every_layer, [str(x) for x in every_layer])
@@ -177,14 +187,10 @@ def offsets(point: dict, out: Path) -> Path | None:
     for ax, (metric, title) in zip(axes[0], metrics, strict=True):
         for k, variant in enumerate(variants):
             deltas = sorted((int(d) for d in data[variant]), key=abs)
-            rows = [data[variant].get(d, data[variant].get(str(d), {})).get(metric, {}) for d in deltas]
-            mean = np.array([r.get("mean") if r.get("mean") is not None else np.nan for r in rows], float)
-            lo = np.array([r.get("low") if r.get("low") is not None else np.nan for r in rows], float)
-            hi = np.array([r.get("high") if r.get("high") is not None else np.nan for r in rows], float)
             x = np.abs(deltas).astype(float)
             x = x * (1 + 0.04 * (k - len(variants) / 2)) + 0.04 * (k - len(variants) / 2)  # side by side
-            ax.errorbar(x, mean, yerr=[np.clip(mean - lo, 0, None), np.clip(hi - mean, 0, None)], fmt="o-", ms=3,
-                        capsize=2, lw=1, color=COLORS.get(variant), label=variant)
+            _interval_bars(ax, x, [r.get(metric, {}) for r in _by_key(data[variant], deltas)], ms=3,
+                           color=COLORS.get(variant), label=variant)
         from matplotlib.ticker import NullLocator
 
         ax.set_xscale("symlog", linthresh=1, linscale=0.5)
@@ -230,8 +236,7 @@ def head_maps(data: StudyData, sweep: str, out: Path) -> Path | None:
     """Per variant, spikes per (layer, head) at offset 0 at an early, a middle and the final monitored step."""
     rows = data.attention
     frame = rows[(rows["sweep"] == sweep) & (rows["kind"] == QK) & (rows["head"] >= 0) & (rows["null"] == PRODUCT)]
-    if "offset" in frame:
-        frame = frame[frame["offset"].fillna(0) == 0]
+    frame = frame[frame["offset"] == 0]
     if frame.empty:
         return None
     variants = _variants(frame)
@@ -291,14 +296,13 @@ def esd_steps(data: StudyData, sweep: str, out: Path) -> Path | None:
     """Eigenvalue histogram of the spikiest per-head form (offset 0) at three steps, with the fitted null."""
     rows = data.attention
     frame = rows[(rows["sweep"] == sweep) & (rows["kind"] == QK) & (rows["head"] >= 0) & (rows["null"] == PRODUCT)]
-    if "offset" in frame:
-        frame = frame[frame["offset"].fillna(0) == 0]
+    frame = frame[frame["offset"] == 0]
     frame = frame[frame["step"] == frame["step"].max()]
     if frame.empty or not np.isfinite(frame["spike_strength"]).any():
         return None
     top = frame.loc[frame["spike_strength"].replace(np.inf, np.nan).idxmax()]
     where = (f"layer = {int(top['layer'])} and head = {int(top['head'])} and kind = '{QK}' and \"null\" = "
-             f"'{PRODUCT}'" + (" and \"offset\" = 0" if "offset" in frame else ""))
+             f"'{PRODUCT}' and coalesce(\"offset\", 0) = 0")
     spectra = data.spectra(top["name"], sweep, where)
     steps = sorted(spectra["step"].unique())
     picks = sorted({steps[0], steps[len(steps) // 2], steps[-1]})

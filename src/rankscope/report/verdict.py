@@ -135,6 +135,7 @@ RANK_DROP_AT = 0.9  # erank_vs_null below which a layer's rank has dropped
 MIN_DROP = 0.01  # erank_drop below which spike_share is undefined (nothing to attribute)
 LEVEL = 0.95
 READINGS = {1: "reproduced", -1: "not reproduced", 0: "inconclusive"}
+CODES = {reading: code for code, reading in READINGS.items()}
 FINAL = ("spikes", "spikes_per_rank", "erank_vs_null", "top_energy_vs_null", "uncounted")
 METRICS = ("rank", "spikes", "spikes_per_rank", "effective_rank", "erank_frac", "erank_vs_null",
            "top_energy_vs_null", "bulk_effective_rank", "bulk_frac", "uncounted")
@@ -180,28 +181,33 @@ def offset_weights(offsets, context: int | None) -> np.ndarray:
     return out / out.sum() if out.sum() > 0 else np.full(a.size, 1.0 / a.size)
 
 
+def _cell_metrics(c: pd.DataFrame) -> pd.DataFrame:
+    """The per-cell quantities of ``METRICS`` (one row per row of ``c``), the derived ones formed here."""
+    rank = c["rank"].to_numpy(float)
+    spikes = c["spikes"].to_numpy(float)
+    erank = c["effective_rank"].to_numpy(float)
+    bulk = c["bulk_effective_rank"].to_numpy(float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rest = rank - spikes
+        return pd.DataFrame({
+            "rank": rank, "spikes": spikes, "spikes_per_rank": spikes / rank,
+            "effective_rank": erank, "erank_frac": erank / rank,
+            "erank_vs_null": c["erank_vs_null"].to_numpy(float),
+            "top_energy_vs_null": c["top_energy_vs_null"].to_numpy(float),
+            "bulk_effective_rank": bulk,
+            # a head whose spikes could not be counted (its bulk is not noise-shaped) keeps its whole drop in
+            # the bulk: conservative for claim (ii), and no head is selected out of the mean
+            "bulk_frac": np.where(np.isfinite(spikes) & (rest > 0), bulk / rest, erank / rank),
+            "uncounted": (~np.isfinite(spikes)).astype(float),  # share of heads × offsets without a count
+        }, index=c.index)
+
+
 def layer_series(cells: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     """One row per (sweep, name, step, layer): the Δ-weighted, head-mean metrics and the ``spiked`` indicator."""
     meta = runs[["sweep", "name", "variant", "seed", "steps", "context"]]
     c = cells[cells["head"] >= 0].drop(columns=["variant", "seed"], errors="ignore")
     c = c.merge(meta[["sweep", "name", "context"]], on=["sweep", "name"], how="inner")
-    rank = c["rank"].to_numpy(float)
-    spikes = c["spikes"].to_numpy(float)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rest = rank - spikes
-        derived = {
-            "rank": rank, "spikes": spikes, "spikes_per_rank": spikes / rank,
-            "effective_rank": c["effective_rank"].to_numpy(float),
-            "erank_frac": c["effective_rank"].to_numpy(float) / rank,
-            "erank_vs_null": c["erank_vs_null"].to_numpy(float),
-            "top_energy_vs_null": c["top_energy_vs_null"].to_numpy(float),
-            "bulk_effective_rank": c["bulk_effective_rank"].to_numpy(float),
-            # a head whose spikes could not be counted (its bulk is not noise-shaped) keeps its whole drop in
-            # the bulk: conservative for claim (ii), and no head is selected out of the mean
-            "bulk_frac": np.where(np.isfinite(spikes) & (rest > 0), c["bulk_effective_rank"].to_numpy(float) / rest,
-                                  c["effective_rank"].to_numpy(float) / rank),
-            "uncounted": (~np.isfinite(spikes)).astype(float),  # share of heads × offsets without a count
-        }
+    derived = _cell_metrics(c)
     weights = {}  # (run, offset) → the causal share of pairs the offset stands for in that run
     for (sweep, name, context), g in c.groupby(["sweep", "name", "context"]):
         read = sorted(g["offset"].unique(), key=abs)
@@ -209,7 +215,8 @@ def layer_series(cells: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     w = np.array([weights[k] for k in zip(c["sweep"], c["name"], c["offset"], strict=True)], dtype=float)
     keys = ["sweep", "name", "step", "layer", "head"]
     frame = c[keys].copy()
-    for m, v in derived.items():
+    for m in METRICS:
+        v = derived[m].to_numpy(float)
         ok = np.isfinite(v)
         frame[m + "#wv"] = np.where(ok, w * np.where(ok, v, 0.0), 0.0)
         frame[m + "#w"] = np.where(ok, w, 0.0)
@@ -231,8 +238,8 @@ def per_offset_final(cells: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     meta = runs[["sweep", "name", "variant", "seed"]]
     c = cells[cells["head"] >= 0].drop(columns=["variant", "seed"], errors="ignore")
     last = c.groupby(["sweep", "name"])["step"].transform("max")
-    c = c[c["step"] == last].assign(spikes_per_rank=lambda d: d["spikes"] / d["rank"],
-                                    uncounted=lambda d: (~np.isfinite(d["spikes"].to_numpy(float))).astype(float))
+    c = c[c["step"] == last]
+    c = pd.concat([c[["sweep", "name", "offset", "layer"]], _cell_metrics(c)[list(FINAL)]], axis=1)
     per_layer = c.groupby(["sweep", "name", "offset", "layer"])[list(FINAL)].mean()
     out = per_layer.groupby(level=["sweep", "name", "offset"]).mean().reset_index()
     return out.merge(meta, on=["sweep", "name"], how="left")
@@ -482,7 +489,8 @@ def decide(p: dict, claims: list[str], valid, alpha: float) -> tuple[np.ndarray,
     - A test reads "not reproduced" when its equivalence or opposite p survives Holm across all tests of the
       family; a claim is "not reproduced" when some part is (a union: Holm across every part).
     - Invalid tests (too few seeds, no estimate) read "inconclusive", and so does a claim with one.
-    Returns (test codes, claim codes, the claims' Holm-adjusted intersection–union p), codes 1 / −1 / 0.
+    Returns (test codes, claim codes, the claims' Holm-adjusted intersection–union p, the tests' Holm-adjusted
+    equivalent and opposite p), codes 1 / −1 / 0.
     """
     valid = np.asarray(valid, dtype=bool)
     rep = np.where(valid, np.asarray(p["reproduce"], dtype=float), 1.0)
@@ -500,7 +508,7 @@ def decide(p: dict, claims: list[str], valid, alpha: float) -> tuple[np.ndarray,
         ok = (adjusted[..., i] < alpha) & (part == 1).all(axis=-1) & valid[cols[c]].all()
         claim_codes[c] = np.where(ok, 1, np.where((part == -1).any(axis=-1), -1, 0))
         claim_p[c] = adjusted[..., i]
-    return codes, claim_codes, claim_p
+    return codes, claim_codes, claim_p, {"equivalent": eq, "opposite": op}
 
 
 def _combine(codes, axis: int = -1):
@@ -671,12 +679,11 @@ def _tests(per_run: pd.DataFrame, layers: pd.DataFrame, reference: str, alpha: f
                                                                                        "opposite")}
         claims = [records[i]["claim"] for i in idx]
         valid = np.array([records[i]["valid"] for i in idx])
-        codes, claim_codes, claim_p = decide(raw, claims, valid, alpha)
-        eq, op = holm(raw["equivalent"]), holm(raw["opposite"])
+        codes, claim_codes, claim_p, parts_p = decide(raw, claims, valid, alpha)
         for j, i in enumerate(idx):
             c = records[i]["claim"]
-            records[i]["p_holm"] = {"reproduce": float(claim_p[c]), "equivalent": float(eq[j]),
-                                    "opposite": float(op[j])}
+            records[i]["p_holm"] = {"reproduce": float(claim_p[c]), "equivalent": float(parts_p["equivalent"][j]),
+                                    "opposite": float(parts_p["opposite"][j])}
             records[i]["reading"] = READINGS[int(codes[j])]
             records[i]["claim_reading"] = READINGS[int(claim_codes[c])]
             records[i]["holm_family"] = "primary" if primary else "robustness (equal validation loss)"
@@ -696,7 +703,6 @@ def _evidence(rec: dict) -> str:
 
 
 def _claim_readings(tests: list[dict], reference: str) -> dict:
-    code = {v: k for k, v in READINGS.items()}
     out = {}
     for claim in CLAIMS:
         prim = [t for t in tests if t["claim"] == claim and t["primary"]]
@@ -707,7 +713,7 @@ def _claim_readings(tests: list[dict], reference: str) -> dict:
     per_variant, robust = {}, {}
     for t in tests:
         if t["claim"] == "iii":
-            (per_variant if t["primary"] else robust).setdefault(t["variant"], []).append(code[t["reading"]])
+            (per_variant if t["primary"] else robust).setdefault(t["variant"], []).append(CODES[t["reading"]])
     agree = {v: READINGS[int(_combine(np.array(c)))] for v, c in per_variant.items()}
     agree_eq = {v: READINGS[int(_combine(np.array(c)))] for v, c in robust.items()}
     out["iii"]["per_variant"] = agree
@@ -845,8 +851,8 @@ def simulate_studies(per_run: pd.DataFrame | None = None, layers: pd.DataFrame |
                 pj = t_pvalues(y, margin=m, direction=d, center=s["center"])
             for k in p:
                 p[k][:, j] = pj[k] if not (k == "opposite" and (d == 0 or s["kind"] == "anova")) else 1.0
-        codes, claim_codes, _ = decide(p, [s["claim"] for s in specs], np.full(len(specs), seeds >= MIN_SEEDS),
-                                       alpha)
+        codes, claim_codes, _, _ = decide(p, [s["claim"] for s in specs],
+                                          np.full(len(specs), seeds >= MIN_SEEDS), alpha)
         shares = {}
         for claim in CLAIMS:
             c = claim_codes.get(claim, np.zeros(studies, dtype=int))
@@ -887,11 +893,9 @@ def permutation_control(per_run: pd.DataFrame, layers: pd.DataFrame, *, alpha: f
         tests = _tests(pr, ly, reference, alpha)
         claims = _claim_readings(tests, reference)
         counts["iii"][claims["iii"]["verdict"]] += 1
-        early = [t["reading"] for t in tests if t["statistic"] == "early"]
-        if early:
-            worst = "reproduced" if all(r == "reproduced" for r in early) else (
-                "not reproduced" if "not reproduced" in early else "inconclusive")
-            counts["i: earlier onset"][worst] += 1
+        early = [CODES[t["reading"]] for t in tests if t["statistic"] == "early"]
+        if early:  # all spiky variants earlier, as a claim's parts combine
+            counts["i: earlier onset"][READINGS[int(_combine(np.array(early)))]] += 1
         done += 1
     return {"permutations": done, **{k: {r: (n / done if done else None) for r, n in v.items()}
                                       for k, v in counts.items()}}
