@@ -269,9 +269,12 @@ def test_a_sharded_checkpoint_is_read_tensor_by_tensor(tmp_path, dtype):
     # Twice: the first process simulates (and caches on disk) every null the 24 spectra need, the nulls of the
     # deflated spike counts included, which depend on the data; the second, measured one only reads them, so its
     # peak is the reading of the tensors, not a null's simulation (which, on a cold cache, measured up to 2.85).
+    # One malloc arena: with several BLAS threads glibc gives each thread its own arena, memory freed in one is not
+    # reused by another, and that alone added up to 0.9 matrices of noise (warm cache, OPENBLAS_NUM_THREADS=2).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "1"}
     for _ in range(2):
         run = subprocess.run([sys.executable, "-c", PEAK_MEMORY, str(tmp_path), str(rows), str(cols), str(count)],
-                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                             capture_output=True, text=True, env=env)
         assert run.returncode == 0, run.stderr
     peak, one_matrix = int(run.stdout.split()[-1]), rows * cols * 8  # one matrix in float64
     # the stored copy, the float64 copy and the first-time growth of a fresh heap: measured 2.0 matrices; one
