@@ -266,17 +266,21 @@ def test_a_sharded_checkpoint_is_read_tensor_by_tensor(tmp_path, dtype):
         weight_map.update(dict.fromkeys(names, shard))
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
 
-    # Twice: the first process simulates (and caches on disk) every null the 24 spectra need, the nulls of the
-    # deflated spike counts included, which depend on the data; the second, measured one only reads them, so its
-    # peak is the reading of the tensors, not a null's simulation (which, on a cold cache, measured up to 2.85).
+    # The first process simulates (and caches on disk) every null the 24 spectra need, the nulls of the deflated
+    # spike counts included, which depend on the data; the measured ones only read them, so their peak is the
+    # reading of the tensors, not a null's simulation (which, on a cold cache, measured up to 2.85 matrices).
     # One malloc arena: with several BLAS threads glibc gives each thread its own arena, memory freed in one is not
-    # reused by another, and that alone added up to 0.9 matrices of noise (warm cache, OPENBLAS_NUM_THREADS=2).
+    # reused by another, and that alone added up to 0.9 matrices (OPENBLAS_NUM_THREADS=2). Scheduling under a
+    # loaded machine still added up to 3.7 matrices to single runs; a copy the code makes is in every run, so the
+    # smallest of three measured peaks is the one that speaks for the code.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "1"}
-    for _ in range(2):
+    peaks = []
+    for _ in range(4):
         run = subprocess.run([sys.executable, "-c", PEAK_MEMORY, str(tmp_path), str(rows), str(cols), str(count)],
                              capture_output=True, text=True, env=env)
         assert run.returncode == 0, run.stderr
-    peak, one_matrix = int(run.stdout.split()[-1]), rows * cols * 8  # one matrix in float64
+        peaks.append(int(run.stdout.split()[-1]))
+    peak, one_matrix = min(peaks[1:]), rows * cols * 8  # one matrix in float64
     # the stored copy, the float64 copy and the first-time growth of a fresh heap: measured 2.0 matrices; one
     # shard held as well measured 3.4–7 (bf16, float32), every tensor held 24
     assert peak < 3 * one_matrix, f"{peak / 2**20:.1f} MB held for a {count * one_matrix / 2**20:.0f} MB model"
