@@ -404,7 +404,7 @@ def test_layout_edge_cases():
 
 def test_fp8_block_dequantisation():
     """DeepSeek-V3 checkpoints store FP8 weights with one inverse scale per 128×128 block."""
-    from rankscope.probes.hf import _weight
+    from rankscope.probes.layouts import _weight
 
     g = torch.Generator().manual_seed(7)
     w8 = (torch.randn(200, 130, generator=g) * 10).to(torch.float8_e4m3fn)

@@ -138,7 +138,8 @@ class _Rows:
 
     def add(self, name: str, layer: int, head: int, kind: str, d: Diagnosis | None, *, form: NamedForm | None = None,
             shapes: str = "", error: str = "") -> None:
-        row = {"name": name, "layer": layer, "head": head, "kind": kind, "offset": form.offset if form else 0,
+        row = {"name": name, "stack": form.stack if form else "", "layer": layer, "head": head, "kind": kind,
+               "offset": form.offset if form else 0,
                "variant": form.variant if form else "",
                "kv_cache_floats": form.kv_cache_floats if form else None,
                "shapes": str(form.form.structure) if form else shapes, "error": error}

@@ -62,6 +62,7 @@ class NamedForm:
     variant: str  # vocab.ATTENTIONS
     kv_cache_floats: int | None  # floats cached per token in this layer (keys + values, or MLA's latent + rope key)
     offset: int = 0  # the relative offset Δ = j − i at which RoPE was applied (0: no rotation)
+    stack: str = ""  # which attention stack of a model with several ("encoder", "decoder", "cross", "text", …)
 
     @property
     def key(self) -> tuple[int, int, str]:
