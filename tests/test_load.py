@@ -256,14 +256,33 @@ def test_unknown_tensor_name(tmp_path):
         open_checkpoint(tmp_path / "w.safetensors").tensor("b")
 
 
-def test_hub_id_offline(monkeypatch, tmp_path):
+def _hub_cache(root, repo_id: str) -> None:
+    """A Hugging Face cache holding one snapshot of ``repo_id`` (the layout huggingface_hub writes)."""
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    snap = repo / "snapshots" / "0123abcd"
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    save_file({"w": torch.arange(6.0).reshape(2, 3)}, snap / "model.safetensors")
+    (snap / "config.json").write_text('{"model_type": "toy"}')
+
+
+@pytest.mark.parametrize("repo_id", ["some-org/some-model", "bare-model"])
+def test_hub_id_offline(monkeypatch, tmp_path, repo_id):
+    import huggingface_hub.constants
+
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(
-        CheckpointError,
-        match=r"^some-org/some-model: not a local path, and the Hugging Face hub could not be reached \(HF_HUB_OFFLINE",
-    ):
-        open_checkpoint("some-org/some-model")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(CheckpointError, match=rf"^{repo_id}: no such file or directory, not in the local Hugging "
+                                              r"Face cache, and HF_HUB_OFFLINE is set"):
+        open_checkpoint(repo_id)
+    _hub_cache(tmp_path / "hub", repo_id)  # now the cache has it: read offline, from the cache
+    ckpt = open_checkpoint(repo_id)
+    assert ckpt.config == {"model_type": "toy"}
+    assert torch.equal(ckpt.tensor("w"), torch.arange(6.0).reshape(2, 3))
+    with pytest.raises(CheckpointError, match=r"missing\.safetensors: no such file or directory"):
+        open_checkpoint("missing.safetensors")  # a file name is never taken for a hub id
 
 
 def test_safetensors_error_from_the_library_is_one_line(tmp_path):

@@ -14,14 +14,25 @@ from rich.console import Console
 from rich.table import Table
 
 from rankscope.errors import CheckpointError, InputError
-from rankscope.vocab import ALL_GROUPS, ATTENTIONS, MHA, PRODUCT, STUDY_VARIANTS
+from rankscope.vocab import ATTENTIONS, MHA, PRODUCT, STUDY_VARIANTS
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Rank collapse in neural networks, by RMT.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Rank collapse in neural networks, by RMT.",
+                  context_settings={"help_option_names": ["-h", "--help"]})
 console = Console()
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        print(f"rankscope {version('rankscope')}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main() -> None:
+def main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version"),
+) -> None:
     """rankscope: Marchenko–Pastur diagnostics with nulls that are right for products of matrices."""
 
 
@@ -55,28 +66,46 @@ def demo(
 
 @app.command()
 def analyze(
-    path: str = typer.Argument(..., help="HF model dir, .safetensors (or sharded index), .pt/.bin, run dir or hub id"),
+    paths: list[str] = typer.Argument(..., help="HF model dir, .safetensors (or sharded index), .gguf, .pt/.bin, run "
+                                                "dir or hub id; several checkpoints, or a directory of "
+                                                "checkpoint-*/step_* dirs, for a series with a step column"),
     per_head: bool = typer.Option(True, "--per-head/--per-layer", help="also diagnose every head, not only layers"),
-    kinds: str = typer.Option(",".join(ALL_GROUPS), help="comma-separated: qk, ov, mlp, weights (or single kinds)"),
-    null: str = typer.Option(PRODUCT, help="product (structure-matched) | mp (naive fit) | tw"),
-    fpr: float = typer.Option(0.01, help="false-positive rate of the outlier test, per spectrum"),
-    out: Path | None = typer.Option(None, help="directory for the rows file and the ESD figure"),
-    fmt: str = typer.Option("table", "--format", help="table | csv | parquet | json"),
+    kinds: str | None = typer.Option(None, help="comma-separated kind groups qk, ov, mlp, weights, or single kinds "
+                                                "[default: all]"),
+    null: str = typer.Option(PRODUCT, help="product (structure-matched) | mp (naive fit) | tw (single matrices) | "
+                                           "permutation"),
+    fpr: float = typer.Option(0.01, help="false-positive rate of the outlier test, per spectrum, in (0, 0.5]"),
+    out: Path | None = typer.Option(None, help="directory for the rows file (parquet unless --format says) and the "
+                                               "ESD figure; for a series, the run store"),
+    fmt: str | None = typer.Option(None, "--format", help="table | csv | parquet | json [default: parquet with "
+                                                          "--out, else table]; csv or json without --out: stdout"),
     figure: bool = typer.Option(True, "--figure/--no-figure",
                                 help="with --out, also draw esd.png: the spikiest head's and layer's spectra"),
     threads: int = typer.Option(0, help="BLAS threads for the numerics (torch gets one); 0 = the free cores"),
+    experts: str = typer.Option("all", help="mixture-of-experts matrices: all | none | sample:K per layer"),
+    spectra: bool = typer.Option(False, "--spectra", help="add each row's eigenvalues to the rows file"),
+    jobs: int = typer.Option(1, help="for a series: checkpoints analysed at once (processes of one BLAS thread)"),
 ) -> None:
-    """Diagnose every attention head, layer and weight matrix of a checkpoint."""
-    from rankscope.commands.analyze import FORMATS
+    """Diagnose every attention head, layer and weight matrix of a checkpoint (or a series of checkpoints)."""
     from rankscope.commands.analyze import analyze as run_analyze
+    from rankscope.commands.analyze import check_cli_options
 
     with _bad_input_exits_2():
-        if fmt not in FORMATS:
-            raise InputError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-        if threads < 0:
-            raise InputError(f"--threads must be 0 (the free cores) or a positive count, got {threads}")
-        run_analyze(console, path, per_head=per_head, kinds=[k.strip() for k in kinds.split(",") if k.strip()],
-                    null=null, fpr=fpr, out=out, fmt=fmt, figure=figure, threads=threads)
+        fmt = check_cli_options(kinds=kinds, null=null, fpr=fpr, out=out, fmt=fmt, threads=threads, experts=experts,
+                                jobs=jobs)
+        kind_list = None if kinds is None else [k.strip() for k in kinds.split(",") if k.strip()]
+        options = dict(per_head=per_head, kinds=kind_list, null=null, fpr=fpr)
+        from rankscope.commands.series import analyze_series, checkpoint_series
+
+        series = checkpoint_series(paths)
+        if series is not None:
+            if out is None:
+                raise InputError(f"a series of {len(series)} checkpoints is written to a run store: give --out DIR")
+            analyze_series(console, series, out=out, jobs=jobs, **options)
+            return
+        to_stdout = out is None and fmt in ("csv", "json")
+        run_analyze(Console(stderr=True) if to_stdout else console, paths[0], out=out, fmt=fmt, figure=figure,
+                    threads=threads, experts=experts, spectra=spectra, **options)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -12,16 +12,17 @@ QK_CONTENT = "qk_content"  # decoupled MLA: the content block of qk
 QK_ROPE = "qk_rope"  # decoupled MLA: the rope block of qk (its key shared by all heads)
 OV = "ov"  # the map x ↦ Wo_h Wv_h x a head writes into the residual stream
 EMBEDDING, MLP_IN, MLP_OUT, ATTN_WEIGHT, WEIGHT = "embedding", "mlp_in", "mlp_out", "attn_weight", "weight"
+ROUTER = "router"  # a mixture of experts' gate: token → expert scores (E, d)
 
 QK_KINDS = (QK, QK_CONTENT, QK_ROPE)
 ATTENTION_KINDS = (*QK_KINDS, OV)
-MATRIX_KINDS = (EMBEDDING, MLP_IN, MLP_OUT, ATTN_WEIGHT, WEIGHT)  # plain weight matrices, by parameter name
+MATRIX_KINDS = (EMBEDDING, MLP_IN, MLP_OUT, ROUTER, ATTN_WEIGHT, WEIGHT)  # plain weight matrices, by name
 
 # ---- kind groups: what ``analyze(kinds=…)``, ``--kinds`` and ``Monitor(kinds=…)`` select ---------------------
 KIND_GROUPS: dict[str, tuple[str, ...]] = {
     "qk": QK_KINDS,
     "ov": (OV,),
-    "mlp": (MLP_IN, MLP_OUT),
+    "mlp": (MLP_IN, MLP_OUT, ROUTER),
     "weights": (EMBEDDING, ATTN_WEIGHT, WEIGHT),
 }
 ALL_GROUPS = tuple(KIND_GROUPS)

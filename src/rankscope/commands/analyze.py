@@ -7,13 +7,45 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from rankscope.vocab import ATTENTION_KINDS, QK
+from rankscope.errors import InputError
+from rankscope.vocab import ATTENTION_KINDS, QK, TW
 
 FORMATS = ("table", "csv", "parquet", "json")
+MAX_ERROR_LINES = 20  # error rows printed one per line; the rest are counted (all are in the rows file)
+
+
+def check_cli_options(*, kinds: str | None, null: str, fpr: float, out: Path | None, fmt: str | None, threads: int,
+                      experts: str, jobs: int) -> str:
+    """Validate ``analyze``'s options before any work (``InputError``: one line naming the option and the allowed
+    values); returns the output format, resolved: parquet with ``--out``, else the table."""
+    from rankscope.analysis import check_options, parse_experts, selected_kinds
+
+    if fmt is not None and fmt not in FORMATS:
+        raise InputError(f"--format must be one of {', '.join(FORMATS)}; got {fmt!r}")
+    fmt = fmt or ("parquet" if out is not None else "table")
+    if fmt == "parquet" and out is None:
+        raise InputError("--format parquet writes a file: give --out DIR (csv and json can go to stdout)")
+    check_options((null,), fpr)
+    if kinds is not None:
+        wanted = selected_kinds(kinds)
+        if null == TW and wanted & set(ATTENTION_KINDS):
+            raise InputError('--null tw (the Tracy–Widom edge) is defined for a single matrix, and attention forms '
+                             'are products of matrices: use --null product or mp, or --kinds mlp,weights')
+    elif null == TW:
+        raise InputError('--null tw (the Tracy–Widom edge) is defined for a single matrix: add --kinds mlp,weights, '
+                         'or use --null product or mp for attention forms')
+    parse_experts(experts)
+    if threads < 0:
+        raise InputError(f"--threads must be 0 (the free cores) or a positive count; got {threads}")
+    if jobs < 1:
+        raise InputError(f"--jobs must be a positive number of processes; got {jobs}")
+    if out is not None and out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a directory")
+    return fmt
 
 
 def write_rows(df, out: Path, fmt: str) -> Path:
-    """Write the rows as csv, parquet (through DuckDB) or json lines; returns the file written."""
+    """Write the rows as csv, parquet (pyarrow) or json lines; returns the file written."""
     out.mkdir(parents=True, exist_ok=True)
     if fmt == "csv":
         path = out / "analysis.csv"
@@ -22,10 +54,8 @@ def write_rows(df, out: Path, fmt: str) -> Path:
         path = out / "analysis.jsonl"
         df.to_json(path, orient="records", lines=True)
     else:
-        import duckdb
-
         path = out / "analysis.parquet"
-        duckdb.from_df(df).write_parquet(str(path))
+        df.to_parquet(path, index=False)
     return path
 
 
@@ -37,21 +67,46 @@ def summary(df) -> Table:
     rows = ok[ok["head"] >= 0] if per_head else ok
     table = Table(title="Per layer: the spikiest head" if per_head else "Per layer: the layer's form")
     # beside the spikiest head, its layer's own form (when the layer rows are there)
-    layer_form = {(r.layer, r.kind): f"{int(r.outliers)} of {int(r.rank)}" for r in ok[ok["head"] < 0].itertuples()}
+    layer_form = {(r.stack, r.layer, r.kind): f"{int(r.outliers)} of {int(r.rank)}"
+                  for r in ok[ok["head"] < 0].itertuples()}
     beside = per_head and bool(layer_form)
-    for col in ("layer", "kind", "worst head" if per_head else "form", "outliers", "spikes", "spike strength",
-                "stable rank", *(["layer form outliers"] if beside else []), "KV floats/token"):
+    stacks = ok["stack"].ne("").any()
+    for col in (*(["stack"] if stacks else []), "layer", "kind", "worst head" if per_head else "form", "outliers",
+                "spikes", "spike strength", "stable rank", *(["layer form outliers"] if beside else []),
+                "KV floats/token"):
         table.add_column(col, justify="right")
-    for (layer, kind), g in rows.groupby(["layer", "kind"], sort=True):
+    for (stack, layer, kind), g in rows.groupby(["stack", "layer", "kind"], sort=True):
         w = g.sort_values(["outliers", "spike_strength"], ascending=False).iloc[0]
         kv = w["kv_cache_floats"]
         kv = "" if kv is None or kv != kv else str(int(kv))  # None or NaN: no KV cache for this row
-        table.add_row(str(layer), kind, str(int(w["head"])) if per_head else "layer", str(int(w["outliers"])),
+        table.add_row(*([stack] if stacks else []), str(layer), kind, str(int(w["head"])) if per_head else "layer",
+                      str(int(w["outliers"])),
                       _spikes_text(w), f"{w['spike_strength']:.2f}", f"{w['stable_rank']:.1f}",
-                      *([layer_form.get((layer, kind), "")] if beside else []), kv)
+                      *([layer_form.get((stack, layer, kind), "")] if beside else []), kv)
     table.caption = ("outliers: above the whole-spectrum null's edge; spikes: above this spectrum's own noise bulk "
                      "(sequential), \"no fit\" where the bulk is not noise-shaped, so no count")
     return table
+
+
+def model_summary(df) -> Table:
+    """The model-level summary (``rs.summary``) as a table: every kind that was asked and computed."""
+    from rankscope.analysis.summary import summary as summarise
+
+    frame = summarise(df)
+    table = Table(title="Model summary, per kind")
+    for col in frame.columns:
+        table.add_column(str(col).replace("_", " "), justify="right" if frame[col].dtype.kind in "iuf" else "left")
+    for row in frame.itertuples(index=False):
+        table.add_row(*(_cell(v) for v in row))
+    return table
+
+
+def _cell(v) -> str:
+    if isinstance(v, float):
+        return "" if v != v else f"{v:.3g}"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(map(str, v))
+    return str(v)
 
 
 def _spikes_text(row) -> str:
@@ -80,9 +135,12 @@ def esd(result, out: Path) -> Path | None:
     return esd_figure(panels, out / "esd.png") if panels else None
 
 
-def analyze(console: Console, path: str, *, per_head: bool, kinds: list[str], null: str, fpr: float,
-            out: Path | None, fmt: str, figure: bool, threads: int) -> int:
-    """Analyse, print the summary and errors, write the rows and figure; returns the number of rows."""
+def analyze(console: Console, path: str, *, per_head: bool, kinds: list[str] | None, null: str, fpr: float,
+            out: Path | None, fmt: str, figure: bool, threads: int, experts: str = "all",
+            spectra: bool = False) -> int:
+    """Analyse, print the notes, tables and errors, write the rows and figure; returns the number of rows. With
+    ``fmt`` csv or json and no ``out`` the rows go to stdout (give a stderr console for the rest)."""
+    import sys
     import time
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -93,30 +151,36 @@ def analyze(console: Console, path: str, *, per_head: bool, kinds: list[str], nu
     t0 = time.perf_counter()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
-        task = bar.add_task("analysing", total=None)
+        task = bar.add_task("reading the checkpoint", total=None)
 
         def progress(done: int, total: int, what: str) -> None:
             bar.update(task, completed=done, total=total, description=f"analysing {what}")
 
-        result = analyze_full(path, per_head=per_head, kinds=kinds, null=null, fpr=fpr,
-                              threads=threads or free_cores(), progress=progress)
+        result = analyze_full(path, per_head=per_head, kinds=kinds, null=null, fpr=fpr, experts=experts,
+                              spectra=spectra, threads=threads or free_cores(), progress=progress)
     df = result.table
-    if result.not_understood:
-        console.print(f"[yellow]note:[/yellow] architecture not recognised; {len(result.not_understood)} weight names "
-                      f"analysed as plain matrices: {', '.join(result.not_understood[:8])}"
-                      + (" ..." if len(result.not_understood) > 8 else ""), soft_wrap=True)
-    console.print(summary(df))
-    errors = df[df["error"].ne("")] if len(df) else df
-    for _, row in errors.iterrows():
+    for note in result.notes:
+        console.print(f"[yellow]note:[/yellow] {note}", soft_wrap=True)
+    if df["kind"].isin(ATTENTION_KINDS).any():
+        console.print(summary(df))
+    console.print(model_summary(df))
+    errors = df[df["error"].ne("")]
+    for _, row in errors.head(MAX_ERROR_LINES).iterrows():
         console.print(f"[yellow]{row['name']}:[/yellow] {row['error']}", soft_wrap=True)
+    if len(errors) > MAX_ERROR_LINES:
+        console.print(f"[yellow]… and {len(errors) - MAX_ERROR_LINES} more rows with errors[/yellow] (the error "
+                      "column of the rows file has them all)")
     if out is not None:
         if fmt != "table":
             console.print(f"rows: {write_rows(df, out, fmt)}")
         drawn = esd(result, out) if figure else None
         if drawn:
             console.print(f"figure: {drawn}")
-    elif fmt != "table":
-        console.print("[yellow]note:[/yellow] --format needs --out DIR; printed the summary only")
-    console.print(f"[dim]{len(df)} rows ({result.architecture or 'unknown architecture'}) in "
+    elif fmt == "csv":
+        df.to_csv(sys.stdout, index=False)
+    elif fmt == "json":
+        df.to_json(sys.stdout, orient="records", lines=True)
+        sys.stdout.write("\n")
+    console.print(f"[dim]{len(df)} rows ({result.architecture or 'no attention layout'}) in "
                   f"{time.perf_counter() - t0:.1f} s[/dim]")
     return len(df)

@@ -11,8 +11,9 @@ Accepted inputs to :func:`open_checkpoint`:
 - a ``.pt`` / ``.pth`` / ``.bin`` state dict: a dict of tensors, or a dict whose ``"state_dict"`` or ``"model"``
   entry is one; always read with ``torch.load(weights_only=True)`` (memory-mapped when the file is in the zip
   format), so pickled code is refused, never executed;
-- a hub id ``org/name`` that is not a local path: downloaded with ``huggingface_hub.snapshot_download``
-  (``*.json`` and ``*.safetensors`` only) unless ``HF_HUB_OFFLINE`` is set.
+- a hub id ``org/name`` (or a bare ``name`` such as ``gpt2``) that is not a local path: the snapshot in the local
+  Hugging Face cache (``huggingface_hub.snapshot_download(local_files_only=True)``, so it works offline), else
+  downloaded (``*.json`` and ``*.safetensors`` only) unless ``HF_HUB_OFFLINE`` is set.
 
 Laziness and memory. Safetensors headers are read and checked at open (the file must be as long as the
 header says, so truncation is reported at open, not mid-analysis); each shard keeps one ``safe_open``
@@ -47,6 +48,7 @@ from rankscope.errors import CheckpointError
 # Looked for in a model directory, in this order (safetensors first).
 DIR_WEIGHTS = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+_FILE_SUFFIXES = (*TORCH_SUFFIXES, ".safetensors", ".json", ".gguf")  # a missing file of these is not a hub id
 ACCEPTED = (
     "a Hugging Face model directory, .safetensors, a sharded .index.json, "
     ".pt / .pth / .bin state dict, or a hub id org/name"
@@ -64,7 +66,7 @@ _ST_DTYPES = {
     if hasattr(torch, name)
 }  # fmt: skip
 _MAX_HEADER = 100_000_000  # bytes; safetensors itself refuses larger headers
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_ID = re.compile(r"^([A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")  # org/name, or a bare name (gpt2)
 
 
 def _one_line(err: BaseException, limit: int = 200) -> str:
@@ -268,7 +270,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     """A lazily read Checkpoint for a model dir, safetensors file, sharded index, torch state dict or hub id."""
     p = Path(path).expanduser()
     if not p.exists():
-        if _HUB_ID.match(str(path)):
+        if _HUB_ID.match(str(path)) and not str(path).endswith(_FILE_SUFFIXES):
             p = _download(str(path))
         else:
             raise CheckpointError(f"{path}: no such file or directory")
@@ -362,13 +364,19 @@ def _hub_offline() -> bool:
 
 
 def _download(repo_id: str) -> Path:
-    """A local snapshot of a hub model (json + safetensors only), or a CheckpointError saying why not."""
-    prefix = f"{repo_id}: not a local path, and the Hugging Face hub could not be reached"
-    if _hub_offline():
-        raise CheckpointError(f"{prefix} (HF_HUB_OFFLINE is set)")
-    try:
-        from huggingface_hub import snapshot_download
+    """The local snapshot of a hub model: from the local cache first (offline), else downloaded (json and
+    safetensors only); a CheckpointError saying why not."""
+    from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"]))
+    patterns = ["*.json", "*.safetensors"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+    except Exception:  # not in the cache (LocalEntryNotFoundError), or a bad id: try the hub unless offline
+        pass
+    prefix = f"{repo_id}: no such file or directory, not in the local Hugging Face cache"
+    if _hub_offline():
+        raise CheckpointError(f"{prefix}, and HF_HUB_OFFLINE is set, so the hub was not asked")
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as e:
-        raise CheckpointError(f"{prefix} ({type(e).__name__}: {_one_line(e)})") from None
+        raise CheckpointError(f"{prefix}, and the hub could not give it ({type(e).__name__}: {_one_line(e)})") from None

@@ -17,6 +17,7 @@ it leaves the process's threads alone (the trainer sets them for the whole run).
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import torch
 
 from rankscope.analysis import analyze_full
 from rankscope.store import RunStore
-from rankscope.vocab import ALL_GROUPS, ATTENTION_KINDS, MONITOR_NULLS, QK
+from rankscope.vocab import ATTENTION_KINDS, MONITOR_NULLS, QK
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -42,14 +43,17 @@ class Monitor:
 
     def __init__(self, model: torch.nn.Module, run_dir: str | Path, every: int = 50, *,
                  nulls: tuple[str, ...] = MONITOR_NULLS, per_head: bool = True,
-                 kinds: tuple[str, ...] = ALL_GROUPS, fpr: float = 0.01,
+                 kinds: tuple[str, ...] | None = None, fpr: float = 0.01,
                  run: str | None = None, store: RunStore | None = None, flush_seconds: float = 30.0,
                  tensorboard: bool = True, threads: int | None = None, schedule: Iterable[int] | None = None,
                  offsets: Iterable[int] = (0,), sweep: str | None = None):
         self.model = model
         self.schedule = None if schedule is None else frozenset(int(s) for s in schedule)  # replaces ``every``
         self.offsets = tuple(int(o) for o in offsets)
-        self.every, self.nulls, self.per_head, self.kinds, self.fpr = every, tuple(nulls), per_head, tuple(kinds), fpr
+        self.every, self.nulls, self.per_head, self.fpr = every, tuple(nulls), per_head, fpr
+        self.kinds = None if kinds is None else tuple(kinds)  # None: every kind group; a model with no attention
+        #   layout is then read as plain matrices, with one warning (attention kinds asked of it: an InputError)
+        self._warned = False
         self.threads = threads
         self.store = store or RunStore(run_dir, run=run, sweep=sweep)
         self.flush_seconds = flush_seconds  # write a Parquet part when the last one is this old (0: every step)
@@ -86,6 +90,10 @@ class Monitor:
         variant = getattr(getattr(model, "config", None), "attention", None)
         found = analyze_full(model, per_head=self.per_head, kinds=self.kinds, null=self.nulls, fpr=self.fpr,
                              threads=self.threads, offsets=self.offsets)
+        if found.notes and not self._warned:
+            for note in found.notes:
+                warnings.warn(f"Monitor: {note}", stacklevel=3)
+            self._warned = True
         table = found.table
         if not table.empty:
             table = table.assign(step=step)
@@ -95,10 +103,11 @@ class Monitor:
             self.store.append("attention", table[attention])
             self.store.append("weights", table[~attention])
             spectra = []
-            kinds, layers, heads, offsets = (table[c].to_numpy() for c in ("kind", "layer", "head", "offset"))
+            kinds, stacks, layers, heads, offsets = (table[c].to_numpy()
+                                                     for c in ("kind", "stack", "layer", "head", "offset"))
             for i, d in found.diagnoses.items():  # keys are row positions of the table
                 if kinds[i] in ATTENTION_KINDS:
-                    spectra.append({"step": step, "layer": int(layers[i]), "head": int(heads[i]),
+                    spectra.append({"step": step, "stack": stacks[i], "layer": int(layers[i]), "head": int(heads[i]),
                                     "kind": kinds[i], "offset": int(offsets[i]), "null": d.null,
                                     "bulk_edge": d.bulk_edge,
                                     "eigenvalues": d.eigenvalues.tolist(),

@@ -9,9 +9,11 @@ silently: a matrix that cannot be diagnosed (NaN/Inf, too large) gets its row wi
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import groupby
 from pathlib import Path
 
@@ -32,13 +34,17 @@ from rankscope.vocab import (
     KIND_GROUPS,
     MLP_IN,
     MLP_OUT,
+    NULLS,
     PRODUCT,
+    ROUTER,
+    TW,
     WEIGHT,
 )
 
 MAX_ELEMENTS = 2**28  # a single matrix larger than this (2 GB in float64) is reported as skipped, by name
 
-_PATTERNS = [  # (kind, regex on the parameter name)
+_PATTERNS = [  # (kind, regex on the parameter name), first match wins
+    (ROUTER, r"(mlp|block_sparse_moe|moe|feed_forward)\.(gate|router)\.weight$|shared_expert_gate|\brouter\b"),
     (EMBEDDING, r"embed|\bwte\b|\bwpe\b|word_embeddings|position_embeddings|token_type|lm_head"),
     (MLP_IN, r"c_fc|up_proj|gate_proj|intermediate\.dense|\bfc1\b|\bw1\b|\bw3\b|gate_up"),
     (MLP_OUT, r"mlp\.c_proj|down_proj|(?<!attention\.)output\.dense|\bfc2\b|\bw2\b"),
@@ -55,6 +61,40 @@ def matrix_kind(name: str) -> str:
     return WEIGHT
 
 
+def expert_of(name: str) -> int:
+    """The expert index in a per-expert module's parameter name (``…experts.5.w1.weight`` → 5), or −1."""
+    match = re.search(r"experts\.(\d+)\.", name)
+    return int(match.group(1)) if match else -1
+
+
+def parse_experts(spec: str | int | None) -> int | None:
+    """``experts=``: "all" (or None) → None, every expert; "none" → 0, no expert matrix; "sample:K" (or an int K)
+    → K experts per layer, the same K for every expert tensor of a layer (a seeded draw, see ``_sampled``)."""
+    if spec is None or spec == "all":
+        return None
+    if spec == "none":
+        return 0
+    k = spec
+    if isinstance(spec, str):
+        k = spec.removeprefix("sample:")
+        if not spec.startswith("sample:") or not k.isdigit():
+            raise InputError(f"experts must be all, none or sample:K with K a positive count, got {spec!r}")
+        k = int(k)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise InputError(f"experts must be all, none or sample:K with K a positive count, got {spec!r}")
+    return k
+
+
+def _sampled(n_experts: int, k: int | None, layer: int) -> list[int]:
+    """The experts analysed in one layer: all, or K drawn without replacement with seed = the layer number
+    (reproducible, and the same experts for a layer's gate, up and down tensors), in increasing order."""
+    if k is None or k >= n_experts:
+        return list(range(n_experts))
+    import numpy as np
+
+    return sorted(int(e) for e in np.random.default_rng(max(layer, 0)).choice(n_experts, size=k, replace=False))
+
+
 def layer_of(name: str) -> int:
     """The layer index in a parameter name (the first ``.N.`` component), or −1."""
     match = re.search(r"\.(\d+)\.", f".{name}")
@@ -63,6 +103,8 @@ def layer_of(name: str) -> int:
 
 def selected_kinds(kinds: Iterable[str]) -> set[str]:
     """The form kinds a selection names: each entry a kind group (``vocab.KIND_GROUPS``) or a single kind."""
+    if isinstance(kinds, str):
+        kinds = [k.strip() for k in kinds.split(",") if k.strip()]
     kinds = list(kinds)
     singles = {k for g in KIND_GROUPS.values() for k in g}
     unknown = [k for k in kinds if k not in KIND_GROUPS and k not in singles]
@@ -80,6 +122,7 @@ class Analysis:
     diagnoses: dict[int, Diagnosis] = field(default_factory=dict)
     not_understood: list[str] = field(default_factory=list)
     architecture: str | None = None
+    notes: list[str] = field(default_factory=list)  # what the caller should be told (e.g. no attention layout)
 
 
 class _Weights(Mapping):
@@ -132,19 +175,22 @@ def _source(model_or_path, offsets: tuple[int, ...] = (0,)) -> tuple[dict | None
 class _Rows:
     """The table under construction: one row per (form, null), with the diagnosis kept by row index."""
 
-    def __init__(self, architecture: str | None):
+    def __init__(self, architecture: str | None, spectra: bool = False):
         self.rows: list[dict] = []
         self.out = Analysis(pd.DataFrame(), architecture=architecture)
+        self.spectra = spectra
 
     def add(self, name: str, layer: int, head: int, kind: str, d: Diagnosis | None, *, form: NamedForm | None = None,
-            shapes: str = "", error: str = "") -> None:
-        row = {"name": name, "stack": form.stack if form else "", "layer": layer, "head": head, "kind": kind,
-               "offset": form.offset if form else 0,
+            shapes: str = "", error: str = "", expert: int = -1) -> None:
+        row = {"name": name, "stack": form.stack if form else "", "layer": layer, "head": head, "expert": expert,
+               "kind": kind, "offset": form.offset if form else 0,
                "variant": form.variant if form else "",
                "kv_cache_floats": form.kv_cache_floats if form else None,
                "shapes": str(form.form.structure) if form else shapes, "error": error}
         if d is not None:
             row.update(d.as_dict())
+            if self.spectra:
+                row["eigenvalues"] = d.eigenvalues.tolist()
             self.out.diagnoses[len(self.rows)] = d
         self.rows.append(row)
 
@@ -190,48 +236,118 @@ def _diagnose_forms(rows: _Rows, forms: list[NamedForm], nulls: tuple[str, ...],
             rows.add(where, f.layer, f.head, f.kind, found[null][0], form=f)
 
 
-def _matrix_rows(rows: _Rows, weights: _Weights, names: list[str], nulls: tuple[str, ...], fpr: float,
-                 tick: Callable[[str], None]) -> None:
-    """Rows of the plain weight matrices, each with the MP null (or the reason it was skipped)."""
+def _is_expert_stack(name: str, shape: tuple) -> bool:
+    """A mixture of experts' matrices stored as one 3-D tensor [E, out, in] (e.g. ``mlp.experts.gate_up_proj``)."""
+    return len(shape) == 3 and "expert" in name
+
+
+def _matrices(weights: _Weights, wanted: set[str], experts: int | None) -> list[tuple[str, int, str]]:
+    """(tensor name, expert or −1, shown name) of every plain matrix to diagnose, in the checkpoint's order: each
+    2-D weight, and each expert's slice of a 3-D expert stack; experts sampled per layer (``parse_experts``)."""
+    names = [n for n in weights if matrix_kind(n) in wanted]
+    per_layer: dict[int, int] = {}  # layer → number of experts stored as modules (…experts.{e}.…)
+    for n in names:
+        if len(weights.shape(n)) == 2 and expert_of(n) >= 0:
+            per_layer[layer_of(n)] = max(per_layer.get(layer_of(n), 0), expert_of(n) + 1)
+    out = []
     for name in names:
-        shape = weights.shape(name)
-        kind, layer, dims = matrix_kind(name), layer_of(name), "·".join(map(str, shape))
+        shape, layer = weights.shape(name), layer_of(name)
+        if _is_expert_stack(name, shape):
+            for e in ([] if experts == 0 else _sampled(shape[0], experts, layer)):
+                out.append((name, e, f"{name}[{e}]"))
+        elif len(shape) == 2:
+            e = expert_of(name)
+            if e < 0 or (experts != 0 and e in _sampled(per_layer[layer], experts, layer)):
+                out.append((name, e, name))
+    return out
+
+
+def _matrix_rows(rows: _Rows, weights: _Weights, matrices: list[tuple[str, int, str]], nulls: tuple[str, ...],
+                 fpr: float, tick: Callable[[str], None]) -> None:
+    """Rows of the plain weight matrices, each with its nulls (or the reason it was skipped)."""
+    for name, expert, shown in matrices:
+        shape = weights.shape(name)[-2:]
+        add = partial(rows.add, shown, layer_of(name), -1, matrix_kind(name), shapes="·".join(map(str, shape)),
+                      expert=expert)
         if not weights.dtype(name).is_floating_point:  # e.g. BERT's position_ids buffer
-            rows.add(name, layer, -1, kind, None, shapes=dims, error=f"skipped: {weights.dtype(name)} buffer, "
-                                                                      "not a weight")
+            add(None, error=f"skipped: {weights.dtype(name)} buffer, not a weight")
         elif shape[0] * shape[1] > MAX_ELEMENTS:
-            rows.add(name, layer, -1, kind, None, shapes=dims,
-                     error=f"skipped: {shape[0]}×{shape[1]} is larger than {MAX_ELEMENTS} elements")
+            add(None, error=f"skipped: {shape[0]}×{shape[1]} is larger than {MAX_ELEMENTS} elements")
         else:
+            w = weights[name]
+            w = w[expert] if w.dim() == 3 else w  # (out, in): one expert of a stacked [E, out, in] tensor
             try:
-                found = diagnose_nulls(weights[name], nulls, fpr=fpr, name=name)
+                found = diagnose_nulls(w, nulls, fpr=fpr, name=shown)
             except InputError as exc:
-                rows.add(name, layer, -1, kind, None, shapes=dims, error=str(exc))
+                add(None, error=str(exc))
             else:
                 for n in nulls:
-                    rows.add(name, layer, -1, kind, found[n][0], shapes=dims)
-        tick(name)
+                    add(found[n][0])
+        tick(shown)
 
 
-def analyze_full(model_or_path, *, per_head: bool = True, kinds: Iterable[str] = ALL_GROUPS,
+def _no_layout_note(config: dict | None, n_matrices: int) -> str:
+    """The one line that says why a model's attention is read as plain matrices."""
+    from rankscope.probes import LAYOUTS
+
+    model_type = (config or {}).get("model_type")
+    what = f"model_type {model_type!r}" if model_type else "no config.json (model_type unknown)"
+    return (f"{what}: per-head attention forms need a layout of its q/k/v/o weights, and there is none for it; "
+            f"its {n_matrices} 2-D weights are analysed as single matrices (layouts exist for: "
+            f"{', '.join(sorted(LAYOUTS))})")
+
+
+def check_options(nulls: tuple[str, ...], fpr: float) -> None:
+    """Validate the nulls and the false-positive rate before any work (``InputError`` naming the allowed values)."""
+    for null in nulls:
+        if null not in NULLS:
+            raise InputError(f"null must be one of {', '.join(NULLS)}; got {null!r}")
+    if isinstance(fpr, bool) or not isinstance(fpr, (int, float)) or not 0 < fpr <= 0.5:
+        raise InputError(f"fpr must be a number in (0, 0.5], the outlier test's false-positive rate; got {fpr!r}")
+
+
+def analyze_full(model_or_path, *, per_head: bool = True, kinds: Iterable[str] | None = None,
                  null: str | tuple[str, ...] = PRODUCT, fpr: float = 0.01, threads: int | None = None,
                  progress: Callable[[int, int, str], None] | None = None,
-                 offsets: Iterable[int] = (0,)) -> Analysis:
+                 offsets: Iterable[int] = (0,), experts: str | int | None = "all", spectra: bool = False) -> Analysis:
     """``analyze`` with the diagnoses kept (for figures). ``null`` may be a tuple of nulls: every form then gets
     one row per null, its spectrum computed once. ``offsets``: relative offsets Δ at which rankscope models'
-    per-head qk forms are also read (an ``offset`` column; other models' forms are read at Δ = 0)."""
+    per-head qk forms are also read (an ``offset`` column; other models' forms are read at Δ = 0).
+
+    ``kinds=None`` means every kind group; attention kinds asked for explicitly on a model with no attention
+    layout are an ``InputError`` (with None they fall back to plain matrices, and ``notes`` says so).
+    ``experts``: "all", "none" or "sample:K" (``parse_experts``). ``spectra``: add each row's eigenvalues.
+    """
     nulls = (null,) if isinstance(null, str) else tuple(null)
-    wanted = selected_kinds(kinds)
+    check_options(nulls, fpr)
+    explicit = kinds is not None
+    wanted = selected_kinds(kinds if explicit else ALL_GROUPS)
+    n_experts = parse_experts(experts)
+    attention_kinds = [k for k in ATTENTION_KINDS if k in wanted]
+    if TW in nulls and attention_kinds:
+        raise InputError('null "tw" (the Tracy–Widom edge) is defined for a single matrix, and attention forms are '
+                         'products of matrices: use null "product" or "mp", or kinds mlp,weights')
+    notes = []
     with thread_budget(torch=1, blas=threads) if threads else nullcontext():
         config, weights, forms = _source(model_or_path, tuple(int(o) for o in offsets))
         arch = detect_architecture(config) if config else None
-        matrices = [n for n in weights if len(weights.shape(n)) == 2 and matrix_kind(n) in wanted]
-        attention_kinds = [k for k in ATTENTION_KINDS if k in wanted]
-        if forms is None and arch and attention_kinds:
-            forms = hf_forms(config, weights, heads=per_head, kinds=attention_kinds)
-            layers = sorted({layer_of(n) for n in weights if matrix_kind(n) == ATTN_WEIGHT})
-        else:
-            layers = sorted({f.layer for f in forms or []})
+        matrices = _matrices(weights, wanted, n_experts)
+        if forms is None and attention_kinds:
+            if arch:
+                forms = hf_forms(config, weights, heads=per_head, kinds=attention_kinds)
+            else:
+                note = _no_layout_note(config, sum(len(weights.shape(n)) == 2 for n in weights))
+                if explicit:
+                    raise InputError(f"{_what(model_or_path)}: cannot read kinds {', '.join(attention_kinds)}: "
+                                     + note.split(": ", 1)[0] + ": per-head attention forms need a layout, and "
+                                     f"there is none for it (layouts exist for: {note.rsplit('for: ', 1)[1]}")
+                notes.append(note)
+        if forms is not None and not isinstance(forms, list):
+            forms = list(forms)  # the probes read lazily; the layers are known only once they are read
+        layers = sorted({(f.stack, f.layer) for f in forms or []})
+        if not matrices and not layers:
+            raise InputError(f"{_what(model_or_path)}: nothing to diagnose for kinds {sorted(wanted)} "
+                             f"(no 2-D weight matrix of those kinds{'' if arch else ' and no attention layout'})")
         total, done = len(layers) + len(matrices), 0
 
         def tick(what: str) -> None:
@@ -240,24 +356,36 @@ def analyze_full(model_or_path, *, per_head: bool = True, kinds: Iterable[str] =
             if progress:
                 progress(done, total, what)
 
-        rows = _Rows(arch)
+        rows = _Rows(arch, spectra=spectra)
         _attention_rows(rows, forms or [], attention_kinds, per_head, nulls, fpr, tick)
         _matrix_rows(rows, weights, matrices, nulls, fpr, tick)
     if arch is None and not forms:
-        rows.out.not_understood = [n for n in matrices if matrix_kind(n) == WEIGHT]
+        rows.out.not_understood = [n for n, _, _ in matrices if matrix_kind(n) == WEIGHT]
+    rows.out.notes = notes
     rows.out.table = pd.DataFrame(rows.rows)
     return rows.out
 
 
-def analyze(model_or_path, *, per_head: bool = True, kinds: Iterable[str] = ALL_GROUPS, null: str = PRODUCT,
-            fpr: float = 0.01, threads: int | None = None) -> pd.DataFrame:
+def _what(model_or_path) -> str:
+    return type(model_or_path).__name__ if isinstance(model_or_path, nn.Module) else str(model_or_path)
+
+
+def analyze(model_or_path, *, per_head: bool = True, kinds: Iterable[str] | None = None, null: str = PRODUCT,
+            fpr: float = 0.01, threads: int | None = None, experts: str | int | None = "all",
+            spectra: bool = False) -> pd.DataFrame:
     """One row per (layer, head, kind): the full diagnosis, shapes, variant and KV-cache floats per token.
 
     ``model_or_path``: an ``nn.Module`` (a transformers model, a rankscope model, or any model with
     ``nn.MultiheadAttention``), a Hugging Face model directory, a ``.safetensors`` file or sharded index, a
     ``.pt/.bin`` state dict, or a rankscope run directory. head = −1 marks a layer's sum over heads, or a plain
-    matrix. ``kinds``: kind groups (qk, ov, mlp, weights) or single kinds. ``threads``: run the numerics with
-    one torch thread and this many BLAS threads, restored after (process-wide; None leaves the process's
-    settings alone).
+    matrix. ``kinds``: kind groups (qk, ov, mlp, weights) or single kinds (None: all). ``threads``: run the
+    numerics with one torch thread and this many BLAS threads, restored after (process-wide; None leaves the
+    process's settings alone). ``experts``: "all", "none" or "sample:K" experts per layer of a mixture of experts
+    (an ``expert`` column; −1 elsewhere). ``spectra=True`` adds each row's ``eigenvalues``.
+    What ``analyze_full(...).notes`` holds (e.g. "no attention layout") is issued as a ``UserWarning``.
     """
-    return analyze_full(model_or_path, per_head=per_head, kinds=kinds, null=null, fpr=fpr, threads=threads).table
+    found = analyze_full(model_or_path, per_head=per_head, kinds=kinds, null=null, fpr=fpr, threads=threads,
+                         experts=experts, spectra=spectra)
+    for note in found.notes:
+        warnings.warn(note, stacklevel=2)
+    return found.table
