@@ -45,11 +45,15 @@ MAX_ELEMENTS = 2**28  # a single matrix larger than this (2 GB in float64) is re
 
 _PATTERNS = [  # (kind, regex on the parameter name), first match wins
     (ROUTER, r"(mlp|block_sparse_moe|moe|feed_forward)\.(gate|router)\.weight$|shared_expert_gate|\brouter\b"),
-    (EMBEDDING, r"embed|\bwte\b|\bwpe\b|word_embeddings|position_embeddings|token_type|lm_head"),
-    (MLP_IN, r"c_fc|up_proj|gate_proj|intermediate\.dense|\bfc1\b|\bw1\b|\bw3\b|gate_up"),
-    (MLP_OUT, r"mlp\.c_proj|down_proj|(?<!attention\.)output\.dense|\bfc2\b|\bw2\b"),
+    (EMBEDDING, r"embed|\bwte\b|\bwpe\b|word_embeddings|position_embeddings|token_type|lm_head|^(\w+\.)?shared\."
+                r"weight$|relative_attention_bias"),
+    (MLP_IN, r"c_fc|up_proj|gate_proj|intermediate\.dense|\bfc1\b|\bw1\b|\bw3\b|gate_up|DenseReluDense\.wi|"
+             r"\blin1\b|dense_h_to_4h|\bfc_in\b"),
+    (MLP_OUT, r"mlp\.c_proj|down_proj|(?<!attention\.)output\.dense|\bfc2\b|\bw2\b|DenseReluDense\.wo|\blin2\b|"
+              r"dense_4h_to_h|\bfc_out\b"),
     (ATTN_WEIGHT, r"q_proj|k_proj|v_proj|o_proj|query|key|value|attention\.output\.dense|c_attn|attn\.c_proj"
-                  r"|in_proj_weight|out_proj|q_a_proj|q_b_proj|kv_a_proj|kv_b_proj"),
+                  r"|in_proj_weight|out_proj|q_a_proj|q_b_proj|kv_a_proj|kv_b_proj|qkv_proj|(self_)?attention\.dense"
+                  r"|(SelfAttention|EncDecAttention)\.[qkvo]\.|\b[qkv]_lin\b|out_lin"),
 ]
 
 
@@ -93,6 +97,14 @@ def _sampled(n_experts: int, k: int | None, layer: int) -> list[int]:
     import numpy as np
 
     return sorted(int(e) for e in np.random.default_rng(max(layer, 0)).choice(n_experts, size=k, replace=False))
+
+
+def stack_of(name: str, stacks: set[str]) -> str:
+    """The attention stack a plain matrix belongs to, when the model's forms have stacks (T5's encoder, decoder
+    and cross-attention, CLIP's text and vision towers): the first of them the parameter name points to, or ""."""
+    hints = (("cross", "EncDecAttention"), ("text", "text_model."), ("vision", "vision_model."),
+             ("encoder", "encoder."), ("decoder", "decoder."))
+    return next((stack for stack, hint in hints if stack in stacks and hint in name), "")
 
 
 def layer_of(name: str) -> int:
@@ -181,8 +193,8 @@ class _Rows:
         self.spectra = spectra
 
     def add(self, name: str, layer: int, head: int, kind: str, d: Diagnosis | None, *, form: NamedForm | None = None,
-            shapes: str = "", error: str = "", expert: int = -1) -> None:
-        row = {"name": name, "stack": form.stack if form else "", "layer": layer, "head": head, "expert": expert,
+            shapes: str = "", error: str = "", expert: int = -1, stack: str = "") -> None:
+        row = {"name": name, "stack": form.stack if form else stack, "layer": layer, "head": head, "expert": expert,
                "kind": kind, "offset": form.offset if form else 0,
                "variant": form.variant if form else "",
                "kv_cache_floats": form.kv_cache_floats if form else None,
@@ -198,7 +210,7 @@ class _Rows:
 def _attention_rows(rows: _Rows, forms: Iterable[NamedForm], kinds: list[str], per_head: bool,
                     nulls: tuple[str, ...], fpr: float, tick: Callable[[str], None]) -> None:
     """Rows of every attention form, layer by layer: the layer's forms one by one, its heads as one batch."""
-    for layer, layer_forms in groupby(forms, key=lambda f: f.layer):
+    for (stack, layer), layer_forms in groupby(forms, key=lambda f: (f.stack, f.layer)):
         layer_forms = [f for f in layer_forms if f.kind in kinds and (per_head or f.head < 0)]
         offsets = sorted({f.offset for f in layer_forms}, key=abs)
         for kind in kinds:
@@ -209,12 +221,14 @@ def _attention_rows(rows: _Rows, forms: Iterable[NamedForm], kinds: list[str], p
                 heads = [f for f in of_kind if f.head >= 0 and f.offset == offset]
                 if heads:
                     _diagnose_forms(rows, heads, nulls, fpr, batched=True)
-        tick(f"layer {layer} attention")
+        tick(f"{stack + ' ' if stack else ''}layer {layer} attention")
 
 
 def _diagnose_forms(rows: _Rows, forms: list[NamedForm], nulls: tuple[str, ...], fpr: float, batched: bool) -> None:
     """Diagnose the forms (the heads of one layer and kind as one batch); a bad head gets an error row."""
-    name = f"layer {forms[0].layer} {forms[0].kind}" + (f" at offset {forms[0].offset}" if forms[0].offset else "")
+    first = forms[0]
+    name = (f"{first.stack + ' ' if first.stack else ''}layer {first.layer} {first.kind}"
+            + (f" at offset {first.offset}" if first.offset else ""))
     if batched:
         try:
             found = diagnose_nulls(stack_heads(forms), nulls, fpr=fpr, name=name, batched=True)
@@ -263,12 +277,12 @@ def _matrices(weights: _Weights, wanted: set[str], experts: int | None) -> list[
 
 
 def _matrix_rows(rows: _Rows, weights: _Weights, matrices: list[tuple[str, int, str]], nulls: tuple[str, ...],
-                 fpr: float, tick: Callable[[str], None]) -> None:
+                 fpr: float, tick: Callable[[str], None], stacks: set[str]) -> None:
     """Rows of the plain weight matrices, each with its nulls (or the reason it was skipped)."""
     for name, expert, shown in matrices:
         shape = weights.shape(name)[-2:]
         add = partial(rows.add, shown, layer_of(name), -1, matrix_kind(name), shapes="·".join(map(str, shape)),
-                      expert=expert)
+                      expert=expert, stack=stack_of(name, stacks))
         if not weights.dtype(name).is_floating_point:  # e.g. BERT's position_ids buffer
             add(None, error=f"skipped: {weights.dtype(name)} buffer, not a weight")
         elif shape[0] * shape[1] > MAX_ELEMENTS:
@@ -344,7 +358,7 @@ def analyze_full(model_or_path, *, per_head: bool = True, kinds: Iterable[str] |
                 notes.append(note)
         if forms is not None and not isinstance(forms, list):
             forms = list(forms)  # the probes read lazily; the layers are known only once they are read
-        layers = sorted({(f.stack, f.layer) for f in forms or []})
+        layers = [key for key, _ in groupby(forms or [], key=lambda f: (f.stack, f.layer))]  # as _attention_rows
         if not matrices and not layers:
             raise InputError(f"{_what(model_or_path)}: nothing to diagnose for kinds {sorted(wanted)} "
                              f"(no 2-D weight matrix of those kinds{'' if arch else ' and no attention layout'})")
@@ -358,7 +372,7 @@ def analyze_full(model_or_path, *, per_head: bool = True, kinds: Iterable[str] |
 
         rows = _Rows(arch, spectra=spectra)
         _attention_rows(rows, forms or [], attention_kinds, per_head, nulls, fpr, tick)
-        _matrix_rows(rows, weights, matrices, nulls, fpr, tick)
+        _matrix_rows(rows, weights, matrices, nulls, fpr, tick, {f.stack for f in forms or []} - {""})
     if arch is None and not forms:
         rows.out.not_understood = [n for n, _, _ in matrices if matrix_kind(n) == WEIGHT]
     rows.out.notes = notes
