@@ -7,6 +7,7 @@ from rankscope.probes.hf import (
     detect_architecture,
     hf_forms,
     hf_model_forms,
+    layout_of,
     multihead_attention_forms,
 )
 from rankscope.probes.native import native_forms
@@ -20,6 +21,7 @@ __all__ = [
     "hf_forms",
     "hf_model_forms",
     "latent_rms_isotropic",
+    "layout_of",
     "mha_forms",
     "mla_forms",
     "multihead_attention_forms",

@@ -3,7 +3,9 @@
 A layout has ``family`` (the probe family: "bert", "gpt2", "llama", "mla", …) and
 ``all_forms(state_dict, cfg, prefix=, heads=, kinds=)`` → NamedForms. One-stack layouts (``_OneStack``) find
 the stack's name prefix and layer numbers from an ``anchor`` regex, then yield each layer's ``forms``. The
-registry of model types (``probes.hf.LAYOUTS``) is a table of these.
+registry of model types (``probes.hf.LAYOUTS``) is a table of these. An architecture's quirks are declarative
+fields of its layout (``MHALayout``: fused q/k/v row orders, the KV head count, q/k RMSNorm gains to fold),
+never a branch on ``model_type``; ``ByConfig`` picks one of several layouts from config flags (Falcon).
 """
 
 from __future__ import annotations
@@ -43,10 +45,34 @@ class _OneStack:
             yield from self.forms(i, w, has, cfg, heads, kinds)
 
 
+QKV_SPLITS = ("blocks", "heads", "groups")  # how a fused q/k/v weight's rows hold the heads (MHALayout.qkv_split)
+NORM_OVER = ("head", "all")  # what a q/k RMSNorm normalises (MHALayout.norm_over)
+
+
 @dataclass(frozen=True)
 class MHALayout(_OneStack):
     """Where an MHA/GQA/MQA checkpoint keeps one layer's attention weights (names after the stack's prefix, with
-    ``{i}`` for the layer). ``fused_qkv``: one ``[in, out]`` Conv1D with columns q | k | v (GPT-2)."""
+    ``{i}`` for the layer), and how to read them. All weights are read ``[out, in]`` (after a transpose where
+    ``conv1d``).
+
+    ``fused_qkv``: one weight holding q, k and v, its rows (H + 2·H_kv)·dh split by ``qkv_split``:
+    "blocks" [q; k; v] of H·dh, H_kv·dh, H_kv·dh rows (GPT-2's Conv1D columns, Phi-3, Falcon multi-query);
+    "heads" (H, 3, dh) rows, per head [q_h; k_h; v_h] (GPT-NeoX, BLOOM, Falcon MHA; needs H_kv = H);
+    "groups" (H_kv, H/H_kv + 2, dh) rows, per KV group its H/H_kv query heads then k_g, v_g (Falcon's new
+    decoder architecture). Query head h uses KV group h // (H/H_kv) in every split.
+
+    ``kv_heads``: H_kv, as a config key (a missing or null value means H, as in transformers), a fixed count,
+    or "" (``num_key_value_heads``, else H).
+
+    ``q_norm`` / ``k_norm``: gains g of an RMSNorm on the projected queries / keys (Qwen3, Gemma3, OLMo2), over
+    each head's dh dims (``norm_over="head"``, one (dh,) gain for every head) or over the whole projection
+    (``"all"``, one (H·dh,) or (H_kv·dh,) gain). The norm multiplies by o + g, o = ``norm_offset`` (Gemma: 1 + g):
+    q = (o + g_q) ⊙ Wq x / r_q(x), r_q(x) = √(mean((Wq x)²) + eps) over the normed dims (likewise k): the gains are
+    folded into the factors, diag(o + g_q)·Wq_h and diag(o + g_k)·Wk_g, and the form is exact up to the per-token
+    scalars: q_h(x_i)·k_h(x_j) = x_iᵀ B_h x_j / (r_q(x_i)·r_k(x_j)), with r per head ("head"; then r_q, r_k
+    differ between heads, and the layer sum Σ_h B_h weighs each head by its un-normalised scale, not as the
+    model does) or shared by all heads ("all").
+    """
 
     family: str
     anchor: str  # the parameter whose name carries the layer number (a regex, one group)
@@ -56,19 +82,86 @@ class MHALayout(_OneStack):
     o: str = ""
     fused_qkv: str = ""
     conv1d: bool = False  # weights stored [in, out] (GPT-2's Conv1D)
+    qkv_split: str = "blocks"  # QKV_SPLITS: the row order of fused_qkv
+    kv_heads: str | int = ""  # H_kv: a config key, a fixed count, or "" (num_key_value_heads, else H)
+    q_norm: str = ""  # RMSNorm gains on the projected queries (folded into Wq)
+    k_norm: str = ""  # RMSNorm gains on the projected keys (folded into Wk)
+    norm_over: str = "head"  # NORM_OVER: each head's dh dims, or the whole projection
+    norm_offset: float = 0.0  # the norm multiplies by norm_offset + g (Gemma's RMSNorm: 1 + g)
+
+    def __post_init__(self):
+        if self.qkv_split not in QKV_SPLITS or self.norm_over not in NORM_OVER:
+            raise ValueError(f"MHALayout {self.family}: qkv_split must be one of {QKV_SPLITS} and norm_over one of "
+                             f"{NORM_OVER}, got {self.qkv_split!r}, {self.norm_over!r}")
+
+    def n_kv_heads(self, cfg: dict) -> int:
+        """H_kv of this layout for a config."""
+        _, H, H_kv, _ = _mha_head_dims(cfg)
+        if isinstance(self.kv_heads, int):
+            return self.kv_heads
+        return int(cfg.get(self.kv_heads) or H) if self.kv_heads else H_kv
 
     def forms(self, i: int, w, has, cfg: dict, heads: bool, kinds) -> Iterator[NamedForm]:
-        d, H, H_kv, _ = _mha_head_dims(cfg)
+        d, H, _, dh = _mha_head_dims(cfg)
+        H_kv = self.n_kv_heads(cfg)
         orient = (lambda t: t.mT) if self.conv1d else (lambda t: t)
         if self.fused_qkv:
             name = self.fused_qkv.format(i=i)
-            qkv = w(name)  # Conv1D (d, 3d): y = x @ W
-            if qkv.shape != (d, 3 * d):
-                raise CheckpointError(f"state dict: {name} is {tuple(qkv.shape)}, expected ({d}, {3 * d})")
-            wq, wk, wv = (qkv[:, j * d:(j + 1) * d].mT for j in range(3))  # each (out, in)
+            wq, wk, wv = self._split(name, orient(w(name)), d, H, H_kv, dh)
         else:
             wq, wk, wv = (orient(w(t.format(i=i))) for t in (self.q, self.k, self.v))
+        if self.q_norm:
+            wq = wq * self._gain(w, self.q_norm.format(i=i), H, wq.shape[0])[:, None]  # diag(o + g_q)·Wq
+        if self.k_norm:
+            wk = wk * self._gain(w, self.k_norm.format(i=i), H_kv, wk.shape[0])[:, None]  # diag(o + g_k)·Wk
         return mha_forms(i, wq, wk, wv, orient(w(self.o.format(i=i))), H, H_kv, heads=heads, kinds=kinds)
+
+    def _split(self, name: str, qkv: torch.Tensor, d: int, H: int, H_kv: int, dh: int):
+        """(Wq, Wk, Wv) [out, in] from a fused weight qkv ((H + 2·H_kv)·dh, d), rows as ``qkv_split`` says."""
+        rows = (H + 2 * H_kv) * dh
+        if qkv.shape != (rows, d) or H % H_kv or (self.qkv_split == "heads" and H_kv != H):
+            stored = tuple(reversed(qkv.shape)) if self.conv1d else tuple(qkv.shape)
+            want = (d, rows) if self.conv1d else (rows, d)
+            raise CheckpointError(f"state dict: {name} is {stored}, expected {want} ({H} heads, {H_kv} KV heads, "
+                                  f"head dim {dh}, rows split as {self.qkv_split!r})")
+        if self.qkv_split == "blocks":
+            return qkv.split([H * dh, H_kv * dh, H_kv * dh], dim=0)
+        if self.qkv_split == "heads":
+            t = qkv.reshape(H, 3, dh, d)
+            return tuple(t[:, j].reshape(H * dh, d) for j in range(3))
+        t = qkv.reshape(H_kv, H // H_kv + 2, dh, d)  # per group: its query heads, then k_g, v_g
+        return t[:, :-2].reshape(H * dh, d), t[:, -2].reshape(H_kv * dh, d), t[:, -1].reshape(H_kv * dh, d)
+
+    def _gain(self, w, name: str, n_heads: int, rows: int) -> torch.Tensor:
+        """The norm's multiplier per projected row (rows,): o + g, tiled over the heads where ``norm_over="head"``."""
+        g = w(name)
+        want = rows // n_heads if self.norm_over == "head" else rows
+        if g.shape != (want,):
+            raise CheckpointError(f"state dict: {name} is {tuple(g.shape)}, expected ({want},) (an RMSNorm over "
+                                  f"{'each head' if self.norm_over == 'head' else 'the whole projection'})")
+        g = g + self.norm_offset
+        return g.repeat(n_heads) if self.norm_over == "head" else g
+
+
+@dataclass(frozen=True)
+class ByConfig:
+    """A layout chosen by boolean config flags, read in order: the layout of the first ``(key, default, layout)``
+    whose flag (``default`` where the config lacks it) is true, else ``otherwise``. Falcon: its fused q/k/v rows
+    follow ``new_decoder_architecture``, then ``multi_query``, as transformers' ``FalconAttention`` reads them."""
+
+    family: str
+    choices: tuple[tuple[str, bool, MHALayout], ...]
+    otherwise: MHALayout
+
+    def choose(self, cfg: dict) -> MHALayout:
+        for key, default, layout in self.choices:
+            if cfg.get(key, default):
+                return layout
+        return self.otherwise
+
+    def all_forms(self, state_dict: Mapping, cfg: dict, *, prefix: str | None, heads: bool,
+                  kinds) -> Iterator[NamedForm]:
+        return self.choose(cfg).all_forms(state_dict, cfg, prefix=prefix, heads=heads, kinds=kinds)
 
 
 @dataclass(frozen=True)
