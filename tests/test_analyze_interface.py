@@ -136,3 +136,37 @@ def test_experts_stored_as_modules_get_their_expert_index():
     assert df.loc[df["kind"].eq("router"), "expert"].tolist() == [-1]
     one = analyze(Holder(), kinds=["mlp"], experts="sample:1")
     assert one.loc[one["expert"] >= 0, "expert"].nunique() == 1 and len(one) == 3 + 1
+
+
+def test_the_monitor_records_gemma_attention_and_warns_once_where_there_is_no_layout(tmp_path):
+    import transformers
+
+    import rankscope as rs
+
+    cfg = transformers.GemmaConfig(vocab_size=32, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, head_dim=4, intermediate_size=16)
+    torch.manual_seed(0)
+    monitor = rs.Monitor(transformers.GemmaModel(cfg), tmp_path / "gemma", every=1, tensorboard=False)
+    monitor.step(0)
+    monitor.flush()
+    qk = monitor.store.sql("SELECT layer, head FROM qk WHERE \"null\" = 'product'")
+    assert sorted(set(qk["layer"])) == [0, 1] and len(qk) == 2 * (1 + 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plain = rs.Monitor(_mlp(), tmp_path / "mlp", every=1, tensorboard=False)
+        plain.step(0)
+        plain.step(1)
+    assert sum("per-head attention forms need a layout" in str(w.message) for w in caught) == 1
+
+
+def test_plain_matrices_of_a_model_with_stacks_carry_their_stack():
+    import transformers
+
+    cfg = transformers.T5Config(vocab_size=32, d_model=16, d_kv=4, d_ff=16, num_layers=2, num_heads=4)
+    torch.manual_seed(0)
+    df = analyze(transformers.T5ForConditionalGeneration(cfg), kinds=["weights", "mlp"])
+    where = dict(zip(df["name"], df["stack"], strict=True))
+    assert where["encoder.block.0.layer.0.SelfAttention.q.weight"] == "encoder"
+    assert where["decoder.block.1.layer.0.SelfAttention.k.weight"] == "decoder"
+    assert where["decoder.block.1.layer.1.EncDecAttention.v.weight"] == "cross"
+    assert where["encoder.block.1.layer.1.DenseReluDense.wi.weight"] == "encoder"

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from rankscope.errors import InputError
-from rankscope.probes import NamedForm, detect_architecture, hf_forms, multihead_attention_forms, stack_heads
+from rankscope.probes import NamedForm, detect_architecture, hf_forms, layout_of, multihead_attention_forms, stack_heads
 from rankscope.spectra import Diagnosis
 from rankscope.spectra.diagnose import diagnose_nulls
 from rankscope.spectra.threads import thread_budget
@@ -372,7 +372,8 @@ def analyze_full(model_or_path, *, per_head: bool = True, kinds: Iterable[str] |
 
         rows = _Rows(arch, spectra=spectra)
         _attention_rows(rows, forms or [], attention_kinds, per_head, nulls, fpr, tick)
-        _matrix_rows(rows, weights, matrices, nulls, fpr, tick, {f.stack for f in forms or []} - {""})
+        stacks = {f.stack for f in forms or []} | {st.name for st in getattr(layout_of(config or {}), "stacks", ())}
+        _matrix_rows(rows, weights, matrices, nulls, fpr, tick, stacks - {""})
     if arch is None and not forms:
         rows.out.not_understood = [n for n, _, _ in matrices if matrix_kind(n) == WEIGHT]
     rows.out.notes = notes
