@@ -6,25 +6,29 @@ from rankscope.spectra import Diagnosis, diagnose, diagnose_batch
 __version__ = "0.1.0"
 __all__ = [
     "CheckpointError", "Diagnosis", "InputError", "Monitor", "RankscopeError", "RunStore", "analyze", "capture",
-    "diagnose", "diagnose_batch",
+    "describe", "diagnose", "diagnose_batch", "diff", "summary",
 ]
 
 
-def __getattr__(name: str):
-    if name == "analyze":  # imported on first use: it brings pandas
-        from rankscope.analysis import analyze
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
 
-        return analyze
-    if name == "Monitor":  # training-time diagnostics (docs/design.md §3), on first use
-        from rankscope.train.monitor import Monitor
 
-        return Monitor
-    if name == "RunStore":
-        from rankscope.store import RunStore
-
-        return RunStore
-    if name == "capture":  # the representations package, on first use
-        from rankscope.representations.capture import capture
-
-        return capture
-    raise AttributeError(f"module 'rankscope' has no attribute {name!r}")
+def __getattr__(name: str):  # the heavier parts are imported on first use (pandas, the probes, the trainer)
+    if name == "analyze":
+        from rankscope.analysis import analyze as found
+    elif name == "summary":
+        from rankscope.analysis.summary import summary as found
+    elif name == "describe":
+        from rankscope.analysis.describe import describe as found
+    elif name == "diff":
+        from rankscope.analysis.diff import diff as found
+    elif name == "Monitor":  # training-time diagnostics (docs/design.md §3)
+        from rankscope.train.monitor import Monitor as found
+    elif name == "RunStore":
+        from rankscope.store import RunStore as found
+    elif name == "capture":
+        from rankscope.representations.capture import capture as found
+    else:
+        raise AttributeError(f"module 'rankscope' has no attribute {name!r}")
+    return found

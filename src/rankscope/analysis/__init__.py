@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from rankscope.analysis.summary import warning_column
 from rankscope.errors import InputError
 from rankscope.probes import NamedForm, detect_architecture, hf_forms, layout_of, multihead_attention_forms, stack_heads
 from rankscope.spectra import Diagnosis
@@ -377,7 +378,9 @@ def analyze_full(model_or_path, *, per_head: bool = True, kinds: Iterable[str] |
     if arch is None and not forms:
         rows.out.not_understood = [n for n, _, _ in matrices if matrix_kind(n) == WEIGHT]
     rows.out.notes = notes
-    rows.out.table = pd.DataFrame(rows.rows)
+    table = pd.DataFrame(rows.rows)
+    table["warning"] = warning_column(table)
+    rows.out.table = table
     return rows.out
 
 

@@ -89,24 +89,34 @@ def summary(df) -> Table:
 
 
 def model_summary(df) -> Table:
-    """The model-level summary (``rs.summary``) as a table: every kind that was asked and computed."""
+    """The model-level summary (``rs.summary``) as a table: one row for every kind that was asked and computed."""
+    from rankscope.analysis.summary import WARNINGS
     from rankscope.analysis.summary import summary as summarise
 
     frame = summarise(df)
-    table = Table(title="Model summary, per kind")
-    for col in frame.columns:
-        table.add_column(str(col).replace("_", " "), justify="right" if frame[col].dtype.kind in "iuf" else "left")
-    for row in frame.itertuples(index=False):
-        table.add_row(*(_cell(v) for v in row))
+    stacks = frame["stack"].ne("").any()
+    table = Table(title="Model summary, per kind (product null, offset 0)")
+    for col in (*(["stack"] if stacks else []), "kind", "forms", "heads spiked", "layer forms spiked",
+                "median stable rank", "median eff. rank", "eff. rank ÷ null", "warnings", "layers standing out"):
+        table.add_column(col, justify="left" if col in ("stack", "kind", "warnings") else "right")
+    for r in frame.to_dict("records"):
+        def share(spiked, n, no_count):
+            counted = n - no_count
+            return "" if n == 0 else (f"{spiked:.0%} of {counted}" if counted else "no count")
+
+        warned = ", ".join(f"{r[code]} {code}" for code in WARNINGS if r.get(code))
+        table.add_row(*([r["stack"]] if stacks else []), r["kind"], str(r["forms"]),
+                      share(r["heads_spiked"], r["heads"], r["heads_no_count"]),
+                      share(r["layers_spiked"], r["layer_forms"], r["layers_no_count"]),
+                      _cell(r["median_stable_rank"]), _cell(r["median_effective_rank"]),
+                      _cell(r["median_erank_vs_null"]), warned, ", ".join(map(str, r["layers_standing_out"])))
+    table.caption = ("spiked: ≥ 1 spike above the form's own noise bulk, among the forms with a count; warnings: "
+                     "rs.summary's documented codes (see the warning column)")
     return table
 
 
 def _cell(v) -> str:
-    if isinstance(v, float):
-        return "" if v != v else f"{v:.3g}"
-    if isinstance(v, (list, tuple)):
-        return ", ".join(map(str, v))
-    return str(v)
+    return "" if v is None or v != v else f"{v:.3g}"
 
 
 def _spikes_text(row) -> str:

@@ -76,6 +76,13 @@ class Diagnosis:
         """Flat dict of every scalar field (not the eigenvalues, null quantiles or per-factor kurtosis): a row."""
         return {k: v for k, v in self.__dict__.items() if k not in ("eigenvalues", "null_quantiles", "factor_kurtosis")}
 
+    def plot(self, ax=None, *, log: bool = True, title: str | None = None):
+        """The ESD as a histogram with the bulk edge, the fitted null and the ``outliers`` marked, drawn on ``ax``
+        (a new matplotlib figure when None); returns the Axes. ``log``: log λ axis (``spectra.plot.draw_esd``)."""
+        from rankscope.spectra.plot import draw_esd
+
+        return draw_esd(self, ax, log=log, title=title)
+
 
 def _null_for(s: Structure, null: str, fpr: float, draws: int | None, norms: list[float] | None = None):
     draws = draws or budget.default_draws(s, fpr)
