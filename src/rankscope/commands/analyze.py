@@ -96,8 +96,8 @@ def model_summary(df) -> Table:
     frame = summarise(df)
     stacks = frame["stack"].ne("").any()
     table = Table(title="Model summary, per kind (product null, offset 0)")
-    for col in (*(["stack"] if stacks else []), "kind", "forms", "heads spiked", "layer forms spiked",
-                "median stable rank", "median eff. rank", "eff. rank ÷ null", "warnings", "layers standing out"):
+    for col in (*(["stack"] if stacks else []), "kind", "forms", "heads spiked", "layers spiked",
+                "stable rank", "eff. rank", "÷ null", "warnings", "standing out"):
         table.add_column(col, justify="left" if col in ("stack", "kind", "warnings") else "right")
     for r in frame.to_dict("records"):
         def share(spiked, n, no_count):
@@ -110,8 +110,9 @@ def model_summary(df) -> Table:
                       share(r["layers_spiked"], r["layer_forms"], r["layers_no_count"]),
                       _cell(r["median_stable_rank"]), _cell(r["median_effective_rank"]),
                       _cell(r["median_erank_vs_null"]), warned, ", ".join(map(str, r["layers_standing_out"])))
-    table.caption = ("spiked: ≥ 1 spike above the form's own noise bulk, among the forms with a count; warnings: "
-                     "rs.summary's documented codes (see the warning column)")
+    table.caption = ("spiked: ≥ 1 spike above the form's own noise bulk, among the forms with a count (layers: the "
+                     "layer forms or plain matrices); medians of stable and effective rank, and of effective rank ÷ "
+                     "the null's; warnings: the warning column's codes; standing out: layers by median ± 3 MAD")
     return table
 
 
@@ -129,7 +130,8 @@ def _spikes_text(row) -> str:
 
 
 def esd(result, out: Path) -> Path | None:
-    """ESD figure of the spikiest head and the spikiest layer-level form."""
+    """ESD figure of the spikiest head and the spikiest layer-level form: the most outliers, then the largest spike
+    strength (the order of the per-layer table's "spikiest head"). A model with no qk rows: its spikiest matrix."""
     from rankscope.report.figures import esd_figure
 
     df = result.table
@@ -137,10 +139,12 @@ def esd(result, out: Path) -> Path | None:
         return None
     panels = []
     qk = df["kind"].eq(QK)
-    for label, mask in (("head", qk & (df["head"] >= 0)), ("layer", qk & (df["head"] < 0))):
+    masks = (("head", qk & (df["head"] >= 0)), ("layer", qk & (df["head"] < 0))) if qk.any() else (
+        ("matrix", df["head"] < 0),)
+    for label, mask in masks:
         sub = df[mask & df["spike_strength"].notna() & df.index.isin(list(result.diagnoses))]
         if len(sub):
-            i = sub["spike_strength"].idxmax()
+            i = sub.sort_values(["outliers", "spike_strength"], ascending=False).index[0]
             panels.append((f"spikiest {label}: {df.loc[i, 'name']} ({df.loc[i, 'kind']})", result.diagnoses[i]))
     return esd_figure(panels, out / "esd.png") if panels else None
 
