@@ -231,9 +231,44 @@ def repr_(
     console.print(table)
 
 
+@app.command()
+def describe(
+    path: str = typer.Argument(..., help="HF model dir, .safetensors (or sharded index), .pt/.bin, run dir or hub id"),
+) -> None:
+    """What analyze would diagnose (forms per head and layer, plain matrices) and an estimate of its cost."""
+    from rankscope.commands.describe import describe as run_describe
+
+    with _bad_input_exits_2():
+        run_describe(console, path)
+
+
+@app.command()
+def diff(
+    base: str = typer.Argument(..., help="the base checkpoint: HF model dir, .safetensors, .pt/.bin, run dir, hub id"),
+    tuned: str = typer.Argument(..., help="the tuned checkpoint, of the same architecture and shapes"),
+    per_head: bool = typer.Option(True, "--per-head/--per-layer", help="also compare every head's forms"),
+    kinds: str | None = typer.Option(None, help="comma-separated kind groups qk, ov, mlp, weights, or single kinds "
+                                                "[default: all]"),
+    null: str = typer.Option(PRODUCT, help="product (structure-matched) | mp (naive fit)"),
+    fpr: float = typer.Option(0.01, help="false-positive rate of the outlier test, per spectrum"),
+    k: int = typer.Option(0, help="dimension of the compared top singular subspaces; 0 = the base's outlier count"),
+    out: Path | None = typer.Option(None, help="directory for diff.parquet (every row) and diff.png"),
+    threads: int = typer.Option(0, help="BLAS threads for the numerics (torch gets one); 0 = the free cores"),
+) -> None:
+    """What fine-tuning changed: the spectrum of ΔW = W_tuned − W_base per matrix and head, and the top subspaces."""
+    from rankscope.commands.diff import diff as run_diff
+
+    with _bad_input_exits_2():
+        if k < 0 or threads < 0:
+            raise InputError(f"--k and --threads must be 0 or positive, got --k {k} --threads {threads}")
+        kind_list = None if kinds is None else [x.strip() for x in kinds.split(",") if x.strip()]
+        run_diff(console, base, tuned, per_head=per_head, kinds=kind_list, null=null, fpr=fpr, k=k or None, out=out,
+                 threads=threads)
+
+
 # Commands that only read inputs and write closed files end with os._exit: the interpreter's teardown after
 # importing torch takes longer than analysing a small model (README, "Speed"). Training commands exit normally.
-FAST_EXIT_COMMANDS = ("analyze", "sql", "report")
+FAST_EXIT_COMMANDS = ("analyze", "sql", "report", "describe", "diff")
 
 
 def run() -> None:

@@ -23,8 +23,16 @@ class StudyData:
 
     def spectra(self, run: str, sweep: str, where: str) -> pd.DataFrame:
         """Eigenvalues and null quantiles of one run's forms matching the SQL condition ``where``."""
-        directory = self.runs.set_index(["sweep", "name"]).loc[(sweep, run), "directory"]
-        return RunStore(directory).sql(f"select * from spectra where {where} order by step")
+        record = self.runs.set_index(["sweep", "name"]).loc[(sweep, run)]
+        stack = record.get("stack")
+        if isinstance(stack, str):  # one stack of a model with several
+            where = f"({where}) and coalesce(stack, '') = '{_quoted(stack)}'"
+        return RunStore(record["directory"]).sql(f"select * from spectra where {where} order by step")
+
+
+def _quoted(text: str) -> str:
+    """``text`` inside a SQL string literal."""
+    return text.replace("'", "''")
 
 
 def _one_run(root: Path, cfg: dict) -> dict:
@@ -36,15 +44,22 @@ def _one_run(root: Path, cfg: dict) -> dict:
 
 
 def _monitored_run(root: Path) -> dict | None:
-    """A run written by ``rs.Monitor`` or a training-loop callback (rows, no config.json): its stand-in record."""
+    """A run written by ``rs.Monitor``, a training-loop callback or a checkpoint series (rows, no config.json): its
+    stand-in record; one record per attention stack (``<run>/<stack>``, variant ``<variant> (<stack>)``) when the
+    rows come from a model with several."""
     store = RunStore(root)
     if not (root / METRICS).is_dir() or "attention" not in store.tables():
         return None
     variants = store.sql("select variant, count(*) as n from attention group by variant order by n desc")
     variant = next((v for v in variants["variant"] if isinstance(v, str) and v), "unknown")
-    return {"command": None, "runs": [{"name": root.name, "directory": str(root), "variant": variant, "seed": 0,
+    columns = store.sql("select * from attention limit 0").columns
+    stacks = sorted(store.sql("select distinct stack from attention")["stack"].fillna("")) if "stack" in columns \
+        else [""]
+    one = len(stacks) == 1
+    return {"command": None, "runs": [{"name": root.name if one else f"{root.name}/{stack}", "directory": str(root),
+                                       "variant": variant if one else f"{variant} ({stack or 'main'})", "seed": 0,
                                        "sweep": "base", "params": None, "kv_cache_floats_per_token": None,
-                                       "config": None}]}
+                                       "config": None, **({} if one else {"stack": stack})} for stack in stacks]}
 
 
 def load(root: str | Path) -> StudyData:
@@ -70,8 +85,10 @@ def load(root: str | Path) -> StudyData:
         store = RunStore(run.directory)
         tables = store.tables()
         tag = {"name": run.name, "variant": run.variant, "seed": run.seed, "sweep": run.sweep}
+        stack = getattr(run, "stack", None)  # one stack of a model with several (a monitored run's record)
+        where = f" where coalesce(stack, '') = '{_quoted(stack)}'" if isinstance(stack, str) else ""
         if "attention" in tables:
-            attention.append(store.sql("select * exclude (run) from attention").assign(**tag))
+            attention.append(store.sql(f"select * exclude (run) from attention{where}").assign(**tag))
         if "train" in tables:
             train.append(store.sql("select * exclude (run) from train order by step").assign(**tag))
     if not attention:

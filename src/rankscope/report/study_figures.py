@@ -263,14 +263,17 @@ def head_maps(data: StudyData, sweep: str, out: Path) -> Path | None:
     return _save(fig, out / "head_maps.png")
 
 
-def layer_forms(data: StudyData, sweep: str, out: Path, total: int) -> Path:
+def layer_forms(data: StudyData, sweep: str, out: Path, total: int) -> Path | None:
     """Secondary view: the layer-level forms (sum over heads, offset 0): outliers under both nulls and spikes,
-    one colour scale for all three and all variants."""
+    one colour scale for all three and all variants (the panels of the nulls the rows have)."""
     rows = data.attention
     frame = rows[(rows["sweep"] == sweep) & (rows["kind"] == QK) & (rows["head"] < 0)]
     variants = _variants(frame)
     panels = [("outliers", PRODUCT, "outliers — product null"), ("spikes", PRODUCT, "spikes (grey: bulk not noise)"),
               ("outliers", MP, "outliers — naive MP")]
+    panels = [p for p in panels if (frame["null"] == p[1]).any()]  # e.g. a checkpoint series of one null
+    if not panels:
+        return None
     values = np.concatenate([frame["outliers"].to_numpy(float), frame["spikes"].to_numpy(float)])
     values = values[np.isfinite(values)]
     limits = (0.0, float(values.max()) if values.size else 1.0)
