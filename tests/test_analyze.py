@@ -164,7 +164,8 @@ def test_cli_summary_names_each_layers_spikiest_head_and_the_layer_forms_outlier
                                       "--format", "csv", "--no-figure"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     rows = pd.read_csv(tmp_path / "analysis.csv")
-    printed = [[c.strip() for c in line.split("│")[1:-1]] for line in result.output.splitlines()
+    per_layer = result.output.split("Model summary")[0]  # the per-layer table, before the model summary
+    printed = [[c.strip() for c in line.split("│")[1:-1]] for line in per_layer.splitlines()
                if line.count("│") == 10]
     assert len(printed) == 6
     for layer, kind, head, outliers, _, _, _, layer_form, kv in printed:

@@ -21,6 +21,14 @@ runner = CliRunner()
 ENV = {"COLUMNS": "200"}
 
 
+@pytest.fixture(autouse=True)
+def wide_console(monkeypatch):
+    """The CLI's console is made at import; under xdist it has no terminal: one line a row, as on a wide one."""
+    import rankscope.cli
+
+    monkeypatch.setattr(rankscope.cli.console, "width", 200)
+
+
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory):
     """A safetensors file of two plain matrices, no config: no attention layout."""
@@ -110,3 +118,22 @@ def test_help_and_version():
     for args in (["-h"], ["analyze", "-h"]):
         result = runner.invoke(app, args, env=ENV)
         assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_a_directory_of_checkpoints_is_a_series_with_a_step_column(tmp_path):
+    import transformers
+
+    from rankscope.store import RunStore
+
+    cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=16)
+    for step in (10, 20):
+        torch.manual_seed(step)
+        transformers.LlamaModel(cfg).save_pretrained(tmp_path / "trainer" / f"checkpoint-{step}")
+    result = runner.invoke(app, ["analyze", str(tmp_path / "trainer"), "--kinds", "qk"], env=ENV)
+    assert result.exit_code == 2 and "give --out DIR" in _one_line(result)
+    result = runner.invoke(app, ["analyze", str(tmp_path / "trainer"), "--kinds", "qk", "--out",
+                                 str(tmp_path / "series")], env=ENV)
+    assert result.exit_code == 0, result.output
+    qk = RunStore(tmp_path / "series").sql("SELECT step, layer, head FROM qk")
+    assert sorted(set(qk["step"])) == [10, 20] and len(qk) == 2 * 2 * (1 + 4)

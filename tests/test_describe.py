@@ -167,7 +167,10 @@ def test_the_null_estimate_counts_each_structure_once_and_work_follows_the_shape
     assert work(((1536, 384),)) == 1536 * 384**2 + 384**3  # Gram product + eigensolver
 
 
-def test_the_cli_prints_the_forms_and_the_estimate(tmp_path):
+def test_the_cli_prints_the_forms_and_the_estimate(tmp_path, monkeypatch):
+    import rankscope.cli
+
+    monkeypatch.setattr(rankscope.cli.console, "width", 200)  # one line a row (no terminal under xdist)
     llama().save_pretrained(tmp_path)
     runner = CliRunner()
     result = runner.invoke(app, ["describe", str(tmp_path)], env={"COLUMNS": "200"})
