@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from rankscope.analysis import _sampled, analyze, analyze_full, parse_experts
-from rankscope.errors import InputError
+from rankscope.errors import CheckpointError, InputError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -170,3 +170,43 @@ def test_plain_matrices_of_a_model_with_stacks_carry_their_stack():
     assert where["decoder.block.1.layer.0.SelfAttention.k.weight"] == "decoder"
     assert where["decoder.block.1.layer.1.EncDecAttention.v.weight"] == "cross"
     assert where["encoder.block.1.layer.1.DenseReluDense.wi.weight"] == "encoder"
+
+
+def test_bloom_configs_that_spell_the_width_n_embed_are_read():
+    import transformers
+
+    from rankscope.probes import hf_forms
+
+    cfg = transformers.BloomConfig(vocab_size=32, hidden_size=16, n_layer=2, n_head=4)
+    torch.manual_seed(0)
+    state = transformers.BloomModel(cfg).state_dict()
+    as_saved = {k: v for k, v in cfg.to_dict().items() if k != "hidden_size"} | {"n_embed": 16}  # the hub's file
+    a, b = list(hf_forms(cfg, state)), list(hf_forms(as_saved, state))
+    assert [f.key for f in a] == [f.key for f in b] and len(a) == 2 * 2 * (1 + 4)
+    for x, y in zip(a, b, strict=True):
+        assert all(torch.equal(p, q) for p, q in zip(x.form.factors, y.form.factors, strict=True))
+
+
+def test_a_layout_that_does_not_fit_the_weights_falls_back_with_a_note_unless_attention_was_asked():
+    class Renamed(torch.nn.Module):  # says llama, but its weights are not where a LLaMA keeps them
+        def __init__(self):
+            super().__init__()
+            self.config = {"model_type": "llama", "hidden_size": 20, "num_attention_heads": 2}
+            self.inner = _mlp()
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        df = analyze(Renamed())
+    assert [str(w.message) for w in caught if "could not be read" in str(w.message)]
+    assert sorted(df["name"]) == ["inner.0.weight", "inner.2.weight"]
+    with pytest.raises(CheckpointError, match="no parameter matches the llama attention layout"):
+        analyze(Renamed(), kinds=["qk"])
+
+
+def test_a_tensor_of_more_than_two_dimensions_gets_a_row_saying_it_was_skipped():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(16, 5))
+    df = analyze(model, kinds=["weights"])
+    conv = df[df["name"].eq("0.weight")].iloc[0]
+    assert conv["error"] == "skipped: a 4-D tensor, not a matrix" and conv["shapes"] == "4·3·3·3"
+    assert df.loc[df["name"].eq("2.weight"), "error"].iloc[0] == ""

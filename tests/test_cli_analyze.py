@@ -65,6 +65,7 @@ def _one_line(result) -> str:
     (["--fpr", "0.9"], "fpr must be a number in (0, 0.5]"),
     (["--experts", "sample:x"], "experts must be all, none or sample:K"),
     (["--jobs", "0"], "--jobs must be a positive number of processes"),
+    (["--format", "table", "--out", "unused"], "--format table prints, it writes no rows file"),
 ])
 def test_bad_options_exit_2_with_one_line_before_any_work(monkeypatch, plain, args, message):
     import rankscope.analysis as analysis
@@ -132,6 +133,9 @@ def test_a_directory_of_checkpoints_is_a_series_with_a_step_column(tmp_path):
         transformers.LlamaModel(cfg).save_pretrained(tmp_path / "trainer" / f"checkpoint-{step}")
     result = runner.invoke(app, ["analyze", str(tmp_path / "trainer"), "--kinds", "qk"], env=ENV)
     assert result.exit_code == 2 and "give --out DIR" in _one_line(result)
+    result = runner.invoke(app, ["analyze", str(tmp_path / "trainer"), "--out", str(tmp_path / "s"), "--format", "csv"],
+                           env=ENV)
+    assert result.exit_code == 2 and "a series is a run store" in _one_line(result)
     result = runner.invoke(app, ["analyze", str(tmp_path / "trainer"), "--kinds", "qk", "--out",
                                  str(tmp_path / "series")], env=ENV)
     assert result.exit_code == 0, result.output

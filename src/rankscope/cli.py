@@ -101,7 +101,10 @@ def analyze(
         if series is not None:
             if out is None:
                 raise InputError(f"a series of {len(series)} checkpoints is written to a run store: give --out DIR")
-            analyze_series(console, series, out=out, jobs=jobs, **options)
+            if spectra or fmt not in ("parquet", "table") or not figure:
+                raise InputError("--format, --spectra and --no-figure apply to one checkpoint; a series is a run store "
+                                 "(its spectra table keeps every attention form's eigenvalues)")
+            analyze_series(console, series, out=out, jobs=jobs, experts=experts, threads=threads, **options)
             return
         to_stdout = out is None and fmt in ("csv", "json")
         run_analyze(Console(stderr=True) if to_stdout else console, paths[0], out=out, fmt=fmt, figure=figure,

@@ -8,6 +8,7 @@ silently: a matrix that cannot be diagnosed (NaN/Inf, too large) gets its row wi
 
 from __future__ import annotations
 
+import itertools
 import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from rankscope.analysis.summary import warning_column
-from rankscope.errors import InputError
+from rankscope.errors import CheckpointError, InputError
 from rankscope.probes import NamedForm, detect_architecture, hf_forms, layout_of, multihead_attention_forms, stack_heads
 from rankscope.spectra import Diagnosis
 from rankscope.spectra.diagnose import diagnose_nulls
@@ -252,8 +253,9 @@ def _diagnose_forms(rows: _Rows, forms: list[NamedForm], nulls: tuple[str, ...],
 
 
 def _is_expert_stack(name: str, shape: tuple) -> bool:
-    """A mixture of experts' matrices stored as one 3-D tensor [E, out, in] (e.g. ``mlp.experts.gate_up_proj``)."""
-    return len(shape) == 3 and "expert" in name
+    """A mixture of experts' matrices stored as one 3-D tensor [E, out, in] (``mlp.experts.gate_up_proj``, or a GGUF
+    file's ``ffn_gate_exps``)."""
+    return len(shape) == 3 and ("expert" in name or "_exps" in name)
 
 
 def _matrices(weights: _Weights, wanted: set[str], experts: int | None) -> list[tuple[str, int, str]]:
@@ -279,9 +281,12 @@ def _matrices(weights: _Weights, wanted: set[str], experts: int | None) -> list[
 
 def _matrix_rows(rows: _Rows, weights: _Weights, matrices: list[tuple[str, int, str]], nulls: tuple[str, ...],
                  fpr: float, tick: Callable[[str], None], stacks: set[str]) -> None:
-    """Rows of the plain weight matrices, each with its nulls (or the reason it was skipped)."""
+    """Rows of the plain weight matrices, each with its nulls (or the reason it was skipped). An expert stack is
+    read once for all its experts (the matrices of one tensor are consecutive)."""
+    held: tuple[str, torch.Tensor] | None = None
     for name, expert, shown in matrices:
-        shape = weights.shape(name)[-2:]
+        full = weights.shape(name)
+        shape = full[-2:]
         add = partial(rows.add, shown, layer_of(name), -1, matrix_kind(name), shapes="·".join(map(str, shape)),
                       expert=expert, stack=stack_of(name, stacks))
         if not weights.dtype(name).is_floating_point:  # e.g. BERT's position_ids buffer
@@ -289,8 +294,9 @@ def _matrix_rows(rows: _Rows, weights: _Weights, matrices: list[tuple[str, int, 
         elif shape[0] * shape[1] > MAX_ELEMENTS:
             add(None, error=f"skipped: {shape[0]}×{shape[1]} is larger than {MAX_ELEMENTS} elements")
         else:
-            w = weights[name]
-            w = w[expert] if w.dim() == 3 else w  # (out, in): one expert of a stacked [E, out, in] tensor
+            if held is None or held[0] != name:
+                held = (name, weights[name])
+            w = held[1][expert] if len(full) == 3 else held[1]  # (out, in): one expert of a stacked [E, out, in]
             try:
                 found = diagnose_nulls(w, nulls, fpr=fpr, name=shown)
             except InputError as exc:
@@ -347,41 +353,69 @@ def analyze_full(model_or_path, *, per_head: bool = True, kinds: Iterable[str] |
         config, weights, forms = _source(model_or_path, tuple(int(o) for o in offsets))
         arch = detect_architecture(config) if config else None
         matrices = _matrices(weights, wanted, n_experts)
+        layout_stacks = {st.name for st in getattr(layout_of(config or {}), "stacks", ())} - {""}
         if forms is None and attention_kinds:
-            if arch:
-                forms = hf_forms(config, weights, heads=per_head, kinds=attention_kinds)
-            else:
-                note = _no_layout_note(config, sum(len(weights.shape(n)) == 2 for n in weights))
-                if explicit:
-                    raise InputError(f"{_what(model_or_path)}: cannot read kinds {', '.join(attention_kinds)}: "
-                                     + note.split(": ", 1)[0] + ": per-head attention forms need a layout, and "
-                                     f"there is none for it (layouts exist for: {note.rsplit('for: ', 1)[1]}")
-                notes.append(note)
-        if forms is not None and not isinstance(forms, list):
-            forms = list(forms)  # the probes read lazily; the layers are known only once they are read
-        layers = [key for key, _ in groupby(forms or [], key=lambda f: (f.stack, f.layer))]  # as _attention_rows
-        if not matrices and not layers:
+            forms = _hf_forms_or_note(model_or_path, config, weights, arch, per_head, attention_kinds, explicit, notes)
+        if not matrices and forms is None:
             raise InputError(f"{_what(model_or_path)}: nothing to diagnose for kinds {sorted(wanted)} "
                              f"(no 2-D weight matrix of those kinds{'' if arch else ' and no attention layout'})")
-        total, done = len(layers) + len(matrices), 0
+        if isinstance(forms, list):  # a rankscope model's or nn.MultiheadAttention's forms: the layers are known
+            layers = len([key for key, _ in groupby(forms, key=lambda f: (f.stack, f.layer))])
+        else:  # read lazily, layer by layer: count the layers from the attention weights' names
+            layers = len({(stack_of(n, layout_stacks), layer_of(n)) for n in weights
+                          if matrix_kind(n) == ATTN_WEIGHT and layer_of(n) >= 0})
+        total, done = layers + len(matrices), 0
 
         def tick(what: str) -> None:
             nonlocal done
             done += 1
             if progress:
-                progress(done, total, what)
+                progress(done, max(total, done), what)
 
         rows = _Rows(arch, spectra=spectra)
         _attention_rows(rows, forms or [], attention_kinds, per_head, nulls, fpr, tick)
-        stacks = {f.stack for f in forms or []} | {st.name for st in getattr(layout_of(config or {}), "stacks", ())}
+        stacks = {r["stack"] for r in rows.rows} | layout_stacks
         _matrix_rows(rows, weights, matrices, nulls, fpr, tick, stacks - {""})
-    if arch is None and not forms:
+        for name in weights:  # a convolution's kernel, say: not a matrix, but not passed over in silence either
+            shape = weights.shape(name)
+            if len(shape) > 2 and not _is_expert_stack(name, shape) and matrix_kind(name) in wanted:
+                rows.add(name, layer_of(name), -1, matrix_kind(name), None, shapes="·".join(map(str, shape)),
+                         error=f"skipped: a {len(shape)}-D tensor, not a matrix", stack=stack_of(name, stacks))
+    if not any(r["error"] == "" or not r["error"].startswith("skipped: a ") for r in rows.rows):
+        raise InputError(f"{_what(model_or_path)}: nothing to diagnose for kinds {sorted(wanted)} (no attention form "
+                         "and no 2-D weight matrix of those kinds)")
+    if arch is None and not any(r["kind"] in ATTENTION_KINDS for r in rows.rows):
         rows.out.not_understood = [n for n, _, _ in matrices if matrix_kind(n) == WEIGHT]
     rows.out.notes = notes
     table = pd.DataFrame(rows.rows)
     table["warning"] = warning_column(table)
     rows.out.table = table
     return rows.out
+
+
+def _hf_forms_or_note(model_or_path, config, weights, arch, per_head: bool, attention_kinds: list[str],
+                      explicit: bool, notes: list[str]) -> Iterator[NamedForm] | None:
+    """The attention forms of a transformers checkpoint, read lazily (layer by layer), or None with a note when
+    it has no layout or its layout cannot be read; attention kinds asked for explicitly then raise instead."""
+    n_matrices = sum(len(weights.shape(n)) == 2 for n in weights)
+    if arch is None:
+        note = _no_layout_note(config, n_matrices)
+        if explicit:
+            raise InputError(f"{_what(model_or_path)}: cannot read kinds {', '.join(attention_kinds)}: "
+                             + note.split(": ", 1)[0] + ": per-head attention forms need a layout, and "
+                             f"there is none for it (layouts exist for: {note.rsplit('for: ', 1)[1]}")
+        notes.append(note)
+        return None
+    forms = hf_forms(config, weights, heads=per_head, kinds=attention_kinds)
+    try:
+        first = next(forms, None)  # finds the stack's prefix and reads layer 0: a layout that does not fit fails here
+    except (InputError, CheckpointError) as exc:
+        if explicit:
+            raise
+        notes.append(f"model_type {config.get('model_type')!r}: its attention layout could not be read ({exc}); "
+                     f"its {n_matrices} 2-D weights are analysed as single matrices")
+        return None
+    return itertools.chain([first], forms) if first is not None else iter(())
 
 
 def _what(model_or_path) -> str:

@@ -36,6 +36,7 @@ from torch import nn
 from rankscope.analysis import (
     MAX_ELEMENTS,
     _matrices,
+    _no_layout_note,
     _source,
     check_options,
     layer_of,
@@ -311,6 +312,7 @@ def _matrix_rows(weights_b, weights_t, matrices: list[tuple[str, int, str]], nul
                  k: int | None, tick: Callable[[str], None], stacks: set[str]) -> list[dict]:
     """Rows of the plain weight matrices (float64), each with its nulls, or the reason it was skipped."""
     rows = []
+    held: tuple | None = None
     for name, expert, shown in matrices:
         shape = weights_b.shape(name)[-2:]
         meta = {"name": shown, "stack": stack_of(name, stacks), "layer": layer_of(name), "head": -1, "expert": expert,
@@ -320,10 +322,9 @@ def _matrix_rows(weights_b, weights_t, matrices: list[tuple[str, int, str]], nul
         elif shape[0] * shape[1] > MAX_ELEMENTS:
             rows.append({**meta, "error": f"skipped: {shape[0]}×{shape[1]} is larger than {MAX_ELEMENTS} elements"})
         else:
-            pair = []
-            for weights in (weights_b, weights_t):
-                w = weights[name]
-                pair.append(Chain((w[expert] if w.dim() == 3 else w).to(torch.float64)))  # (out, in)
+            if held is None or held[0] != name:  # an expert stack is read once for all its experts
+                held = (name, weights_b[name], weights_t[name])
+            pair = [Chain((w[expert] if w.dim() == 3 else w).to(torch.float64)) for w in held[1:]]  # (out, in)
             rows += _rows([meta], [pair[0]], [pair[1]], nulls, fpr, k)
         tick(shown)
     return rows
@@ -386,5 +387,8 @@ def diff(base, tuned, *, per_head: bool = True, kinds: Iterable[str] | None = No
         stacks = {st.name for st in getattr(layout, "stacks", ())}  # the stacks of a model with several
         stacks |= {f.stack for f in forms[0]} if isinstance(forms[0], list) else set()
         rows += _matrix_rows(weights_b, weights_t, matrices, nulls, fpr, k, tick, stacks - {""})
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    no_layout = forms[0] is None and attention_kinds
+    table.attrs["notes"] = [_no_layout_note(config_b, len(matrices))] if no_layout else []
+    return table
 

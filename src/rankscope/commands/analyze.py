@@ -25,6 +25,9 @@ def check_cli_options(*, kinds: str | None, null: str, fpr: float, out: Path | N
     fmt = fmt or ("parquet" if out is not None else "table")
     if fmt == "parquet" and out is None:
         raise InputError("--format parquet writes a file: give --out DIR (csv and json can go to stdout)")
+    if fmt == "table" and out is not None:
+        raise InputError("--format table prints, it writes no rows file: with --out DIR choose parquet (the default), "
+                         "csv or json")
     check_options((null,), fpr)
     if kinds is not None:
         wanted = selected_kinds(kinds)
@@ -90,12 +93,12 @@ def summary(df) -> Table:
 
 def model_summary(df) -> Table:
     """The model-level summary (``rs.summary``) as a table: one row for every kind that was asked and computed."""
-    from rankscope.analysis.summary import WARNINGS
+    from rankscope.analysis.summary import WARNINGS, _chosen_null
     from rankscope.analysis.summary import summary as summarise
 
     frame = summarise(df)
     stacks = frame["stack"].ne("").any()
-    table = Table(title="Model summary, per kind (product null, offset 0)")
+    table = Table(title=f"Model summary, per kind ({_chosen_null(df, None)} null, offset 0)")
     for col in (*(["stack"] if stacks else []), "kind", "forms", "heads spiked", "layers spiked",
                 "stable rank", "eff. rank", "÷ null", "warnings", "standing out"):
         table.add_column(col, justify="left" if col in ("stack", "kind", "warnings") else "right")
@@ -185,8 +188,7 @@ def analyze(console: Console, path: str, *, per_head: bool, kinds: list[str] | N
         console.print(f"[yellow]… and {len(errors) - MAX_ERROR_LINES} more rows with errors[/yellow] (the error "
                       "column of the rows file has them all)")
     if out is not None:
-        if fmt != "table":
-            console.print(f"rows: {write_rows(df, out, fmt)}")
+        console.print(f"rows: {write_rows(df, out, fmt)}")
         drawn = esd(result, out) if figure else None
         if drawn:
             console.print(f"figure: {drawn}")

@@ -16,9 +16,12 @@ def _num(x, digits: int = 3) -> str:
     return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{float(x):.{digits}g}"
 
 
-def _count(x) -> str:
-    """A spike count, "no fit" where the bulk of the change is not noise-shaped (NaN)."""
-    return "no fit" if x is None or x != x else str(int(x))
+def _count(x, null: str = PRODUCT) -> str:
+    """A spike count: "no fit" where the bulk of the change is not noise-shaped (NaN), "–" under a null that counts
+    no spikes (its spikes are NaN by definition)."""
+    if x is None or x != x:
+        return "no fit" if null == PRODUCT else "–"
+    return str(int(x))
 
 
 def _short(name: str) -> str:
@@ -30,18 +33,20 @@ def _short(name: str) -> str:
 def matrices_table(df: pd.DataFrame) -> Table:
     """Per matrix and per layer form (head −1): the size and the spikes of the change, the change of the rank
     measures and the overlap of the top-k subspaces (with k/n, its value for random subspaces)."""
-    rows = df[(df["head"] < 0) & df["error"].eq("")].sort_values(["layer", "kind", "name"], kind="stable")
+    rows = df[(df["head"] < 0) & df["error"].eq("")].sort_values(["stack", "layer", "kind", "name"], kind="stable")
+    stacks = rows["stack"].ne("").any()
     table = Table(title="What changed, per matrix and layer form (ΔW = W_tuned − W_base)")
-    for col in ("layer", "matrix", "‖ΔW‖/‖W‖", "ΔW spikes / outliers", "Δ spikes", "Δ stable rank", "Δ eff. rank",
-                "overlap (k, random)"):
+    for col in (*(["stack"] if stacks else []), "layer", "matrix", "‖ΔW‖/‖W‖", "ΔW spikes / outliers", "Δ spikes",
+                "Δ stable rank", "Δ eff. rank", "overlap (k, random)"):
         table.add_column(col, justify="left" if col == "matrix" else "right")
     for r in rows.itertuples():
         what = f"{r.kind} form" if r.kind in ATTENTION_KINDS else _short(r.name)
         overlap = "–" if not r.overlap_k else \
             f"{_num(r.overlap_left, 2)} ({int(r.overlap_k)}, {_num(r.overlap_random_left, 1)})"
-        table.add_row(str(r.layer) if r.layer >= 0 else "", what, _num(r.dw_relative_norm, 2),
+        table.add_row(*([r.stack] if stacks else []), str(r.layer) if r.layer >= 0 else "", what,
+                      _num(r.dw_relative_norm, 2),
                       "no change" if not r.changed else "not counted" if r.dw_note else
-                      f"{_count(r.dw_spikes)} / {_count(r.dw_outliers)}",
+                      f"{_count(r.dw_spikes, r.null)} / {_count(r.dw_outliers, PRODUCT)}",
                       _num(r.spikes_change, 2),
                       _num(r.stable_rank_change, 2), _num(r.effective_rank_change, 2), overlap)
     table.caption = ("ΔW spikes: directions of the change above its noise bulk (the null of rankscope.diagnose; "
@@ -57,15 +62,17 @@ def heads_table(df: pd.DataFrame) -> Table | None:
     heads = df[(df["head"] >= 0) & df["error"].eq("")]
     if heads.empty:
         return None
+    stacks = heads["stack"].ne("").any()
     table = Table(title="Per-head form changes ΔB_h = B_h(tuned) − B_h(base)")
-    for col in ("layer", "kind", "heads", "with spikes", "most spikes", "no fit", "not counted", "mean ‖ΔB‖/‖B‖"):
+    for col in (*(["stack"] if stacks else []), "layer", "kind", "heads", "with spikes", "most spikes", "no fit",
+                "not counted", "mean ‖ΔB‖/‖B‖"):
         table.add_column(col, justify="right")
-    for (layer, kind), g in heads.groupby(["layer", "kind"], sort=True):
+    for (stack, layer, kind, null), g in heads.groupby(["stack", "layer", "kind", "null"], sort=True):
         spikes = g["dw_spikes"].where(g["changed"].astype(bool), 0.0)
         untested = g["dw_note"].ne("")
         top = spikes.fillna(-1).idxmax()
-        most = f"{_count(spikes[top])} (head {int(g.loc[top, 'head'])})" if spikes[top] > 0 else "–"
-        table.add_row(str(layer), kind, str(len(g)), str(int((spikes > 0).sum())), most,
+        most = f"{_count(spikes[top], null)} (head {int(g.loc[top, 'head'])})" if spikes[top] > 0 else "–"
+        table.add_row(*([stack] if stacks else []), str(layer), kind, str(len(g)), str(int((spikes > 0).sum())), most,
                       str(int((spikes.isna() & ~untested).sum())), str(int(untested.sum())),
                       _num(g["dw_relative_norm"].mean(), 2))
     return table
@@ -80,8 +87,9 @@ def figure(df: pd.DataFrame, path: Path) -> Path:
     from matplotlib.figure import Figure  # no pyplot: PNG through Agg, no GUI backend, no global figure registry
 
     ok = df[df["error"].eq("") & (df["layer"] >= 0)].copy()
-    ok["series"] = [f"{k} heads (mean)" if h >= 0 else (f"{k} form" if k in ATTENTION_KINDS else _short(n))
-                    for n, k, h in zip(ok["name"], ok["kind"], ok["head"], strict=True)]
+    ok["series"] = [(f"{st} " if st else "") + (f"{k} heads (mean)" if h >= 0 else
+                                                (f"{k} form" if k in ATTENTION_KINDS else _short(n)))
+                    for n, st, k, h in zip(ok["name"], ok["stack"], ok["kind"], ok["head"], strict=True)]
     ok["spikes"] = ok["dw_spikes"].where(ok["changed"].astype(bool), 0.0)
     panels = [("spikes", "spikes of the change ΔW (above its noise bulk)", "magma"),
               ("overlap_left", "top-k subspace overlap ‖U_bᵀU_t‖²/k (random: k/n)", "viridis")]
@@ -136,6 +144,8 @@ def diff(console: Console, base: str, tuned: str, *, per_head: bool, kinds: list
 
         df = compare(base, tuned, per_head=per_head, kinds=kinds, null=null, fpr=fpr, k=k,
                      threads=threads or free_cores(), progress=progress)
+    for note in df.attrs.get("notes", []):
+        console.print(f"[yellow]note:[/yellow] {note}", soft_wrap=True)
     shown = df[df["null"] == null] if "null" in df else df
     console.print(matrices_table(shown))
     heads = heads_table(shown)
@@ -144,10 +154,8 @@ def diff(console: Console, base: str, tuned: str, *, per_head: bool, kinds: list
     for _, row in df[df["error"].ne("")].iterrows():
         console.print(f"[yellow]{row['name']}:[/yellow] {row['error']}", soft_wrap=True)
     if out is not None:
-        import duckdb
-
         out.mkdir(parents=True, exist_ok=True)
-        duckdb.from_df(df).write_parquet(str(out / "diff.parquet"))
+        df.to_parquet(out / "diff.parquet", index=False)
         console.print(f"rows: {out / 'diff.parquet'}")
         console.print(f"figure: {figure(shown, out / 'diff.png')}")
     changed = int(df["changed"].fillna(True).sum()) if "changed" in df else 0

@@ -125,16 +125,16 @@ def checkpoint_series(paths: list[str]) -> list[tuple[int, str]] | None:
 # ---------------------------------------------------------------------------------------------- analysis
 
 
-def analyze_one(path: str, step: int, per_head: bool, kinds, null, fpr: float,
-                threads: int | None) -> tuple[int, pd.DataFrame, list[dict]]:
+def analyze_one(path: str, step: int, per_head: bool, kinds, null, fpr: float, experts,
+                threads: int | None) -> tuple[int, pd.DataFrame, list[dict], list[str]]:
     """(step, the rows of ``analyze_full`` with their ``step`` and ``checkpoint``, the spectra rows of its
-    attention forms): the work of one checkpoint, in a worker process or in this one."""
+    attention forms, its notes): the work of one checkpoint, in a worker process or in this one."""
     import numpy as np
 
     from rankscope.analysis import analyze_full
     from rankscope.vocab import ATTENTION_KINDS
 
-    found = analyze_full(path, per_head=per_head, kinds=kinds, null=null, fpr=fpr, threads=threads)
+    found = analyze_full(path, per_head=per_head, kinds=kinds, null=null, fpr=fpr, experts=experts, threads=threads)
     table = found.table.assign(step=step, checkpoint=path)
     spectra = []
     stacks, kinds_, layers, heads, offsets = (table[c].to_numpy() for c in ("stack", "kind", "layer", "head", "offset"))
@@ -145,13 +145,22 @@ def analyze_one(path: str, step: int, per_head: bool, kinds, null, fpr: float,
                             "eigenvalues": d.eigenvalues.tolist(),
                             "null_quantiles": None if d.null_quantiles is None else
                             np.asarray(d.null_quantiles, dtype=np.float64).tolist()})
-    return step, table, spectra
+    return step, table, spectra, found.notes
 
 
-def _store(store, step: int, table: pd.DataFrame, spectra: list[dict]) -> None:
-    """One checkpoint's rows into the store's tables (attention forms, plain matrices, spectra), then a flush."""
+def _store(store, step: int, table: pd.DataFrame, spectra: list[dict], notes: list[str], said: set[str],
+           console: Console) -> None:
+    """One checkpoint's rows into the store's tables (attention forms, plain matrices, spectra), then a flush; its
+    notes (once each) and error rows are said."""
     from rankscope.vocab import ATTENTION_KINDS
 
+    for note in notes:
+        if note not in said:
+            console.print(f"[yellow]note:[/yellow] {note}", soft_wrap=True)
+            said.add(note)
+    errors = int(table["error"].ne("").sum()) if "error" in table else 0
+    if errors:
+        console.print(f"[yellow]step {step}:[/yellow] {errors} rows with errors (their error column says why)")
     if not table.empty:
         attention = table["kind"].isin(ATTENTION_KINDS)
         store.append("attention", table[attention])
@@ -161,17 +170,17 @@ def _store(store, step: int, table: pd.DataFrame, spectra: list[dict]) -> None:
 
 
 def analyze_series(console: Console, checkpoints: list[tuple[int, str]], *, out: Path, jobs: int, per_head,
-                   kinds, null, fpr) -> Path:
+                   kinds, null, fpr, experts: str = "all", threads: int = 0) -> Path:
     """Analyse every (step, checkpoint) into the run store under ``out`` (``RunStore``: tables ``attention``,
     ``weights``, ``spectra``, each row with its ``step``); steps already stored there are skipped (resumable).
-    ``jobs`` > 1: that many worker processes (forkserver or spawn; one torch and one BLAS thread each).
-    Returns ``out``."""
+    ``jobs`` > 1: that many worker processes (forkserver or spawn; one torch and one BLAS thread each); with one
+    job, ``threads`` BLAS threads (0: the free cores). ``experts``: as ``analyze``'s. Returns ``out``."""
     import concurrent.futures as cf
     import time
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from rankscope.analysis import check_options, selected_kinds
+    from rankscope.analysis import check_options, parse_experts, selected_kinds
     from rankscope.spectra.threads import free_cores
     from rankscope.store import RunStore
     from rankscope.vocab import ALL_GROUPS
@@ -180,6 +189,7 @@ def analyze_series(console: Console, checkpoints: list[tuple[int, str]], *, out:
         raise InputError(f"--jobs must be a positive number of worker processes, got {jobs!r}")
     check_options((null,) if isinstance(null, str) else tuple(null), fpr)
     selected_kinds(kinds if kinds is not None else ALL_GROUPS)  # bad kinds fail before any work
+    parse_experts(experts)
     out = Path(out)
     store = RunStore(out)
     done = store.steps("attention") | store.steps("weights")
@@ -187,14 +197,15 @@ def analyze_series(console: Console, checkpoints: list[tuple[int, str]], *, out:
     if len(todo) < len(checkpoints):
         console.print(f"{out}: {len(checkpoints) - len(todo)} of {len(checkpoints)} steps already stored, skipped")
     t0 = time.perf_counter()
-    args = (per_head, kinds, null, fpr)
+    args = (per_head, kinds, null, fpr, experts)
+    said: set[str] = set()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
         task = bar.add_task("analysing checkpoints", total=len(todo))
         if jobs == 1 or len(todo) <= 1:
             for step, path in todo:
                 bar.update(task, description=f"analysing step {step}")
-                _store(store, *analyze_one(path, step, *args, threads=free_cores()))
+                _store(store, *analyze_one(path, step, *args, threads=threads or free_cores()), said, console)
                 bar.advance(task)
         else:
             context = _worker_context()
@@ -203,8 +214,8 @@ def analyze_series(console: Console, checkpoints: list[tuple[int, str]], *, out:
                 futures = [pool.submit(analyze_one, path, step, *args, threads=1) for step, path in todo]
                 try:
                     for future in cf.as_completed(futures):
-                        step, table, spectra = future.result()
-                        _store(store, step, table, spectra)
+                        step, table, spectra, notes = future.result()
+                        _store(store, step, table, spectra, notes, said, console)
                         bar.update(task, advance=1, description=f"analysed step {step}")
                 except BaseException:
                     for f in futures:

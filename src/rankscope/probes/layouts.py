@@ -258,7 +258,7 @@ def _weight(state_dict: Mapping, name: str, cfg: dict) -> torch.Tensor:
 
 
 def _mha_head_dims(cfg: dict) -> tuple[int, int, int, int]:
-    d = _get(cfg, "hidden_size", "n_embd", "d_model")
+    d = _get(cfg, "hidden_size", "n_embd", "n_embed", "d_model")  # n_embed: BLOOM's and old Falcon's config.json
     H = _get(cfg, "num_attention_heads", "n_head")
     H_kv = _get(cfg, "num_key_value_heads", default=H)
     dh = _get(cfg, "head_dim", default=d // H)

@@ -374,11 +374,16 @@ def _hub_offline() -> bool:
 def _download(repo_id: str) -> Path:
     """The local snapshot of a hub model: from the local cache first (offline), else downloaded (json and
     safetensors only); a CheckpointError saying why not."""
-    from huggingface_hub import snapshot_download
-
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CheckpointError(f"{repo_id}: no such file or directory (and huggingface_hub, which would look for it in "
+                              "the Hugging Face cache or on the hub, is not installed)") from None
     patterns = ["*.json", "*.safetensors"]
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+        local = Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+        if any(local.glob("*.safetensors")) or any(local.glob("*.safetensors.index.json")):
+            return local  # a snapshot with weights (an older huggingface_hub may return one with a config only)
     except Exception:  # not in the cache (LocalEntryNotFoundError), or a bad id: try the hub unless offline
         pass
     prefix = f"{repo_id}: no such file or directory, not in the local Hugging Face cache"
