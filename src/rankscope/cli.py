@@ -71,14 +71,14 @@ def analyze(
                                                 "checkpoint-*/step_* dirs, for a series with a step column"),
     per_head: bool = typer.Option(True, "--per-head/--per-layer", help="also diagnose every head, not only layers"),
     kinds: str | None = typer.Option(None, help="comma-separated kind groups qk, ov, mlp, weights, or single kinds "
-                                                "[default: all]"),
+                                                "(default: all)"),
     null: str = typer.Option(PRODUCT, help="product (structure-matched) | mp (naive fit) | tw (single matrices) | "
                                            "permutation"),
     fpr: float = typer.Option(0.01, help="false-positive rate of the outlier test, per spectrum, in (0, 0.5]"),
     out: Path | None = typer.Option(None, help="directory for the rows file (parquet unless --format says) and the "
                                                "ESD figure; for a series, the run store"),
-    fmt: str | None = typer.Option(None, "--format", help="table | csv | parquet | json [default: parquet with "
-                                                          "--out, else table]; csv or json without --out: stdout"),
+    fmt: str | None = typer.Option(None, "--format", help="table | csv | parquet | json (default: parquet with "
+                                                          "--out, else table); csv or json without --out: stdout"),
     figure: bool = typer.Option(True, "--figure/--no-figure",
                                 help="with --out, also draw esd.png: the spikiest head's and layer's spectra"),
     threads: int = typer.Option(0, help="BLAS threads for the numerics (torch gets one); 0 = the free cores"),
@@ -251,7 +251,7 @@ def diff(
     tuned: str = typer.Argument(..., help="the tuned checkpoint, of the same architecture and shapes"),
     per_head: bool = typer.Option(True, "--per-head/--per-layer", help="also compare every head's forms"),
     kinds: str | None = typer.Option(None, help="comma-separated kind groups qk, ov, mlp, weights, or single kinds "
-                                                "[default: all]"),
+                                                "(default: all)"),
     null: str = typer.Option(PRODUCT, help="product (structure-matched) | mp (naive fit)"),
     fpr: float = typer.Option(0.01, help="false-positive rate of the outlier test, per spectrum"),
     k: int = typer.Option(0, help="dimension of the compared top singular subspaces; 0 = the base's outlier count"),
