@@ -294,3 +294,37 @@ def test_the_cli_writes_rows_and_figure(tmp_path, base_dir):
     assert set(rows["kind"]) == {"qk", "attn_weight", "embedding"} and rows["changed"].all()
     png = (tmp_path / "out" / "diff.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_stacks_are_kept_apart_and_a_model_without_a_layout_says_so(tmp_path, monkeypatch):
+    import transformers
+
+    import rankscope.cli
+    from rankscope.commands.diff import heads_table, matrices_table
+
+    monkeypatch.setattr(rankscope.cli.console, "width", 200)
+    cfg = transformers.T5Config(vocab_size=32, d_model=16, d_kv=4, d_ff=16, num_layers=1, num_heads=2)
+    torch.manual_seed(0)
+    base = transformers.T5Model(cfg)
+    df = diff(base, changed(base, noise), kinds=["qk"])
+    heads = df[df["head"] >= 0]
+    assert sorted(set(heads["stack"])) == ["cross", "decoder", "encoder"]
+    assert heads.groupby("stack").size().tolist() == [2, 2, 2]  # two heads in each stack, never merged
+    from rich.console import Console
+
+    console = Console(width=200, record=True)
+    console.print(heads_table(df))
+    console.print(matrices_table(df))
+    text = console.export_text()
+    for stack in ("encoder", "decoder", "cross"):
+        assert stack in text
+    import copy
+
+    plain = torch.nn.Sequential(torch.nn.Linear(20, 30), torch.nn.Linear(30, 10))
+    tuned = copy.deepcopy(plain)
+    with torch.no_grad():
+        tuned[0].weight.add_(SIGMA * torch.randn(30, 20))
+    out = diff(plain, tuned)
+    assert out.attrs["notes"] and "per-head attention forms need a layout" in out.attrs["notes"][0]
+    with pytest.raises(InputError, match="cannot compare kinds qk"):
+        diff(plain, plain, kinds=["qk"])
