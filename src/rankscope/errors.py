@@ -11,3 +11,10 @@ class InputError(RankscopeError, ValueError):
 
 class CheckpointError(RankscopeError):
     """A checkpoint or weights file that cannot be read: missing, truncated, corrupt or unsafe."""
+
+
+def one_line(err: BaseException, limit: int = 200) -> str:
+    """The first non-empty line of an error's text, shortened: a library's message inside ours, without its
+    traceback noise."""
+    line = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+    return line if len(line) <= limit else line[: limit - 1] + "…"

@@ -279,6 +279,38 @@ def _matrices(weights: _Weights, wanted: set[str], experts: int | None) -> list[
     return out
 
 
+def layout_stacks(config) -> set[str]:
+    """The named attention stacks of a model's layout (T5's encoder, decoder, cross; CLIP's text, vision), or none."""
+    layout = layout_of(config) if isinstance(config, dict) else None
+    return {st.name for st in getattr(layout, "stacks", ())} - {""}
+
+
+def skip_reason(weights: _Weights, name: str) -> str:
+    """Why a plain matrix (or an expert's slice) is not diagnosed ("" when it is): an integer buffer, or more than
+    ``MAX_ELEMENTS`` entries. The one rule of ``analyze``, ``describe`` and ``diff``."""
+    n, m = weights.shape(name)[-2:]
+    if not weights.dtype(name).is_floating_point:  # e.g. BERT's position_ids buffer
+        return f"skipped: {weights.dtype(name)} buffer, not a weight"
+    if n * m > MAX_ELEMENTS:
+        return f"skipped: {n}×{m} is larger than {MAX_ELEMENTS} elements"
+    return ""
+
+
+def spectra_rows(found: Analysis, **keys) -> list[dict]:
+    """The ``spectra`` table's rows of an analysis: each attention form's eigenvalues, bulk edge and null quantiles,
+    with its (stack, layer, head, kind, offset, null) and the given ``keys`` (e.g. ``step``)."""
+    import numpy as np
+
+    table = found.table
+    kinds, stacks, layers, heads, offsets = (table[c].to_numpy() for c in ("kind", "stack", "layer", "head", "offset"))
+    return [{**keys, "stack": stacks[i], "layer": int(layers[i]), "head": int(heads[i]), "kind": kinds[i],
+             "offset": int(offsets[i]), "null": d.null, "bulk_edge": d.bulk_edge,
+             "eigenvalues": d.eigenvalues.tolist(),
+             "null_quantiles": None if d.null_quantiles is None else
+             np.asarray(d.null_quantiles, dtype=np.float64).tolist()}
+            for i, d in found.diagnoses.items() if kinds[i] in ATTENTION_KINDS]  # keys: row positions
+
+
 def _matrix_rows(rows: _Rows, weights: _Weights, matrices: list[tuple[str, int, str]], nulls: tuple[str, ...],
                  fpr: float, tick: Callable[[str], None], stacks: set[str]) -> None:
     """Rows of the plain weight matrices, each with its nulls (or the reason it was skipped). An expert stack is
@@ -289,10 +321,9 @@ def _matrix_rows(rows: _Rows, weights: _Weights, matrices: list[tuple[str, int, 
         shape = full[-2:]
         add = partial(rows.add, shown, layer_of(name), -1, matrix_kind(name), shapes="·".join(map(str, shape)),
                       expert=expert, stack=stack_of(name, stacks))
-        if not weights.dtype(name).is_floating_point:  # e.g. BERT's position_ids buffer
-            add(None, error=f"skipped: {weights.dtype(name)} buffer, not a weight")
-        elif shape[0] * shape[1] > MAX_ELEMENTS:
-            add(None, error=f"skipped: {shape[0]}×{shape[1]} is larger than {MAX_ELEMENTS} elements")
+        skipped = skip_reason(weights, name)
+        if skipped:
+            add(None, error=skipped)
         else:
             if held is None or held[0] != name:
                 held = (name, weights[name])
@@ -353,7 +384,7 @@ def analyze_full(model_or_path, *, per_head: bool = True, kinds: Iterable[str] |
         config, weights, forms = _source(model_or_path, tuple(int(o) for o in offsets))
         arch = detect_architecture(config) if config else None
         matrices = _matrices(weights, wanted, n_experts)
-        layout_stacks = {st.name for st in getattr(layout_of(config or {}), "stacks", ())} - {""}
+        named_stacks = layout_stacks(config)
         if forms is None and attention_kinds:
             forms = _hf_forms_or_note(model_or_path, config, weights, arch, per_head, attention_kinds, explicit, notes)
         if not matrices and forms is None:
@@ -362,7 +393,7 @@ def analyze_full(model_or_path, *, per_head: bool = True, kinds: Iterable[str] |
         if isinstance(forms, list):  # a rankscope model's or nn.MultiheadAttention's forms: the layers are known
             layers = len([key for key, _ in groupby(forms, key=lambda f: (f.stack, f.layer))])
         else:  # read lazily, layer by layer: count the layers from the attention weights' names
-            layers = len({(stack_of(n, layout_stacks), layer_of(n)) for n in weights
+            layers = len({(stack_of(n, named_stacks), layer_of(n)) for n in weights
                           if matrix_kind(n) == ATTN_WEIGHT and layer_of(n) >= 0})
         total, done = layers + len(matrices), 0
 
@@ -374,7 +405,7 @@ def analyze_full(model_or_path, *, per_head: bool = True, kinds: Iterable[str] |
 
         rows = _Rows(arch, spectra=spectra)
         _attention_rows(rows, forms or [], attention_kinds, per_head, nulls, fpr, tick)
-        stacks = {r["stack"] for r in rows.rows} | layout_stacks
+        stacks = {r["stack"] for r in rows.rows} | named_stacks
         _matrix_rows(rows, weights, matrices, nulls, fpr, tick, stacks - {""})
         for name in weights:  # a convolution's kernel, say: not a matrix, but not passed over in silence either
             shape = weights.shape(name)

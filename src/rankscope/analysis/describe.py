@@ -43,18 +43,19 @@ import torch
 from torch import nn
 
 from rankscope.analysis import (
-    MAX_ELEMENTS,
     _matrices,
     _no_layout_note,
     _source,
     _Weights,
     layer_of,
+    layout_stacks,
     matrix_kind,
     parse_experts,
     selected_kinds,
+    skip_reason,
     stack_of,
 )
-from rankscope.probes import NamedForm, detect_architecture, hf_forms, layout_of
+from rankscope.probes import NamedForm, detect_architecture, hf_forms
 from rankscope.spectra import budget, permutation
 from rankscope.spectra.form import Structure
 from rankscope.spectra.nulls import _canonical, deflation_grid
@@ -239,16 +240,11 @@ def describe_full(model_or_path, *, per_head: bool = True, kinds: Iterable[str] 
              "shapes": str(f.form.structure), "rank": f.form.rank_bound, "n": f.form.n, "m": f.form.m,
              "plain": False, "error": ""} for f in forms]
     structures = [f.form.structure for f in forms]
-    layout = layout_of(config) if isinstance(config, dict) else None
-    stacks = ({f.stack for f in forms} | {st.name for st in getattr(layout, "stacks", ())}) - {""}  # as analyze
+    stacks = ({f.stack for f in forms} | layout_stacks(config)) - {""}  # as analyze
     for name, expert, shown in matrices:
         n, m = weights.shape(name)[-2:]
-        error = ""
-        if not weights.dtype(name).is_floating_point:
-            error = f"skipped: {weights.dtype(name)} buffer, not a weight"
-        elif n * m > MAX_ELEMENTS:
-            error = f"skipped: {n}×{m} is larger than {MAX_ELEMENTS} elements"
-        else:
+        error = skip_reason(weights, name)
+        if not error:
             structures.append(Structure(((n, m),)))
         rows.append({"name": shown, "stack": stack_of(name, stacks), "layer": layer_of(name), "head": -1,
                      "expert": expert, "kind": matrix_kind(name), "offset": 0, "variant": "", "kv_cache_floats": None,

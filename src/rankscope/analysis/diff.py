@@ -34,18 +34,19 @@ import torch
 from torch import nn
 
 from rankscope.analysis import (
-    MAX_ELEMENTS,
     _matrices,
     _no_layout_note,
     _source,
     check_options,
     layer_of,
+    layout_stacks,
     matrix_kind,
     selected_kinds,
+    skip_reason,
     stack_of,
 )
 from rankscope.errors import InputError
-from rankscope.probes import NamedForm, detect_architecture, hf_forms, layout_of
+from rankscope.probes import NamedForm, detect_architecture, hf_forms
 from rankscope.spectra import Diagnosis, diagnose_nulls, metrics, prepare, spectrum, stack
 from rankscope.spectra.form import Chain, Form, Sum, split_at_bottleneck
 from rankscope.spectra.threads import thread_budget
@@ -317,10 +318,9 @@ def _matrix_rows(weights_b, weights_t, matrices: list[tuple[str, int, str]], nul
         shape = weights_b.shape(name)[-2:]
         meta = {"name": shown, "stack": stack_of(name, stacks), "layer": layer_of(name), "head": -1, "expert": expert,
                 "kind": matrix_kind(name), "offset": 0, "variant": "", "shapes": "·".join(map(str, shape))}
-        if not weights_b.dtype(name).is_floating_point:
-            rows.append({**meta, "error": f"skipped: {weights_b.dtype(name)} buffer, not a weight"})
-        elif shape[0] * shape[1] > MAX_ELEMENTS:
-            rows.append({**meta, "error": f"skipped: {shape[0]}×{shape[1]} is larger than {MAX_ELEMENTS} elements"})
+        skipped = skip_reason(weights_b, name)
+        if skipped:
+            rows.append({**meta, "error": skipped})
         else:
             if held is None or held[0] != name:  # an expert stack is read once for all its experts
                 held = (name, weights_b[name], weights_t[name])
@@ -383,8 +383,7 @@ def diff(base, tuned, *, per_head: bool = True, kinds: Iterable[str] | None = No
         rows = []
         if forms[0] is not None and attention_kinds:
             rows += _attention_rows(forms[0], forms[1], attention_kinds, per_head, nulls, fpr, k, tick)
-        layout = layout_of(config_b) if isinstance(config_b, dict) else None
-        stacks = {st.name for st in getattr(layout, "stacks", ())}  # the stacks of a model with several
+        stacks = layout_stacks(config_b)  # the stacks of a model with several
         stacks |= {f.stack for f in forms[0]} if isinstance(forms[0], list) else set()
         rows += _matrix_rows(weights_b, weights_t, matrices, nulls, fpr, k, tick, stacks - {""})
     table = pd.DataFrame(rows)

@@ -160,19 +160,12 @@ def analyze(console: Console, path: str, *, per_head: bool, kinds: list[str] | N
     import sys
     import time
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from rankscope.analysis import analyze_full
+    from rankscope.commands.progress import progress_bar
     from rankscope.spectra.threads import free_cores
 
     t0 = time.perf_counter()
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as bar:
-        task = bar.add_task("reading the checkpoint", total=None)
-
-        def progress(done: int, total: int, what: str) -> None:
-            bar.update(task, completed=done, total=total, description=f"analysing {what}")
-
+    with progress_bar(console, "reading the checkpoint", "analysing") as progress:
         result = analyze_full(path, per_head=per_head, kinds=kinds, null=null, fpr=fpr, experts=experts,
                               spectra=spectra, threads=threads or free_cores(), progress=progress)
     df = result.table

@@ -129,19 +129,12 @@ def diff(console: Console, base: str, tuned: str, *, per_head: bool, kinds: list
     """Compare, print the tables and errors; with ``out``, write ``diff.parquet`` and ``diff.png``."""
     import time
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from rankscope.analysis.diff import diff as compare
+    from rankscope.commands.progress import progress_bar
     from rankscope.spectra.threads import free_cores
 
     t0 = time.perf_counter()
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as bar:
-        task = bar.add_task("comparing", total=None)
-
-        def progress(done: int, total: int, what: str) -> None:
-            bar.update(task, completed=done, total=total, description=f"comparing {what}")
-
+    with progress_bar(console, "comparing", "comparing") as progress:
         df = compare(base, tuned, per_head=per_head, kinds=kinds, null=null, fpr=fpr, k=k,
                      threads=threads or free_cores(), progress=progress)
     for note in df.attrs.get("notes", []):

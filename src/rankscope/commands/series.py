@@ -129,23 +129,10 @@ def analyze_one(path: str, step: int, per_head: bool, kinds, null, fpr: float, e
                 threads: int | None) -> tuple[int, pd.DataFrame, list[dict], list[str]]:
     """(step, the rows of ``analyze_full`` with their ``step`` and ``checkpoint``, the spectra rows of its
     attention forms, its notes): the work of one checkpoint, in a worker process or in this one."""
-    import numpy as np
-
-    from rankscope.analysis import analyze_full
-    from rankscope.vocab import ATTENTION_KINDS
+    from rankscope.analysis import analyze_full, spectra_rows
 
     found = analyze_full(path, per_head=per_head, kinds=kinds, null=null, fpr=fpr, experts=experts, threads=threads)
-    table = found.table.assign(step=step, checkpoint=path)
-    spectra = []
-    stacks, kinds_, layers, heads, offsets = (table[c].to_numpy() for c in ("stack", "kind", "layer", "head", "offset"))
-    for i, d in found.diagnoses.items():  # keys are row positions of the table
-        if kinds_[i] in ATTENTION_KINDS:
-            spectra.append({"step": step, "stack": stacks[i], "layer": int(layers[i]), "head": int(heads[i]),
-                            "kind": kinds_[i], "offset": int(offsets[i]), "null": d.null, "bulk_edge": d.bulk_edge,
-                            "eigenvalues": d.eigenvalues.tolist(),
-                            "null_quantiles": None if d.null_quantiles is None else
-                            np.asarray(d.null_quantiles, dtype=np.float64).tolist()})
-    return step, table, spectra, found.notes
+    return step, found.table.assign(step=step, checkpoint=path), spectra_rows(found, step=step), found.notes
 
 
 def _store(store, step: int, table: pd.DataFrame, spectra: list[dict], notes: list[str], said: set[str],

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rankscope.errors import CheckpointError
+from rankscope.errors import CheckpointError, one_line
 
 
 @dataclass(frozen=True)
@@ -117,11 +117,6 @@ def unpermute_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def _one_line(err: BaseException, limit: int = 200) -> str:
-    line = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
-    return line if len(line) <= limit else line[: limit - 1] + "…"
-
-
 def _scalar(value):
     """A metadata value as a Python scalar; a per-layer array whose entries are all equal as that one value."""
     if isinstance(value, list) and value and all(v == value[0] for v in value):
@@ -146,7 +141,7 @@ class GGUFFile:
             self.reader = gguf.GGUFReader(path)
         except Exception as e:  # bad magic, unsupported version, a header or tensor running past the end, …
             raise CheckpointError(f"{path}: corrupt or truncated GGUF file of {size} bytes (the gguf reader: "
-                                  f"{type(e).__name__}: {_one_line(e)})") from None
+                                  f"{type(e).__name__}: {one_line(e)})") from None
         fields = {k: f.contents() for k, f in self.reader.fields.items() if not k.startswith("tokenizer.")}
         self.metadata = fields
         for t in self.reader.tensors:
@@ -232,7 +227,7 @@ class GGUFFile:
             raise CheckpointError(f"{self.path}: tensor '{t.name}' is {t.tensor_type.name}, which the installed "
                                   "gguf package cannot dequantise") from None
         except ValueError as e:
-            raise CheckpointError(f"{self.path}: cannot read tensor '{t.name}' ({_one_line(e)})") from None
+            raise CheckpointError(f"{self.path}: cannot read tensor '{t.name}' ({one_line(e)})") from None
         w = torch.from_numpy(np.ascontiguousarray(data).reshape(self.shape(name)))
         if name in self._heads:
             try:

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from rankscope.errors import CheckpointError
+from rankscope.errors import CheckpointError, one_line
 
 # Looked for in a model directory, in this order (safetensors first).
 DIR_WEIGHTS = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
@@ -71,12 +71,6 @@ _MAX_HEADER = 100_000_000  # bytes; safetensors itself refuses larger headers
 _HUB_ID = re.compile(r"^([A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")  # org/name, or a bare name (gpt2)
 
 
-def _one_line(err: BaseException, limit: int = 200) -> str:
-    """The first non-empty line of an error's text, shortened: no traceback noise inside our messages."""
-    line = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
-    return line if len(line) <= limit else line[: limit - 1] + "…"
-
-
 # --------------------------------------------------------------------------------------------- safetensors
 
 
@@ -89,7 +83,7 @@ class _SafetensorsFile:
         try:
             self.handle = safe_open(str(path), framework="pt", device="cpu")
         except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({_one_line(e)})") from None
+            raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({one_line(e)})") from None
 
     def names(self) -> list[str]:
         return list(self.header)
@@ -105,7 +99,7 @@ class _SafetensorsFile:
         try:
             return self.handle.get_tensor(name)
         except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
-            raise CheckpointError(f"{self.path}: cannot read tensor '{name}' ({_one_line(e)})") from None
+            raise CheckpointError(f"{self.path}: cannot read tensor '{name}' ({one_line(e)})") from None
 
 
 def _read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
@@ -126,7 +120,7 @@ def _read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, ValueError) as e:
-        raise bad(f"header is not valid JSON: {_one_line(e)}") from None
+        raise bad(f"header is not valid JSON: {one_line(e)}") from None
     if not isinstance(header, dict):
         raise bad("header is not a JSON object")
     header.pop("__metadata__", None)
@@ -198,10 +192,10 @@ class _TorchFile:
             reason = re.search(r"(Unsupported operand \d+|Unsupported [^.\n]*)", text)
             raise CheckpointError(
                 f"{path}: corrupt or not a torch file (the weights-only unpickler stopped at: "
-                f"{reason.group(1) if reason else _one_line(e)})"
+                f"{reason.group(1) if reason else one_line(e)})"
             ) from None
         except Exception as e:  # corrupt zip, EOF, bad magic number, …: all one message
-            problem = f"{type(e).__name__}: {_one_line(e)}"
+            problem = f"{type(e).__name__}: {one_line(e)}"
             raise CheckpointError(f"{path}: corrupt or truncated torch file ({problem})") from None
         return _state_dict(path, obj)
 
@@ -311,7 +305,7 @@ def _read_config(path: Path) -> dict | None:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({_one_line(e)})") from None
+        raise CheckpointError(f"{path}: not valid JSON ({one_line(e)})") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: not a JSON object")
     return config
@@ -340,7 +334,7 @@ def _open_index(path: Path) -> tuple[list[str], dict[str, _Source]]:
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({_one_line(e)})") from None
+        raise CheckpointError(f"{path}: not valid JSON ({one_line(e)})") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f"{path}: not a sharded index (no 'weight_map' of tensor name → shard file)")
@@ -392,4 +386,4 @@ def _download(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as e:
-        raise CheckpointError(f"{prefix}, and the hub could not give it ({type(e).__name__}: {_one_line(e)})") from None
+        raise CheckpointError(f"{prefix}, and the hub could not give it ({type(e).__name__}: {one_line(e)})") from None

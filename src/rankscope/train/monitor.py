@@ -21,10 +21,9 @@ import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from rankscope.analysis import analyze_full
+from rankscope.analysis import analyze_full, spectra_rows
 from rankscope.store import RunStore
 from rankscope.vocab import ATTENTION_KINDS, MONITOR_NULLS, QK
 
@@ -102,18 +101,7 @@ class Monitor:
             attention = table["kind"].isin(ATTENTION_KINDS)
             self.store.append("attention", table[attention])
             self.store.append("weights", table[~attention])
-            spectra = []
-            kinds, stacks, layers, heads, offsets = (table[c].to_numpy()
-                                                     for c in ("kind", "stack", "layer", "head", "offset"))
-            for i, d in found.diagnoses.items():  # keys are row positions of the table
-                if kinds[i] in ATTENTION_KINDS:
-                    spectra.append({"step": step, "stack": stacks[i], "layer": int(layers[i]), "head": int(heads[i]),
-                                    "kind": kinds[i], "offset": int(offsets[i]), "null": d.null,
-                                    "bulk_edge": d.bulk_edge,
-                                    "eigenvalues": d.eigenvalues.tolist(),
-                                    "null_quantiles": None if d.null_quantiles is None else
-                                    np.asarray(d.null_quantiles, dtype=np.float64).tolist()})
-            self.store.append("spectra", spectra)
+            self.store.append("spectra", spectra_rows(found, step=step))
             if self._tb is not None:
                 layers = table[attention & (table["head"] < 0) & (table["kind"] == QK)]
                 for r in layers.itertuples():
