@@ -13,7 +13,7 @@ import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from itertools import groupby
 from pathlib import Path
@@ -226,11 +226,16 @@ def _attention_rows(rows: _Rows, forms: Iterable[NamedForm], kinds: list[str], p
         tick(f"{stack + ' ' if stack else ''}layer {layer} attention")
 
 
+def form_name(f: NamedForm) -> str:
+    """A form's row name: "[stack ]layer L kind[ at offset Δ][ head h]"."""
+    name = f"{f.stack + ' ' if f.stack else ''}layer {f.layer} {f.kind}"
+    name += f" at offset {f.offset}" if f.offset else ""
+    return f"{name} head {f.head}" if f.head >= 0 else name
+
+
 def _diagnose_forms(rows: _Rows, forms: list[NamedForm], nulls: tuple[str, ...], fpr: float, batched: bool) -> None:
     """Diagnose the forms (the heads of one layer and kind as one batch); a bad head gets an error row."""
-    first = forms[0]
-    name = (f"{first.stack + ' ' if first.stack else ''}layer {first.layer} {first.kind}"
-            + (f" at offset {first.offset}" if first.offset else ""))
+    name = form_name(replace(forms[0], head=-1))  # the batch's name; each head's row adds " head h"
     if batched:
         try:
             found = diagnose_nulls(stack_heads(forms), nulls, fpr=fpr, name=name, batched=True)
@@ -239,10 +244,10 @@ def _diagnose_forms(rows: _Rows, forms: list[NamedForm], nulls: tuple[str, ...],
         if found is not None:
             for null in nulls:
                 for f, d in zip(forms, found[null], strict=True):
-                    rows.add(f"{name} head {f.head}", f.layer, f.head, f.kind, d, form=f)
+                    rows.add(form_name(f), f.layer, f.head, f.kind, d, form=f)
             return
     for f in forms:
-        where = f"{name} head {f.head}" if f.head >= 0 else name
+        where = form_name(f)
         try:
             found = diagnose_nulls(f.form, nulls, fpr=fpr, name=where)
         except InputError as exc:

@@ -47,6 +47,7 @@ from rankscope.analysis import (
     _no_layout_note,
     _source,
     _Weights,
+    form_name,
     layer_of,
     layout_stacks,
     matrix_kind,
@@ -115,13 +116,6 @@ def _layout_forms(config, weights: _Weights, per_head: bool, kinds: list[str]) -
         return list(hf_forms(config, _shapes_only(weights), heads=per_head, kinds=kinds))
     except (RuntimeError, NotImplementedError):  # the layout reads a value (e.g. MLA's latent rms): read them
         return list(hf_forms(config, weights, heads=per_head, kinds=kinds))
-
-
-def _form_name(f: NamedForm) -> str:
-    """The row name ``analyze`` gives a form."""
-    name = f"{f.stack + ' ' if f.stack else ''}layer {f.layer} {f.kind}"
-    name += f" at offset {f.offset}" if f.offset else ""
-    return f"{name} head {f.head}" if f.head >= 0 else name
 
 
 def _ordered(forms: list[NamedForm], kinds: list[str], per_head: bool) -> list[NamedForm]:
@@ -235,7 +229,7 @@ def describe_full(model_or_path, *, per_head: bool = True, kinds: Iterable[str] 
         if attention_kinds:
             notes.append(_no_layout_note(config, sum(len(weights.shape(n)) == 2 for n in weights)))
     forms = _ordered(forms or [], attention_kinds, per_head)
-    rows = [{"name": _form_name(f), "stack": f.stack, "layer": f.layer, "head": f.head, "expert": -1, "kind": f.kind,
+    rows = [{"name": form_name(f), "stack": f.stack, "layer": f.layer, "head": f.head, "expert": -1, "kind": f.kind,
              "offset": f.offset, "variant": f.variant, "kv_cache_floats": f.kv_cache_floats,
              "shapes": str(f.form.structure), "rank": f.form.rank_bound, "n": f.form.n, "m": f.form.m,
              "plain": False, "error": ""} for f in forms]

@@ -38,6 +38,7 @@ from rankscope.analysis import (
     _no_layout_note,
     _source,
     check_options,
+    form_name,
     layer_of,
     layout_stacks,
     matrix_kind,
@@ -267,15 +268,8 @@ def _check_same(where_b: str, where_t: str, config_b: dict | None, config_t: dic
                              f"{where_t}; base and tuned must have the same shapes")
 
 
-def _form_name(f: NamedForm) -> str:
-    stack_ = f"{f.stack} " if f.stack else ""
-    head = f" head {f.head}" if f.head >= 0 else ""
-    offset = f" at offset {f.offset}" if f.offset else ""
-    return f"{stack_}layer {f.layer} {f.kind}{offset}{head}"
-
-
 def _form_meta(f: NamedForm) -> dict:
-    return {"name": _form_name(f), "stack": f.stack, "layer": f.layer, "head": f.head, "expert": -1, "kind": f.kind,
+    return {"name": form_name(f), "stack": f.stack, "layer": f.layer, "head": f.head, "expert": -1, "kind": f.kind,
             "offset": f.offset, "variant": f.variant, "shapes": str(f.form.structure)}
 
 
@@ -295,7 +289,7 @@ def _attention_rows(forms_b: Iterable[NamedForm], forms_t: Iterable[NamedForm], 
             fb, ft = layer_b[key], layer_t.get(key)
             if ft is None or ft.form.structure != fb.form.structure:
                 shown = "missing" if ft is None else str(ft.form.structure)
-                raise InputError(f"{_form_name(fb)}: form {fb.form.structure} in the base but {shown} in the tuned; "
+                raise InputError(f"{form_name(fb)}: form {fb.form.structure} in the base but {shown} in the tuned; "
                                  "base and tuned must have the same architecture")
         for kind in kinds:
             keys = [key for key in layer_b if key[0] == kind]
