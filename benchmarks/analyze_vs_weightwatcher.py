@@ -109,7 +109,7 @@ def rel(a, b):
 
 def compare(rk, ww) -> None:
     """Match WW's rows to rankscope's single-matrix rows by name (and shape) and compare the metrics."""
-    single = rk[(rk["head"] < 0) & rk["kind"].isin(["embedding", "mlp_in", "mlp_out", "attn_weight", "weight"])]
+    single = rk[(rk["head_index"] < 0) & rk["kind"].isin(["embedding", "mlp_in", "mlp_out", "attn_weight", "weight"])]
     by_name = {ln: row for _, row in ww.iterrows() for ln in [str(row["longname"])]}
     pairs, missing = [], []
     for _, row in single.iterrows():
@@ -120,7 +120,7 @@ def compare(rk, ww) -> None:
             missing.append(f"{row['name']} ({row['shapes'].replace('·', '×')})")
         else:
             pairs.append((row, hit))
-    print(f"  matched {len(pairs)} matrices; rankscope rows: {len(rk)} ({(rk['head'] >= 0).sum()} per head, "
+    print(f"  matched {len(pairs)} matrices; rankscope rows: {len(rk)} ({(rk['head_index'] >= 0).sum()} per head, "
           f"{rk['bulk_edge'].notna().sum()} with a null); WW rows: {len(ww)}")
     print(f"  rankscope single-matrix rows with no WW counterpart ({len(missing)}): {', '.join(missing) or '-'}")
     if not pairs:
@@ -177,7 +177,7 @@ def run_model(label: str, model_dir: Path, tmp: Path, repeat: int, ww_py: str) -
     rk = duckdb.read_parquet(str(out / "analysis.parquet")).df()
     ww = pd.read_csv(tmp / f"ww-{label}-default.csv")
     compare(rk, ww)
-    return {"t": t, "heads": int((rk["head"] >= 0).sum()), "nulls": int(rk["bulk_edge"].notna().sum())}
+    return {"t": t, "heads": int((rk["head_index"] >= 0).sum()), "nulls": int(rk["bulk_edge"].notna().sum())}
 
 
 def summary(results: dict) -> None:

@@ -102,7 +102,8 @@ def summarise(tables: dict[str, pd.DataFrame]) -> str:
     """The side-by-side table: per kind, per variant, the medians of ratios to float and the counts."""
     base = tables["float"]
     lines = []
-    for kind, pick in (("qk heads (per-head Wq_hᵀ Wk_g, Δ = 0)", lambda t: (t["kind"] == "qk") & (t["head"] >= 0)),
+    for kind, pick in (("qk heads (per-head Wq_hᵀ Wk_g, Δ = 0)", lambda t: (t["kind"] == "qk") &
+                                                                 (t["head_index"] >= 0)),
                        ("weight matrices (q/k/v/o, MLP, embedding)", lambda t: t["kind"].isin(SINGLE))):
         key = ["name"]
         ref_p = base[pick(base) & (base["null"] == "product")].set_index(key)

@@ -34,11 +34,11 @@ def test_minilm_per_head_spectra_equal_dense_svds_of_the_same_forms():
     df = result.table
     sd = load_file(minilm_dir() / "model.safetensors")  # read independently of rankscope's loader
     dh = 32  # 12 heads of 32 in a 384-wide model
-    heads = df[df["head"] >= 0]
+    heads = df[df["head_index"] >= 0]
     assert len(heads) == 6 * 12 * 2 and set(heads["kind"]) == {"qk", "ov"}
     for i, row in heads.iterrows():
         a = f"encoder.layer.{row['layer']}.attention."
-        h = row["head"]
+        h = row["head_index"]
         wq, wk = sd[a + "self.query.weight"].double(), sd[a + "self.key.weight"].double()
         wv, wo = sd[a + "self.value.weight"].double(), sd[a + "output.dense.weight"].double()
         if row["kind"] == "qk":
@@ -47,7 +47,7 @@ def test_minilm_per_head_spectra_equal_dense_svds_of_the_same_forms():
             B = wo[:, h * dh:(h + 1) * dh] @ wv[h * dh:(h + 1) * dh]
         ev = result.diagnoses[i].eigenvalues.numpy()
         np.testing.assert_allclose(ev, dense_eigenvalues(B, dh), rtol=1e-9, atol=1e-9 * ev[0])
-    layers = df[(df["head"] < 0) & df["kind"].eq("qk")]
+    layers = df[(df["head_index"] < 0) & df["kind"].eq("qk")]
     assert len(layers) == 6 and (layers["rank"] == 384).all()
     assert (df["kv_cache_floats"].dropna() == 2 * 384).all()
     ids = df[df["name"].eq("embeddings.position_ids")].iloc[0]  # an int64 buffer: reported, not diagnosed
@@ -62,8 +62,8 @@ def test_checkpoint_on_disk_and_model_in_memory_give_the_same_rows(tmp_path):
     model.save_pretrained(tmp_path, max_shard_size="200KB")  # sharded safetensors with an index
     assert (tmp_path / "model.safetensors.index.json").exists()
     on_disk, in_memory = analyze(tmp_path), analyze(model)
-    cols = ["layer", "head", "kind", "rank", "outliers", "stable_rank", "lambda_max"]
-    key = ["layer", "head", "kind"]
+    cols = ["layer", "head_index", "kind", "rank", "outliers", "stable_rank", "lambda_max"]
+    key = ["layer", "head_index", "kind"]
     a = on_disk[on_disk["kind"].isin(["qk", "ov"])][cols].sort_values(key).reset_index(drop=True)
     b = in_memory[in_memory["kind"].isin(["qk", "ov"])][cols].sort_values(key).reset_index(drop=True)
     pd.testing.assert_frame_equal(a, b, rtol=1e-10)
@@ -140,7 +140,7 @@ def test_cli_analyze_writes_rows_and_a_figure(tmp_path, monkeypatch):
                                       "--out", str(tmp_path), "--format", "csv"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     rows = pd.read_csv(tmp_path / "analysis.csv")
-    assert len(rows) == 6 and (rows["head"] == -1).all()
+    assert len(rows) == 6 and (rows["head_index"] == -1).all()
     assert "Per layer: the layer's form" in result.output  # --per-layer: the summary shows the layer forms
     printed = [line.split("│")[1:-1] for line in result.output.splitlines() if line.count("│") == 9]
     assert [(int(c[0]), c[1].strip(), int(c[3])) for c in printed] == list(
@@ -169,9 +169,9 @@ def test_cli_summary_names_each_layers_spikiest_head_and_the_layer_forms_outlier
                if line.count("│") == 10]
     assert len(printed) == 6
     for layer, kind, head, outliers, _, _, _, layer_form, kv in printed:
-        heads = rows[(rows["layer"] == int(layer)) & (rows["kind"] == kind) & (rows["head"] >= 0)]
-        whole = rows[(rows["layer"] == int(layer)) & (rows["kind"] == kind) & (rows["head"] < 0)].iloc[0]
-        assert int(outliers) == heads["outliers"].max() and int(head) in set(heads["head"][heads["outliers"]
+        heads = rows[(rows["layer"] == int(layer)) & (rows["kind"] == kind) & (rows["head_index"] >= 0)]
+        whole = rows[(rows["layer"] == int(layer)) & (rows["kind"] == kind) & (rows["head_index"] < 0)].iloc[0]
+        assert int(outliers) == heads["outliers"].max() and int(head) in set(heads["head_index"][heads["outliers"]
                                                                                            == int(outliers)])
         assert layer_form == f"{whole['outliers']} of {whole['rank']}" and int(kv) == 2 * 12 * 32
 
@@ -211,7 +211,7 @@ def test_a_nan_head_gets_an_error_row_and_the_other_heads_are_analysed():
     with torch.no_grad():
         mha.in_proj_weight[8 + 2, 5] = float("nan")  # query rows of head 1 (dh = 8)
     df = analyze(torch.nn.ModuleList([mha]), kinds=["qk"])
-    heads = df[df["head"] >= 0].set_index("head")
+    heads = df[df["head_index"] >= 0].set_index("head_index")
     assert "non-finite" in heads.loc[1, "error"] and heads.drop(index=1)["error"].eq("").all()
     assert heads.drop(index=1)["lambda_max"].gt(0).all()
 

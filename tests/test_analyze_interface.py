@@ -149,7 +149,7 @@ def test_the_monitor_records_gemma_attention_and_warns_once_where_there_is_no_la
     monitor = rs.Monitor(transformers.GemmaModel(cfg), tmp_path / "gemma", every=1, tensorboard=False)
     monitor.step(0)
     monitor.flush()
-    qk = monitor.store.sql("SELECT layer, head FROM qk WHERE \"null\" = 'product'")
+    qk = monitor.store.sql("SELECT layer, head_index FROM qk WHERE \"null\" = 'product'")
     assert sorted(set(qk["layer"])) == [0, 1] and len(qk) == 2 * (1 + 4)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -139,5 +139,5 @@ def test_a_directory_of_checkpoints_is_a_series_with_a_step_column(tmp_path):
     result = runner.invoke(app, ["analyze", str(tmp_path / "trainer"), "--kinds", "qk", "--out",
                                  str(tmp_path / "series")], env=ENV)
     assert result.exit_code == 0, result.output
-    qk = RunStore(tmp_path / "series").sql("SELECT step, layer, head FROM qk")
+    qk = RunStore(tmp_path / "series").sql("SELECT step, layer, head_index FROM qk")
     assert sorted(set(qk["step"])) == [10, 20] and len(qk) == 2 * 2 * (1 + 4)

@@ -16,7 +16,7 @@ from rankscope.probes import hf_forms
 from rankscope.probes.load import Checkpoint
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-KEY = ["name", "stack", "layer", "head", "expert", "kind", "offset"]
+KEY = ["name", "stack", "layer", "head_index", "expert", "kind", "offset"]
 
 
 def llama(layers: int = 2, seed: int = 0):
@@ -64,10 +64,10 @@ def test_forms_match_the_probe_and_analyze_rows_without_any_spectrum(monkeypatch
     merged = df.merge(expected, on=KEY, suffixes=("", "_analyze"))
     assert (merged["shapes"] == merged["shapes_analyze"]).all() and (merged["rank"] == merged["rank_analyze"]).all()
     forms = df[~df["plain"]]
-    assert {(r.layer, r.head, r.kind): r.shapes for r in forms.itertuples()} == probe
-    heads = forms[forms["head"] >= 0]
+    assert {(r.layer, r.head_index, r.kind): r.shapes for r in forms.itertuples()} == probe
+    heads = forms[forms["head_index"] >= 0]
     assert set(heads["shapes"]) == {"64·16·64"} and (heads["rank"] == 16).all()  # d=64, 4 heads of dh=16
-    assert set(forms.loc[forms["head"] < 0, "shapes"]) == {"64·32·64"}  # GQA: the layer's rank bound is H_kv·dh
+    assert set(forms.loc[forms["head_index"] < 0, "shapes"]) == {"64·32·64"}  # GQA: the layer's rank bound is H_kv·dh
     assert (forms["kv_cache_floats"] == 2 * 2 * 16).all()
     assert found.fallback == [] and found.notes == []
 
@@ -100,7 +100,7 @@ def test_mla_layouts_read_the_values_they_need_and_match_analyze():
     assert keys(found.table) == keys(analyze_full(model).table)
     probe = {f.key: str(f.form.structure) for f in hf_forms(model.config, model.state_dict())}
     forms = found.table[~found.table["plain"]]
-    assert {(r.layer, r.head, r.kind): r.shapes for r in forms.itertuples()} == probe
+    assert {(r.layer, r.head_index, r.kind): r.shapes for r in forms.itertuples()} == probe
 
 
 class Blocks(nn.Module):
@@ -121,7 +121,7 @@ def test_multihead_attention_modules_and_unknown_models(no_eigensolver):
     model = Blocks()
     found = describe_full(model)
     assert found.family == "nn.MultiheadAttention"
-    heads = found.table[(found.table["head"] >= 0)]
+    heads = found.table[(found.table["head_index"] >= 0)]
     assert len(heads) == 2 * 2 * 4 and set(heads["shapes"]) == {"32·8·32"}
     unknown = describe_full(Unknown())
     assert (unknown.model_type, unknown.family) == ("unknown", "unknown")

@@ -119,7 +119,7 @@ def test_an_mla_head_change_is_measured_but_not_counted(one_thread):
         return sum(torch.linalg.multi_dot([x.double() for x in t]) if len(t) > 1 else t[0].double()
                    for t in form.terms())
 
-    row = df[df["head"] == 1].iloc[0]
+    row = df[df["head_index"] == 1].iloc[0]
     sigma = torch.linalg.svdvals(dense(tuned) - dense(base))
     assert row["dw_lambda_max"] == pytest.approx(float(sigma[0] ** 2), rel=1e-8)
     assert row["dw_norm"] == pytest.approx(float(sigma.square().sum().sqrt()), rel=1e-8)
@@ -169,7 +169,7 @@ def test_a_model_against_itself_is_no_change(base_dir, one_thread):
     assert (df["overlap_random_left"] == 2 / df["shapes"].str.split("·").str[0].astype(int)).all()
     # every matrix and every form: 9 matrices per layer... one row per (matrix or form, null)
     assert set(df["kind"]) >= {"qk", "ov", "attn_weight", "mlp_in", "mlp_out", "embedding"}
-    assert len(df[df["head"] >= 0]) == 2 * 2 * HEADS  # 2 layers × (qk, ov) × heads
+    assert len(df[df["head_index"] >= 0]) == 2 * 2 * HEADS  # 2 layers × (qk, ov) × heads
 
 
 def test_independent_noise_in_every_weight_gives_spikes_at_the_fpr_only(base_dir, one_thread):
@@ -192,7 +192,7 @@ def test_independent_noise_in_every_weight_gives_spikes_at_the_fpr_only(base_dir
             h].double()
 
     dense = torch.linalg.matrix_norm(B(st) - B(sb), ord=2) ** 2
-    row = frames[2][(frames[2]["layer"] == 0) & (frames[2]["head"] == 1) & (frames[2]["kind"] == "qk")].iloc[0]
+    row = frames[2][(frames[2]["layer"] == 0) & (frames[2]["head_index"] == 1) & (frames[2]["kind"] == "qk")].iloc[0]
     assert row["dw_lambda_max"] == pytest.approx(float(dense), rel=1e-9)
     # the change of stable rank of a matrix, against a dense SVD of both
     s_b = torch.linalg.svdvals(sb[Q1].double()) ** 2
@@ -233,7 +233,7 @@ def test_a_planted_rank_2_change_is_found_where_it_was_planted(tmp_path, one_thr
     assert (df["error"] == "").all()
     at = df.set_index(["name"])
     assert at.loc[Q1, "dw_spikes"] == 2
-    qk1 = df[(df["layer"] == 1) & (df["kind"] == "qk")].set_index("head")
+    qk1 = df[(df["layer"] == 1) & (df["kind"] == "qk")].set_index("head_index")
     assert qk1.loc[0, "dw_spikes"] == 2 and qk1.loc[-1, "dw_spikes"] == 2  # head 0 and the layer's form
     assert qk1.loc[1, "dw_spikes"] == 0  # head 1: only the noise of its rows
     elsewhere = df[(df["name"] != Q1) & ~((df["layer"] == 1) & (df["kind"] == "qk"))]
@@ -307,7 +307,7 @@ def test_stacks_are_kept_apart_and_a_model_without_a_layout_says_so(tmp_path, mo
     torch.manual_seed(0)
     base = transformers.T5Model(cfg)
     df = diff(base, changed(base, noise), kinds=["qk"])
-    heads = df[df["head"] >= 0]
+    heads = df[df["head_index"] >= 0]
     assert sorted(set(heads["stack"])) == ["cross", "decoder", "encoder"]
     assert heads.groupby("stack").size().tolist() == [2, 2, 2]  # two heads in each stack, never merged
     from rich.console import Console

@@ -30,7 +30,7 @@ def attention_keys(steps, layers, heads):
 
 
 def stored_keys(run_dir):
-    frame = RunStore(run_dir).sql('select step, layer, head, kind, "null" from attention')
+    frame = RunStore(run_dir).sql('select step, layer, head_index, kind, "null" from attention')
     return {(int(s), int(layer), int(h), k, n) for s, layer, h, k, n in frame.itertuples(index=False)}
 
 
@@ -101,7 +101,7 @@ def test_hf_trainer_callback_writes_every_head_at_the_diagnosed_steps_and_the_lo
     trainer.train()
 
     assert stored_keys(run_dir) == attention_keys(steps=(0, 3, 6), layers=(0, 1), heads=range(4))
-    variants = RunStore(run_dir).sql("select distinct variant from qk where head = -1 and kind = 'qk'")
+    variants = RunStore(run_dir).sql("select distinct variant from qk where head_index = -1 and kind = 'qk'")
     assert list(variants["variant"]) == ["gqa"]
     # step 0 holds the initial weights, step 6 the trained ones (they moved: lr 1e-2)
     attn = model.model.layers[1].self_attn
@@ -214,8 +214,8 @@ def test_monitor_writes_tensorboard_scalars_equal_to_the_store(tmp_path):
     assert sorted(board) == list(range(5))
     np.testing.assert_allclose([board[s] for s in range(5)], [losses[s] for s in range(5)], rtol=1e-6)
     for null in ("product", "mp"):
-        frame = RunStore(run_dir).sql(f"""select step, outliers, spike_strength from qk where layer = 0 and head = -1
-                                          and kind = 'qk' and "null" = '{null}' order by step""")
+        frame = RunStore(run_dir).sql(f"""select step, outliers, spike_strength from qk where layer = 0
+                                          and head_index = -1 and kind = 'qk' and "null" = '{null}' order by step""")
         assert list(frame["step"]) == [0, 2, 4]
         for key in ("outliers", "spike_strength"):
             events = acc.Scalars(f"qk_{null}/layer0/{key}")
@@ -244,5 +244,5 @@ def test_only_the_main_process_writes_and_module_names_the_model(tmp_path):
     chosen.on_train_start(SimpleNamespace(is_global_zero=True, global_step=0), module)
     chosen.on_train_end(None, module)
     assert chosen.monitor.model is module.other  # not module.model, which the search would find first
-    rows = RunStore(tmp_path / "pl").sql('select step, layer, head, kind, "null" from attention order by "null"')
+    rows = RunStore(tmp_path / "pl").sql('select step, layer, head_index, kind, "null" from attention order by "null"')
     assert [tuple(r) for r in rows.itertuples(index=False)] == [(0, 0, -1, "qk", "mp"), (0, 0, -1, "qk", "product")]

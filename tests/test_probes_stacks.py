@@ -292,7 +292,7 @@ def test_analyze_rows_carry_the_stack(case):
     model, cfg = _build(case)
     df = rankscope.analyze(model, kinds=["qk", "ov"], fpr=0.1)
     forms = {(f.stack, f.layer, f.head, f.kind) for f in hf_forms(cfg, model.state_dict())}
-    rows = list(zip(df["stack"], df["layer"], df["head"], df["kind"], strict=True))
+    rows = list(zip(df["stack"], df["layer"], df["head_index"], df["kind"], strict=True))
     assert sorted(rows) == sorted(forms)  # one row per form, each with its stack
     assert df["name"].is_unique and all(n.startswith(s + " ") for n, s in zip(df["name"], df["stack"], strict=True))
     assert df.error.eq("").all()

@@ -20,7 +20,7 @@ from rankscope.errors import InputError
 from rankscope.store import RunStore
 
 STEPS = (10, 20, 30)
-KEYS = ["step", "name", "stack", "layer", "head", "kind", "offset", "null"]
+KEYS = ["step", "name", "stack", "layer", "head_index", "kind", "offset", "null"]
 VALUES = ["outliers", "spikes", "lambda_max", "bulk_edge", "stable_rank", "effective_rank", "erank_vs_null"]
 OPTIONS = dict(per_head=True, kinds=None, null="product", fpr=0.01)
 
@@ -171,7 +171,7 @@ def test_each_step_holds_the_analysis_of_its_checkpoint(series_store, trainer_di
     weights = load_file(str(trainer_dir / "checkpoint-20" / "model.safetensors"))
     q = weights["model.layers.1.self_attn.q_proj.weight"][16:32].double()  # head 1 of layer 1
     k = weights["model.layers.1.self_attn.k_proj.weight"][16:32].double()
-    row = store.sql("select eigenvalues from spectra where step = 20 and layer = 1 and head = 1 and kind = 'qk'")
+    row = store.sql("select eigenvalues from spectra where step = 20 and layer = 1 and head_index = 1 and kind = 'qk'")
     assert sum(row["eigenvalues"].iloc[0]) == pytest.approx(float((q.T @ k).square().sum()), rel=1e-9)
     result = CliRunner().invoke(app, ["sql", str(series_store), "select step, max(outliers) as o from qk group by step "
                                                                 "order by step", "--format", "csv"])

@@ -78,7 +78,7 @@ def fitted_layer(g, T):  # rank 160 ≥ FIT_MIN_RANK: Tracy–Widom-fitted edges
     return [randn(g, T, D, D), randn(g, T, D, D)]
 
 
-KINDS = {"matrix": (matrix, 1000), "head": (head, 1000), "mla_chain": (mla_chain, 1000),
+KINDS = {"matrix": (matrix, 1000), "head_index": (head, 1000), "mla_chain": (mla_chain, 1000),
          "fitted_layer": (fitted_layer, 400),
          "decoupled_sum": (decoupled_sum, 600), "gqa_layer": (gqa_layer, 600),
          "shared_left_dq40": (shared_left(40), 600), "shared_left_dq20": (shared_left(20), 600)}

@@ -10,10 +10,11 @@ from rankscope.store import RunStore
 
 def test_rows_round_trip_through_parts_and_views(tmp_path):
     store = RunStore(tmp_path / "run")
-    store.append("attention", [{"step": 0, "layer": 0, "head": -1, "kind": "qk", "outliers": 0, "null": "product"},
-                               {"step": 0, "layer": 0, "head": -1, "kind": "ov", "outliers": 1, "null": "product"}])
+    key = {"layer": 0, "head_index": -1, "null": "product"}
+    store.append("attention", [{"step": 0, **key, "kind": "qk", "outliers": 0},
+                               {"step": 0, **key, "kind": "ov", "outliers": 1}])
     store.flush()
-    store.append("attention", [{"step": 50, "layer": 0, "head": -1, "kind": "qk", "outliers": 3, "null": "product",
+    store.append("attention", [{"step": 50, **key, "kind": "qk", "outliers": 3,
                                 "error": "x"}])  # a later part may carry a new column
     store.flush()
     frame = store.sql('select step, outliers, error from qk where "null" = \'product\' order by step')
@@ -31,11 +32,11 @@ def test_parts_of_earlier_versions_are_read_as_the_attention_table(tmp_path):
 
     old = tmp_path / "metrics"
     old.mkdir()
-    frame = pd.DataFrame([{"run": "r", "step": 5, "layer": 0, "head": -1, "kind": "ov", "outliers": 2}])
+    frame = pd.DataFrame([{"run": "r", "step": 5, "layer": 0, "head_index": -1, "kind": "ov", "outliers": 2}])
     duckdb.from_df(frame).write_parquet(str(old / "qk-00000000000000000001-abcdef12.parquet"))  # earlier versions
     # wrote every attention row to qk-* parts
     store = RunStore(tmp_path)
-    store.append("attention", [{"step": 6, "layer": 0, "head": -1, "kind": "qk", "outliers": 4}])
+    store.append("attention", [{"step": 6, "layer": 0, "head_index": -1, "kind": "qk", "outliers": 4}])
     store.flush()
     assert sorted(store.sql("select step from attention")["step"]) == [5, 6]
     assert list(store.sql("select step from ov")["step"]) == [5]

@@ -25,8 +25,8 @@ NAN = math.nan
 
 def row(**over) -> dict:
     """A row of a diagnosed form that no rule flags: a spiked 384·32·384 head under the product null."""
-    base = {"name": "layer 0 qk head 0", "stack": "", "layer": 0, "head": 0, "expert": -1, "kind": "qk", "offset": 0,
-            "shapes": "384·32·384", "error": "", "null": "product", "rank": 32, "lambda_max": 5.0,
+    base = {"name": "layer 0 qk head 0", "stack": "", "layer": 0, "head_index": 0, "expert": -1, "kind": "qk",
+            "offset": 0, "shapes": "384·32·384", "error": "", "null": "product", "rank": 32, "lambda_max": 5.0,
             "spike_strength": 2.0, "outliers": 2, "spikes": 2.0, "bulk_fits": True, "erank_vs_null": 0.9,
             "pl_alpha": 3.0, "stable_rank": 10.0, "effective_rank": 25.0}
     return {**base, **over}
@@ -65,7 +65,7 @@ def test_each_rule_at_its_threshold_and_the_order_in_which_rules_win():
 
 
 def test_a_table_of_error_rows_only_has_no_diagnosis_columns_and_is_all_errors():
-    df = pd.DataFrame([{"name": "a.weight", "layer": -1, "head": -1, "kind": "weight", "shapes": "3·4",
+    df = pd.DataFrame([{"name": "a.weight", "layer": -1, "head_index": -1, "kind": "weight", "shapes": "3·4",
                         "error": "skipped: torch.int64 buffer, not a weight"}] * 3)
     assert list(warning_column(df)) == ["error"] * 3
 
@@ -134,18 +134,18 @@ def hand_table() -> pd.DataFrame:
         sr = [12.0, 11.0, 13.0, 12.5] if layer != 4 else [2.0, 2.5, 1.5, 3.0]
         spikes = [0.0, 2.0, NAN, 1.0]
         for h in range(4):
-            rows.append(row(layer=layer, head=h, stable_rank=sr[h] + 0.1 * layer, spikes=spikes[h],
+            rows.append(row(layer=layer, head_index=h, stable_rank=sr[h] + 0.1 * layer, spikes=spikes[h],
                             effective_rank=20.0 + h, erank_vs_null=0.8 + 0.01 * h))
-        rows.append(row(layer=layer, head=-1, shapes="384·384·384", rank=384, spikes=0.0 if layer else 3.0,
+        rows.append(row(layer=layer, head_index=-1, shapes="384·384·384", rank=384, spikes=0.0 if layer else 3.0,
                         stable_rank=50.0))
-        rows.append(row(name=f"l{layer}.up_proj", kind="mlp_in", layer=layer, head=-1, shapes="1536·384", rank=384,
-                        stable_rank=30.0 + layer, spikes=NAN, bulk_fits=False,
+        rows.append(row(name=f"l{layer}.up_proj", kind="mlp_in", layer=layer, head_index=-1, shapes="1536·384",
+                        rank=384, stable_rank=30.0 + layer, spikes=NAN, bulk_fits=False,
                         erank_vs_null=0.3 if layer == 2 else 0.9))
-        rows.append(row(layer=layer, head=0, null="mp", stable_rank=0.1, erank_vs_null=NAN, spikes=NAN))
-        rows.append(row(layer=layer, head=0, offset=3, stable_rank=0.1))
-    rows.append(row(name="embed.weight", kind="embedding", layer=-1, head=-1, shapes="1000·384", rank=384,
+        rows.append(row(layer=layer, head_index=0, null="mp", stable_rank=0.1, erank_vs_null=NAN, spikes=NAN))
+        rows.append(row(layer=layer, head_index=0, offset=3, stable_rank=0.1))
+    rows.append(row(name="embed.weight", kind="embedding", layer=-1, head_index=-1, shapes="1000·384", rank=384,
                     stable_rank=5.0))
-    rows.append({"name": "position_ids", "stack": "", "layer": -1, "head": -1, "kind": "embedding", "offset": 0,
+    rows.append({"name": "position_ids", "stack": "", "layer": -1, "head_index": -1, "kind": "embedding", "offset": 0,
                  "shapes": "1·512", "error": "skipped: torch.int64 buffer, not a weight"})  # no null: still counted
     return pd.DataFrame(rows)
 
@@ -156,7 +156,7 @@ def test_summary_counts_shares_medians_and_the_standout_layer_of_a_hand_built_ta
     assert (qk["forms"], qk["heads"], qk["layer_forms"]) == (30, 24, 6)
     assert qk["heads_spiked"] == pytest.approx(2 / 3) and qk["heads_no_count"] == 6  # spikes 0, 2, NaN, 1 per layer
     assert qk["layers_spiked"] == pytest.approx(1 / 6) and qk["layers_no_count"] == 0
-    heads = hand_table().query("kind == 'qk' and head >= 0 and null == 'product' and offset == 0")
+    heads = hand_table().query("kind == 'qk' and head_index >= 0 and null == 'product' and offset == 0")
     assert qk["median_stable_rank"] == pytest.approx(np.median(heads["stable_rank"]))  # over heads, not layer forms
     assert qk["median_erank_vs_null"] == pytest.approx(0.815)
     assert qk["layers_standing_out"] == [4]
@@ -190,7 +190,7 @@ def test_a_planted_low_rank_component_in_one_layers_q_proj_stands_out():
     df["warning"] = warning_column(df)
     s = summary(df).set_index("kind")
     assert planted in s.loc["qk", "layers_standing_out"]
-    heads = df[df["kind"].eq("qk") & (df["head"] >= 0)]
+    heads = df[df["kind"].eq("qk") & (df["head_index"] >= 0)]
     per_layer = heads.groupby("layer")["stable_rank"].median()
     assert per_layer.idxmin() == planted  # the planted layer is the extreme one, downwards
     # the untrained heads elsewhere look like noise; the planted layer's do not

@@ -67,7 +67,7 @@ def test_interrupted_and_resumed_run_has_the_same_losses(tmp_path):
     assert sorted(a) == sorted(b) == list(range(1, 13))  # every step once, none twice
     np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=1e-6, atol=0)
     # the diagnoses after the resume match too (same weights, and the latent rms buffers were restored)
-    q = 'select step, layer, head, kind, "null", outliers, stable_rank from attention order by all'
+    q = 'select step, layer, head_index, kind, "null", outliers, stable_rank from attention order by all'
     fa, fb = RunStore(tmp_path / "full").sql(q), RunStore(tmp_path / "cut").sql(q)
     assert len(fa) == len(fb) > 0
     np.testing.assert_allclose(fa["stable_rank"], fb["stable_rank"], rtol=1e-6)
@@ -134,7 +134,7 @@ def test_kill_9_loses_only_unflushed_rows_and_resume_writes_no_key_twice(tmp_pat
     # resumed past the kill point (its steps ≤ 60 are all there) and wrote each key once
     keys = store.sql("select step, count(*) n from train group by step")
     assert set(keys["step"]) >= set(range(1, 61)) and keys["n"].max() == 1
-    dup = store.sql('select step, layer, head, kind, "null", count(*) n from attention group by all having n > 1')
+    dup = store.sql('select step, layer, head_index, kind, "null", count(*) n from attention group by all having n > 1')
     assert dup.empty
     assert set(store.steps("qk")) >= set(range(0, 61, 10))
 
@@ -181,10 +181,11 @@ def test_analyze_reads_a_run_directory_like_the_monitor_saw_the_model(tmp_path):
     import rankscope as rs
 
     train(tiny(attention="mla_decoupled", steps=8, monitor_weights=True), tmp_path / "r", progress=False)
-    seen = RunStore(tmp_path / "r").sql('select layer, head, kind, outliers, stable_rank, bulk_edge from attention '
-                                        'where step = 8 and "null" = \'product\' order by layer, head, kind')
+    seen = RunStore(tmp_path / "r").sql('select layer, head_index, kind, outliers, stable_rank, bulk_edge '
+                                        'from attention '
+                                        'where step = 8 and "null" = \'product\' order by layer, head_index, kind')
     found = rs.analyze(tmp_path / "r", kinds=("qk", "ov"))
-    found = found.sort_values(["layer", "head", "kind"]).reset_index(drop=True)
+    found = found.sort_values(["layer", "head_index", "kind"]).reset_index(drop=True)
     assert len(found) == len(seen) > 0
     assert (found["outliers"].to_numpy() == seen["outliers"].to_numpy()).all()
     np.testing.assert_allclose(found["stable_rank"], seen["stable_rank"], rtol=1e-9)
@@ -262,10 +263,10 @@ def test_monitor_schedule_is_dense_early_then_log_spaced_then_regular():
 def test_offsets_and_sweep_reach_the_store_and_bad_offsets_fail_before_work(tmp_path):
     cfg = tiny(steps=4, monitor_every=4, monitor_early=1, monitor_offsets="0,-3", sweep="lr=0.002")
     train(cfg, tmp_path / "r", progress=False)
-    rows = RunStore(tmp_path / "r").sql('select distinct step, head, kind, "offset", run, sweep from attention')
+    rows = RunStore(tmp_path / "r").sql('select distinct step, head_index, kind, "offset", run, sweep from attention')
     assert set(rows["step"]) == {0, 1, 2, 3, 4}  # 0..early, then each ≥ 1 step and ≈ ×1.3 apart, up to the grid
-    assert set(rows.loc[rows["head"] >= 0, "offset"]) == {0, -3}  # per-head qk forms at both offsets
-    assert set(rows.loc[rows["head"] < 0, "offset"]) == {0}  # layer forms at 0 only
+    assert set(rows.loc[rows["head_index"] >= 0, "offset"]) == {0, -3}  # per-head qk forms at both offsets
+    assert set(rows.loc[rows["head_index"] < 0, "offset"]) == {0}  # layer forms at 0 only
     assert set(rows.loc[rows["kind"] == "ov", "offset"]) == {0}
     assert set(rows["run"]) == {"lr=0.002/r"} and set(rows["sweep"]) == {"lr=0.002"}
     for bad in ("0,3", "-1", "0,-32", "0,x"):  # a key after the query, no 0, beyond the context, not a number

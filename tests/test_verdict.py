@@ -129,7 +129,7 @@ def test_layer_series_weights_offsets_then_averages_heads():
     rows = []
     vals = {(0, 0): 1.0, (0, -4): 3.0, (1, 0): 2.0, (1, -4): np.nan}  # (head, offset) → spikes
     for (h, off), sp in vals.items():
-        rows.append({"sweep": "s", "name": "r", "step": 0, "layer": 0, "head": h, "offset": off, "rank": 8,
+        rows.append({"sweep": "s", "name": "r", "step": 0, "layer": 0, "head_index": h, "offset": off, "rank": 8,
                      "spikes": sp, "effective_rank": 4.0 + h, "erank_vs_null": 1.0, "top_energy_vs_null": 1.0,
                      "bulk_effective_rank": 3.0})
     runs = pd.DataFrame([{"sweep": "s", "name": "r", "variant": "mha", "seed": 0, "steps": 10, "context": 8}])
@@ -151,7 +151,7 @@ def test_onset_ignores_a_flicker_and_censors():
 
 
 def _one_run(spikes, erank, bulk, ervn, rank=16, steps=(0, 1, 2, 3, 4, 5), layers=1):
-    rows = [{"sweep": "s", "name": "r", "step": st, "layer": layer, "head": 0, "offset": 0, "rank": rank,
+    rows = [{"sweep": "s", "name": "r", "step": st, "layer": layer, "head_index": 0, "offset": 0, "rank": rank,
              "spikes": spikes[i], "effective_rank": erank[i], "erank_vs_null": ervn[i],
              "top_energy_vs_null": 1.0, "bulk_effective_rank": bulk[i]}
             for layer in range(layers) for i, st in enumerate(steps)]

@@ -1,7 +1,6 @@
 """rankscope: rank collapse in neural networks, measured with random-matrix theory."""
 
 from rankscope.errors import CheckpointError, InputError, RankscopeError
-from rankscope.spectra import Diagnosis, diagnose, diagnose_batch
 
 __version__ = "0.1.0"
 __all__ = [
@@ -14,8 +13,13 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *__all__})
 
 
-def __getattr__(name: str):  # the heavier parts are imported on first use (pandas, the probes, the trainer)
-    if name == "analyze":
+def __getattr__(name: str):  # everything but the errors is imported on first use (torch, pandas, the probes), so
+    # ``rankscope --help`` and ``import rankscope.errors`` stay fast
+    if name in ("diagnose", "diagnose_batch", "Diagnosis"):
+        import rankscope.spectra as spectra
+
+        found = getattr(spectra, name)
+    elif name == "analyze":
         from rankscope.analysis import analyze as found
     elif name == "summary":
         from rankscope.analysis.summary import summary as found

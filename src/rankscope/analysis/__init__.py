@@ -196,8 +196,8 @@ class _Rows:
 
     def add(self, name: str, layer: int, head: int, kind: str, d: Diagnosis | None, *, form: NamedForm | None = None,
             shapes: str = "", error: str = "", expert: int = -1, stack: str = "") -> None:
-        row = {"name": name, "stack": form.stack if form else stack, "layer": layer, "head": head, "expert": expert,
-               "kind": kind, "offset": form.offset if form else 0,
+        row = {"name": name, "stack": form.stack if form else stack, "layer": layer, "head_index": head,
+               "expert": expert, "kind": kind, "offset": form.offset if form else 0,
                "variant": form.variant if form else "",
                "kv_cache_floats": form.kv_cache_floats if form else None,
                "shapes": str(form.form.structure) if form else shapes, "error": error}
@@ -307,8 +307,9 @@ def spectra_rows(found: Analysis, **keys) -> list[dict]:
     import numpy as np
 
     table = found.table
-    kinds, stacks, layers, heads, offsets = (table[c].to_numpy() for c in ("kind", "stack", "layer", "head", "offset"))
-    return [{**keys, "stack": stacks[i], "layer": int(layers[i]), "head": int(heads[i]), "kind": kinds[i],
+    kinds, stacks, layers, heads, offsets = (table[c].to_numpy()
+                                             for c in ("kind", "stack", "layer", "head_index", "offset"))
+    return [{**keys, "stack": stacks[i], "layer": int(layers[i]), "head_index": int(heads[i]), "kind": kinds[i],
              "offset": int(offsets[i]), "null": d.null, "bulk_edge": d.bulk_edge,
              "eigenvalues": d.eigenvalues.tolist(),
              "null_quantiles": None if d.null_quantiles is None else

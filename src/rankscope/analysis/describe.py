@@ -229,8 +229,8 @@ def describe_full(model_or_path, *, per_head: bool = True, kinds: Iterable[str] 
         if attention_kinds:
             notes.append(_no_layout_note(config, sum(len(weights.shape(n)) == 2 for n in weights)))
     forms = _ordered(forms or [], attention_kinds, per_head)
-    rows = [{"name": form_name(f), "stack": f.stack, "layer": f.layer, "head": f.head, "expert": -1, "kind": f.kind,
-             "offset": f.offset, "variant": f.variant, "kv_cache_floats": f.kv_cache_floats,
+    rows = [{"name": form_name(f), "stack": f.stack, "layer": f.layer, "head_index": f.head, "expert": -1,
+             "kind": f.kind, "offset": f.offset, "variant": f.variant, "kv_cache_floats": f.kv_cache_floats,
              "shapes": str(f.form.structure), "rank": f.form.rank_bound, "n": f.form.n, "m": f.form.m,
              "plain": False, "error": ""} for f in forms]
     structures = [f.form.structure for f in forms]
@@ -240,7 +240,7 @@ def describe_full(model_or_path, *, per_head: bool = True, kinds: Iterable[str] 
         error = skip_reason(weights, name)
         if not error:
             structures.append(Structure(((n, m),)))
-        rows.append({"name": shown, "stack": stack_of(name, stacks), "layer": layer_of(name), "head": -1,
+        rows.append({"name": shown, "stack": stack_of(name, stacks), "layer": layer_of(name), "head_index": -1,
                      "expert": expert, "kind": matrix_kind(name), "offset": 0, "variant": "", "kv_cache_floats": None,
                      "shapes": f"{n}·{m}", "rank": min(n, m), "n": n, "m": m, "plain": True, "error": error})
     table = pd.DataFrame(rows)

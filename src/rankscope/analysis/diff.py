@@ -269,8 +269,8 @@ def _check_same(where_b: str, where_t: str, config_b: dict | None, config_t: dic
 
 
 def _form_meta(f: NamedForm) -> dict:
-    return {"name": form_name(f), "stack": f.stack, "layer": f.layer, "head": f.head, "expert": -1, "kind": f.kind,
-            "offset": f.offset, "variant": f.variant, "shapes": str(f.form.structure)}
+    return {"name": form_name(f), "stack": f.stack, "layer": f.layer, "head_index": f.head, "expert": -1,
+            "kind": f.kind, "offset": f.offset, "variant": f.variant, "shapes": str(f.form.structure)}
 
 
 def _attention_rows(forms_b: Iterable[NamedForm], forms_t: Iterable[NamedForm], kinds: list[str], per_head: bool,
@@ -310,8 +310,9 @@ def _matrix_rows(weights_b, weights_t, matrices: list[tuple[str, int, str]], nul
     held: tuple | None = None
     for name, expert, shown in matrices:
         shape = weights_b.shape(name)[-2:]
-        meta = {"name": shown, "stack": stack_of(name, stacks), "layer": layer_of(name), "head": -1, "expert": expert,
-                "kind": matrix_kind(name), "offset": 0, "variant": "", "shapes": "·".join(map(str, shape))}
+        meta = {"name": shown, "stack": stack_of(name, stacks), "layer": layer_of(name), "head_index": -1,
+                "expert": expert, "kind": matrix_kind(name), "offset": 0, "variant": "",
+                "shapes": "·".join(map(str, shape))}
         skipped = skip_reason(weights_b, name)
         if skipped:
             rows.append({**meta, "error": skipped})

@@ -135,7 +135,7 @@ def summary(df: pd.DataFrame, *, null: str | None = None, metric: str = "stable_
     rows["stack"] = _col(rows, "stack", "").fillna("")
     out = []
     for (stack, kind), g in rows.groupby(["stack", "kind"], sort=False):
-        heads, layer_forms = g[g["head"] >= 0], g[g["head"] < 0]
+        heads, layer_forms = g[g["head_index"] >= 0], g[g["head_index"] < 0]
         unit = heads if len(heads) else layer_forms  # what the medians and the layer rule read
         heads_spiked, heads_no_count = _share_spiked(heads)
         layers_spiked, layers_no_count = _share_spiked(layer_forms)

@@ -66,12 +66,12 @@ def summary(df) -> Table:
     """Per layer: the worst head of each attention kind (most outliers, then spike strength); with
     --per-layer, the layer's own form."""
     ok = df[df["error"].eq("") & df["kind"].isin(ATTENTION_KINDS)] if "outliers" in df else df.iloc[0:0]
-    per_head = (ok["head"] >= 0).any()
-    rows = ok[ok["head"] >= 0] if per_head else ok
+    per_head = (ok["head_index"] >= 0).any()
+    rows = ok[ok["head_index"] >= 0] if per_head else ok
     table = Table(title="Per layer: the spikiest head" if per_head else "Per layer: the layer's form")
     # beside the spikiest head, its layer's own form (when the layer rows are there)
     layer_form = {(r.stack, r.layer, r.kind): f"{int(r.outliers)} of {int(r.rank)}"
-                  for r in ok[ok["head"] < 0].itertuples()}
+                  for r in ok[ok["head_index"] < 0].itertuples()}
     beside = per_head and bool(layer_form)
     stacks = ok["stack"].ne("").any()
     for col in (*(["stack"] if stacks else []), "layer", "kind", "worst head" if per_head else "form", "outliers",
@@ -82,7 +82,8 @@ def summary(df) -> Table:
         w = g.sort_values(["outliers", "spike_strength"], ascending=False).iloc[0]
         kv = w["kv_cache_floats"]
         kv = "" if kv is None or kv != kv else str(int(kv))  # None or NaN: no KV cache for this row
-        table.add_row(*([stack] if stacks else []), str(layer), kind, str(int(w["head"])) if per_head else "layer",
+        table.add_row(*([stack] if stacks else []), str(layer), kind,
+                      str(int(w["head_index"])) if per_head else "layer",
                       str(int(w["outliers"])),
                       _spikes_text(w), f"{w['spike_strength']:.2f}", f"{w['stable_rank']:.1f}",
                       *([layer_form.get((stack, layer, kind), "")] if beside else []), kv)
@@ -142,8 +143,8 @@ def esd(result, out: Path) -> Path | None:
         return None
     panels = []
     qk = df["kind"].eq(QK)
-    masks = (("head", qk & (df["head"] >= 0)), ("layer", qk & (df["head"] < 0))) if qk.any() else (
-        ("matrix", df["head"] < 0),)
+    masks = (("head", qk & (df["head_index"] >= 0)), ("layer", qk & (df["head_index"] < 0))) if qk.any() else (
+        ("matrix", df["head_index"] < 0),)
     for label, mask in masks:
         sub = df[mask & df["spike_strength"].notna() & df.index.isin(list(result.diagnoses))]
         if len(sub):

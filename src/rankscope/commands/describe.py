@@ -22,7 +22,7 @@ def attention_table(df) -> Table:
     forms = df[~df["plain"]] if len(df) else df
     runs: dict[tuple, list[int]] = {}  # alike layers (everything but the layer equal), in the order analyze reads
     for (stack, layer, kind), g in forms.groupby(["stack", "layer", "kind"], sort=False):
-        heads, whole = g[g["head"] >= 0], g[g["head"] < 0]
+        heads, whole = g[g["head_index"] >= 0], g[g["head_index"] < 0]
         kv = g["kv_cache_floats"].iloc[0]
         desc = (stack, kind, str(len(heads)), ", ".join(dict.fromkeys(heads["shapes"])) or "–",
                 ", ".join(str(r) for r in dict.fromkeys(heads["rank"])) or "–",

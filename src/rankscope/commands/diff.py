@@ -33,7 +33,8 @@ def _short(name: str) -> str:
 def matrices_table(df: pd.DataFrame) -> Table:
     """Per matrix and per layer form (head −1): the size and the spikes of the change, the change of the rank
     measures and the overlap of the top-k subspaces (with k/n, its value for random subspaces)."""
-    rows = df[(df["head"] < 0) & df["error"].eq("")].sort_values(["stack", "layer", "kind", "name"], kind="stable")
+    rows = df[(df["head_index"] < 0) & df["error"].eq("")]
+    rows = rows.sort_values(["stack", "layer", "kind", "name"], kind="stable")
     stacks = rows["stack"].ne("").any()
     table = Table(title="What changed, per matrix and layer form (ΔW = W_tuned − W_base)")
     for col in (*(["stack"] if stacks else []), "layer", "matrix", "‖ΔW‖/‖W‖", "ΔW spikes / outliers", "Δ spikes",
@@ -59,7 +60,7 @@ def matrices_table(df: pd.DataFrame) -> Table:
 def heads_table(df: pd.DataFrame) -> Table | None:
     """Per layer and attention kind: how many heads' form changes carry spikes, the most in one head, how many have
     no count because their bulk is not noise-shaped ("no fit") or their null is not known ("not counted")."""
-    heads = df[(df["head"] >= 0) & df["error"].eq("")]
+    heads = df[(df["head_index"] >= 0) & df["error"].eq("")]
     if heads.empty:
         return None
     stacks = heads["stack"].ne("").any()
@@ -71,7 +72,7 @@ def heads_table(df: pd.DataFrame) -> Table | None:
         spikes = g["dw_spikes"].where(g["changed"].astype(bool), 0.0)
         untested = g["dw_note"].ne("")
         top = spikes.fillna(-1).idxmax()
-        most = f"{_count(spikes[top], null)} (head {int(g.loc[top, 'head'])})" if spikes[top] > 0 else "–"
+        most = f"{_count(spikes[top], null)} (head {int(g.loc[top, 'head_index'])})" if spikes[top] > 0 else "–"
         table.add_row(*([stack] if stacks else []), str(layer), kind, str(len(g)), str(int((spikes > 0).sum())), most,
                       str(int((spikes.isna() & ~untested).sum())), str(int(untested.sum())),
                       _num(g["dw_relative_norm"].mean(), 2))
@@ -89,7 +90,7 @@ def figure(df: pd.DataFrame, path: Path) -> Path:
     ok = df[df["error"].eq("") & (df["layer"] >= 0)].copy()
     ok["series"] = [(f"{st} " if st else "") + (f"{k} heads (mean)" if h >= 0 else
                                                 (f"{k} form" if k in ATTENTION_KINDS else _short(n)))
-                    for n, st, k, h in zip(ok["name"], ok["stack"], ok["kind"], ok["head"], strict=True)]
+                    for n, st, k, h in zip(ok["name"], ok["stack"], ok["kind"], ok["head_index"], strict=True)]
     ok["spikes"] = ok["dw_spikes"].where(ok["changed"].astype(bool), 0.0)
     panels = [("spikes", "spikes of the change ΔW (above its noise bulk)", "magma"),
               ("overlap_left", "top-k subspace overlap ‖U_bᵀU_t‖²/k (random: k/n)", "viridis")]

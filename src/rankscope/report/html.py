@@ -286,7 +286,7 @@ def _verdict_html(summary: dict) -> str:
 def _cells(data: StudyData) -> pd.DataFrame:
     """The primary forms: per-head query–key rows under the structure-matched null, every offset."""
     a = data.attention
-    return a[(a["kind"] == QK) & (a["head"] >= 0) & (a["null"] == PRODUCT)]
+    return a[(a["kind"] == QK) & (a["head_index"] >= 0) & (a["null"] == PRODUCT)]
 
 
 def _figures(data: StudyData, series: pd.DataFrame, point: dict | None, sweep: str, out: Path) -> str:

@@ -235,7 +235,8 @@ def carried(point: dict, out: Path) -> Path | None:
 def head_maps(data: StudyData, sweep: str, out: Path) -> Path | None:
     """Per variant, spikes per (layer, head) at offset 0 at an early, a middle and the final monitored step."""
     rows = data.attention
-    frame = rows[(rows["sweep"] == sweep) & (rows["kind"] == QK) & (rows["head"] >= 0) & (rows["null"] == PRODUCT)]
+    frame = rows[(rows["sweep"] == sweep) & (rows["kind"] == QK) & (rows["head_index"] >= 0)
+                 & (rows["null"] == PRODUCT)]
     frame = frame[frame["offset"] == 0]
     if frame.empty:
         return None
@@ -251,7 +252,7 @@ def head_maps(data: StudyData, sweep: str, out: Path) -> Path | None:
     for i, variant in enumerate(variants):
         for j, step in enumerate(picks):
             sub = frame[(frame["variant"] == variant) & (frame["step"] == step)]
-            grid = sub.pivot_table(index="layer", columns="head", values="spikes", aggfunc="mean", dropna=False)
+            grid = sub.pivot_table(index="layer", columns="head_index", values="spikes", aggfunc="mean", dropna=False)
             ax = axes[i, j]
             image = _mesh(ax, grid, "magma", (0.0, vmax))
             ax.set_xticks(grid.columns.to_numpy(), [str(h) for h in grid.columns], fontsize=7)
@@ -267,7 +268,7 @@ def layer_forms(data: StudyData, sweep: str, out: Path, total: int) -> Path | No
     """Secondary view: the layer-level forms (sum over heads, offset 0): outliers under both nulls and spikes,
     one colour scale for all three and all variants (the panels of the nulls the rows have)."""
     rows = data.attention
-    frame = rows[(rows["sweep"] == sweep) & (rows["kind"] == QK) & (rows["head"] < 0)]
+    frame = rows[(rows["sweep"] == sweep) & (rows["kind"] == QK) & (rows["head_index"] < 0)]
     variants = _variants(frame)
     panels = [("outliers", PRODUCT, "outliers — product null"), ("spikes", PRODUCT, "spikes (grey: bulk not noise)"),
               ("outliers", MP, "outliers — naive MP")]
@@ -298,13 +299,14 @@ def layer_forms(data: StudyData, sweep: str, out: Path, total: int) -> Path | No
 def esd_steps(data: StudyData, sweep: str, out: Path) -> Path | None:
     """Eigenvalue histogram of the spikiest per-head form (offset 0) at three steps, with the fitted null."""
     rows = data.attention
-    frame = rows[(rows["sweep"] == sweep) & (rows["kind"] == QK) & (rows["head"] >= 0) & (rows["null"] == PRODUCT)]
+    frame = rows[(rows["sweep"] == sweep) & (rows["kind"] == QK) & (rows["head_index"] >= 0)
+                 & (rows["null"] == PRODUCT)]
     frame = frame[frame["offset"] == 0]
     frame = frame[frame["step"] == frame["step"].max()]
     if frame.empty or not np.isfinite(frame["spike_strength"]).any():
         return None
     top = frame.loc[frame["spike_strength"].replace(np.inf, np.nan).idxmax()]
-    where = (f"layer = {int(top['layer'])} and head = {int(top['head'])} and kind = '{QK}' and \"null\" = "
+    where = (f"layer = {int(top['layer'])} and head_index = {int(top['head_index'])} and kind = '{QK}' and \"null\" = "
              f"'{PRODUCT}' and coalesce(\"offset\", 0) = 0")
     spectra = data.spectra(top["name"], sweep, where)
     steps = sorted(spectra["step"].unique())
@@ -328,7 +330,7 @@ def esd_steps(data: StudyData, sweep: str, out: Path) -> Path | None:
         ax.set_xlabel("eigenvalue of B Bᵀ")
         ax.legend(fontsize=7)
     fig.suptitle(f"ESD of the spikiest head at the end: {top['name']} layer {int(top['layer'])} head "
-                 f"{int(top['head'])}", fontsize=10)
+                 f"{int(top['head_index'])}", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.92))
     return _save(fig, out / "esd_steps.png")
 

@@ -205,7 +205,7 @@ def _cell_metrics(c: pd.DataFrame) -> pd.DataFrame:
 def layer_series(cells: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     """One row per (sweep, name, step, layer): the Δ-weighted, head-mean metrics and the ``spiked`` indicator."""
     meta = runs[["sweep", "name", "variant", "seed", "steps", "context"]]
-    c = cells[cells["head"] >= 0].drop(columns=["variant", "seed"], errors="ignore")
+    c = cells[cells["head_index"] >= 0].drop(columns=["variant", "seed"], errors="ignore")
     c = c.merge(meta[["sweep", "name", "context"]], on=["sweep", "name"], how="inner")
     derived = _cell_metrics(c)
     weights = {}  # (run, offset) → the causal share of pairs the offset stands for in that run
@@ -213,7 +213,7 @@ def layer_series(cells: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
         read = sorted(g["offset"].unique(), key=abs)
         weights.update({(sweep, name, o): w for o, w in zip(read, offset_weights(read, context), strict=True)})
     w = np.array([weights[k] for k in zip(c["sweep"], c["name"], c["offset"], strict=True)], dtype=float)
-    keys = ["sweep", "name", "step", "layer", "head"]
+    keys = ["sweep", "name", "step", "layer", "head_index"]
     frame = c[keys].copy()
     for m in METRICS:
         v = derived[m].to_numpy(float)
@@ -236,7 +236,7 @@ def per_offset_final(cells: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     """One row per (run, offset): the rank-fair quantities at the run's last monitored step, head- then
     layer-mean, for each offset Δ separately."""
     meta = runs[["sweep", "name", "variant", "seed"]]
-    c = cells[cells["head"] >= 0].drop(columns=["variant", "seed"], errors="ignore")
+    c = cells[cells["head_index"] >= 0].drop(columns=["variant", "seed"], errors="ignore")
     last = c.groupby(["sweep", "name"])["step"].transform("max")
     c = c[c["step"] == last]
     c = pd.concat([c[["sweep", "name", "offset", "layer"]], _cell_metrics(c)[list(FINAL)]], axis=1)
@@ -973,7 +973,7 @@ def synthetic_study(kind: str = "known_effect", *, seeds: int = 3, layers: int =
             idx = np.indices(shape).reshape(4, -1)
             rows.append(pd.DataFrame({
                 "sweep": "base", "name": name, "variant": v, "seed": s, "step": sched[idx[0]], "layer": layer.ravel(),
-                "head": idx[2], "offset": np.asarray(offsets)[idx[3]], "rank": rank, "spikes": spikes.ravel(),
+                "head_index": idx[2], "offset": np.asarray(offsets)[idx[3]], "rank": rank, "spikes": spikes.ravel(),
                 "effective_rank": erank.ravel(), "erank_vs_null": ervn.ravel(), "top_energy_vs_null": top.ravel(),
                 "bulk_effective_rank": bulk.ravel()}))
             for st in (0, steps // 8, steps // 4, steps // 2, 3 * steps // 4, steps):

@@ -103,7 +103,7 @@ class Monitor:
             self.store.append("weights", table[~attention])
             self.store.append("spectra", spectra_rows(found, step=step))
             if self._tb is not None:
-                layers = table[attention & (table["head"] < 0) & (table["kind"] == QK)]
+                layers = table[attention & (table["head_index"] < 0) & (table["kind"] == QK)]
                 for r in layers.itertuples():
                     for key in ("outliers", "spikes", "spike_strength", "stable_rank", "effective_rank"):
                         self._tb.add_scalar(f"qk_{r.null}/layer{r.layer}/{key}", float(getattr(r, key)), step)
