@@ -45,7 +45,7 @@ def dense_stable_rank(wq, wk, head, n_head, n_kv_head):
 
 def stored_stable_rank(run_dir, step, layer, head):
     frame = RunStore(run_dir).sql(f"""select stable_rank from qk where step = {step} and layer = {layer}
-                                      and head = {head} and kind = 'qk' and "null" = 'product'""")
+                                      and head_index = {head} and kind = 'qk' and "null" = 'product'""")
     assert len(frame) == 1
     return float(frame["stable_rank"].iloc[0])
 

@@ -240,5 +240,5 @@ def test_the_report_draws_layer_by_step_heatmaps_per_stack(series_store, tmp_pat
     series = layer_series(_cells(data), data.runs.assign(context=UNKNOWN_CONTEXT))  # what write_report draws
     two = layer_heatmaps(series, "base", tmp_path / "figures", int(data.runs["steps"].max()))
     assert _png_height(two) > 1.3 * _png_height(one)  # two rows of panels
-    spectra = data.spectra("two/decoder", "base", "layer = 1 and head = 0 and kind = 'qk'")
+    spectra = data.spectra("two/decoder", "base", "layer = 1 and head_index = 0 and kind = 'qk'")
     assert (spectra["stack"] == "decoder").all() and sorted(spectra["step"]) == list(STEPS)

@@ -56,6 +56,9 @@ STUDY_VARIANTS: dict[str, dict[str, str]] = {
     MHA_DECOUPLED: {"attention": MHA_DECOUPLED},
     MLA_DECOUPLED: {"attention": MLA_DECOUPLED},
 }
+# Every variant by its one name, as ``train --attention``, ``study --variants``, the store's ``variant`` column and the
+# report spell it: the study's six and MQA (all heads share one K/V head).
+VARIANTS: dict[str, dict[str, str]] = {**STUDY_VARIANTS, MQA: {"attention": MQA}}
 SPIKY_VARIANTS = (MHA, MLA_PREROPE_INPUT, MLA_PREROPE_COUPLED)  # the variants claims (i) and (ii) are about
 REFERENCE_VARIANT = MLA_DECOUPLED  # the variant every other is compared with (the paper's claim iii)
 

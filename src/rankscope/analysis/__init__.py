@@ -424,10 +424,26 @@ def analyze_full(model_or_path, *, per_head: bool = True, kinds: Iterable[str] |
     if arch is None and not any(r["kind"] in ATTENTION_KINDS for r in rows.rows):
         rows.out.not_understood = [n for n, _, _ in matrices if matrix_kind(n) == WEIGHT]
     rows.out.notes = notes
-    table = pd.DataFrame(rows.rows)
+    table = integer_columns(pd.DataFrame(rows.rows))
     table["warning"] = warning_column(table)
     rows.out.table = table
     return rows.out
+
+
+# Columns that hold whole numbers: positions, shapes and counts. ``spikes`` and ``spikes_gap`` are counts too, but
+# NaN where no count exists (the bulk is not noise-shaped; too few eigenvalues): they stay float, NaN meaning
+# "no count", so the arithmetic of summaries and figures on them stays numpy's.
+INTEGER_COLUMNS = ("layer", "head_index", "expert", "offset", "kv_cache_floats", "n", "m", "rank", "outliers")
+
+
+def integer_columns(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with its ``INTEGER_COLUMNS`` as integers: int64, or pandas' nullable Int64 where some rows have no
+    value (an error row has no diagnosis)."""
+    for col in INTEGER_COLUMNS:
+        if col in table and table[col].dtype.kind in "fO":
+            values = pd.to_numeric(table[col], errors="coerce")
+            table[col] = values.astype("int64") if values.notna().all() else values.astype("Int64")
+    return table
 
 
 def _hf_forms_or_note(model_or_path, config, weights, arch, per_head: bool, attention_kinds: list[str],

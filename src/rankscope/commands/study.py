@@ -15,11 +15,20 @@ def print_verdict(console: Console, root: Path) -> None:
     if not summary.get("points"):
         return
     table = Table(title="Claims of Jha & Reagen (2507.09394)")
-    for col in ("sweep", "(i) early spikes", "(ii) with rank collapse", "(iii) only Decoupled prevents"):
+    for col in ("sweep", "(i) early spikes", "(ii) with rank collapse", "(iii) only Decoupled prevents",
+                "can it conclude?"):
         table.add_column(col)
+    small = []
     for point in summary["points"]:
-        table.add_row(point["sweep"], *[point["claims"][k]["verdict"] for k in ("i", "ii", "iii")])
+        short = point.get("scale", {}).get("too_small", [])
+        small += short
+        table.add_row(point["sweep"], *[point["claims"][k]["verdict"] for k in ("i", "ii", "iii")],
+                      f"[yellow]no: too small ({', '.join(short)})[/yellow]" if short else "yes")
     console.print(table)
+    if small:
+        console.print("[yellow]These verdicts come from a study too small to test the claims: read them as a check "
+                      "that the pipeline runs, not as findings. For a verdict: rankscope study --preset cpu "
+                      "(about an hour on 2 cores).[/yellow]")
 
 
 def render_report(console: Console, root: Path, open_: bool) -> Path:

@@ -22,7 +22,7 @@ from torch import nn
 
 from rankscope.attention_forms import MLAWeights, NamedForm, decoupled_mha_forms, mha_forms, mla_forms
 from rankscope.nn.config import ModelConfig
-from rankscope.vocab import MLA_DECOUPLED, OV, QK, QK_CONTENT, QK_ROPE, ROPE_COUPLED, ROPE_INPUT
+from rankscope.vocab import MLA_DECOUPLED, OV, QK, QK_CONTENT, QK_ROPE, ROPE_COUPLED, ROPE_INPUT, variant_of
 
 
 class RMSNorm(nn.Module):
@@ -94,7 +94,7 @@ class MHA(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
         self.layer_idx = layer_idx
-        self.variant = cfg.attention
+        self.variant = variant_of(cfg.attention, cfg.rope_mode)  # the study's name: mla_prerope_input, ...
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.rope_dim = cfg.rope_dim  # dr: 0 unless mha_decoupled
         self.kv_cache_floats = cfg.kv_cache_floats_per_layer()
@@ -175,7 +175,7 @@ class MLA(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
         self.layer_idx = layer_idx
-        self.variant = cfg.attention
+        self.variant = variant_of(cfg.attention, cfg.rope_mode)  # the study's name: mla_prerope_input, ...
         self.mode = "decoupled" if cfg.attention == MLA_DECOUPLED else cfg.rope_mode
         self.kv_cache_floats = cfg.kv_cache_floats_per_layer()
         self.rope_theta = cfg.rope_theta

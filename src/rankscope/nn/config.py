@@ -43,23 +43,23 @@ class ModelConfig:
     ``mha_decoupled``.
     """
 
-    vocab_size: int = 512
-    n_layer: int = 4
-    d_model: int = 128
-    n_head: int = 4
-    head_dim: int | None = None
-    n_kv_head: int | None = None
-    attention: str = MHA
-    kv_lora_rank: int = 64
-    q_lora_rank: int | None = None
-    qk_rope_dim: int = 16
-    rope_mode: str = ROPE_INPUT
-    d_ff: int | None = None
-    max_seq_len: int = 128
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = True
-    init_std: float = 0.02
+    vocab_size: int = 512  # BPE vocabulary trained on the corpus
+    n_layer: int = 4  # decoder blocks
+    d_model: int = 128  # residual width d
+    n_head: int = 4  # query heads H
+    head_dim: int | None = None  # dh (none: d_model // n_head)
+    n_kv_head: int | None = None  # K/V heads (none: the variant's own: H for mha, H/2 for gqa, 1 for mqa)
+    attention: str = MHA  # the model's attention (train --attention sets it, with rope_mode, from the variant)
+    kv_lora_rank: int = 64  # dc, the KV latent rank of MLA
+    q_lora_rank: int | None = None  # dq, the query latent rank of MLA (none: uncompressed queries)
+    qk_rope_dim: int = 16  # dr, the rope key's width of the decoupled variants
+    rope_mode: str = ROPE_INPUT  # mla_prerope: "input" (rotate before compression) or "coupled" (per head q, k)
+    d_ff: int | None = None  # SwiGLU width (none: the multiple of 32 nearest 8/3·d_model)
+    max_seq_len: int = 128  # context length T
+    rope_theta: float = 10000.0  # RoPE base
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    tie_embeddings: bool = True  # the output head shares the token embedding
+    init_std: float = 0.02  # std of the normal initialisation
 
     def __post_init__(self):
         def bad(msg: str):
@@ -76,9 +76,9 @@ class ModelConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 bad(f"{name} must be a positive integer, got {v!r}")
-        if not (self.rope_theta > 0 and self.norm_eps > 0 and self.init_std > 0):
-            bad(f"rope_theta, norm_eps and init_std must be positive, got {self.rope_theta}, {self.norm_eps}, "
-                f"{self.init_std}")
+        if not all(0 < v < float("inf") for v in (self.rope_theta, self.norm_eps, self.init_std)):
+            bad(f"rope_theta, norm_eps and init_std must be positive and finite, got {self.rope_theta}, "
+                f"{self.norm_eps}, {self.init_std}")
         if self.head_dim is None:
             if self.d_model % self.n_head:
                 bad(f"n_head={self.n_head} does not divide d_model={self.d_model}; set head_dim explicitly")

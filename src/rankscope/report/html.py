@@ -83,6 +83,7 @@ td.n { white-space: nowrap; } td.s { min-width: 22em; } table.v { font-size: 0.7
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
 th { background: #f3f3f3; } td.l, th.l { text-align: left; }
 .reproduced { background: #d7f5d7; } .not { background: #f8d6d6; } .inconclusive { background: #f5f0d0; }
+.warn { background: #fde8c8; padding: 6px 10px; border-left: 4px solid #e8a33a; }
 figure { margin: 1.5em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
 figcaption { color: #555; font-size: 0.9em; } code, pre { background: #f6f6f6; padding: 0.1em 0.3em; }
 pre { padding: 0.8em; overflow-x: auto; font-size: 0.8em; }
@@ -163,7 +164,11 @@ def _claims_html(point: dict) -> str:
         evidence = "".join(f"<li>{html.escape(e)}</li>" for e in claim["evidence"])
         rows.append(f"<tr><td class=l>({key}) {html.escape(CLAIMS[key])}</td><td class='l {_cls(v)}'>{v}{extra}</td>"
                     f"<td class='l s'><ul>{evidence}</ul></td></tr>")
-    return ("<table><tr><th class=l>claim</th><th class=l>verdict</th><th class=l>evidence</th></tr>"
+    short = point.get("scale", {}).get("too_small")
+    warning = (f"<p class=warn><b>Too small to conclude</b> ({html.escape(', '.join(short))}): these verdicts are "
+               "a check that the pipeline runs, not findings about the paper's claims. Use --preset cpu (or paper) "
+               "for a verdict.</p>") if short else ""
+    return (warning + "<table><tr><th class=l>claim</th><th class=l>verdict</th><th class=l>evidence</th></tr>"
             + "".join(rows) + "</table>")
 
 

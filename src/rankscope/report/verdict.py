@@ -112,6 +112,12 @@ CLAIMS = {
     "iii": "only MLA-Decoupled prevents this, keeping broad spectral support and suppressing outliers",
 }
 MIN_SEEDS = 3  # below this a t-interval over seeds has one or no degree of freedom left: "inconclusive"
+# The smallest scale at which the claims' premises have room to show: layer-specific onsets and their spread over
+# depth need several layers, "early" and "persist" need a training long enough to resolve 5 % of it (the margin of
+# "early") with dense monitoring. These are the cpu preset's; a study below them (the smoke preset) is a plumbing
+# check, and its verdicts say nothing about the paper.
+MIN_SCALE = {"n_layer": 8, "steps": 600}
+MIN_SEEDS_TO_CONCLUDE = 5  # 3 seeds make a verdict computable; 5 (the cpu preset's) give the tests their power
 VARIANTS = ("mha", "gqa", "mla_prerope_input", "mla_prerope_coupled", "mha_decoupled", "mla_decoupled")
 
 # One effect-size margin per test, fixed before the data: the smallest effect that would matter for the claim.
@@ -727,6 +733,23 @@ def _claim_readings(tests: list[dict], reference: str) -> dict:
 
 
 # ---- the verdict -------------------------------------------------------------------------------------------------
+def scale_check(runs: pd.DataFrame) -> dict:
+    """The study's scale (its smallest run's layers and steps, its fewest seeds of a variant) and, in ``too_small``,
+    each way it falls short of ``MIN_SCALE`` / ``MIN_SEEDS_TO_CONCLUDE`` (empty: large enough to conclude). Runs
+    without a config (monitored runs) have no known scale and are left out."""
+    configs = [c for c in runs.get("config", pd.Series([], dtype=object)) if isinstance(c, dict)]
+    out: dict = {"seeds": int(runs.groupby("variant")["seed"].nunique().min()) if len(runs) else 0}
+    for key, part in (("n_layer", "model"), ("steps", "train")):
+        values = [c[part][key] for c in configs if isinstance(c.get(part, {}).get(key), int)]
+        out[key] = min(values) if values else None
+    short = [f"{out[k]} {'layers' if k == 'n_layer' else 'steps'} < {floor}" for k, floor in MIN_SCALE.items()
+             if out[k] is not None and out[k] < floor]
+    if out["seeds"] < MIN_SEEDS_TO_CONCLUDE:
+        short.append(f"{out['seeds']} seeds < {MIN_SEEDS_TO_CONCLUDE}")
+    out["too_small"] = short
+    return out
+
+
 def verdict(cells: pd.DataFrame, train: pd.DataFrame, runs: pd.DataFrame, *, alpha: float = 0.05,
             reference: str = REFERENCE_VARIANT, controls: bool = True, studies: int = 2000, permutations: int = 200,
             seed: int = 0) -> dict:
@@ -741,7 +764,8 @@ def verdict(cells: pd.DataFrame, train: pd.DataFrame, runs: pd.DataFrame, *, alp
     for sweep in sorted(runs["sweep"].unique()):
         per_run = per_run_all[per_run_all["sweep"] == sweep]
         layers = layers_all[layers_all["sweep"] == sweep] if not layers_all.empty else layers_all
-        point = {"sweep": sweep, "per_run": _records(per_run), "variants": {}, "onsets": {}, "per_offset": {}}
+        point = {"sweep": sweep, "scale": scale_check(runs[runs["sweep"] == sweep]), "per_run": _records(per_run),
+                 "variants": {}, "onsets": {}, "per_offset": {}}
         stat_cols = [c for c in per_run.columns if c not in ("sweep", "name", "variant", "seed", "steps", "onsets")]
         for v, g in per_run.groupby("variant"):
             point["variants"][v] = {s: t_interval(g[s]) for s in stat_cols}

@@ -25,7 +25,7 @@ import torch
 
 from rankscope.analysis import analyze_full, spectra_rows
 from rankscope.store import RunStore
-from rankscope.vocab import ATTENTION_KINDS, MONITOR_NULLS, QK
+from rankscope.vocab import ATTENTION_KINDS, MONITOR_NULLS, QK, variant_of
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -86,7 +86,10 @@ class Monitor:
     @torch.no_grad()
     def diagnose(self, step: int) -> None:
         model = _unwrap(self.model)
-        variant = getattr(getattr(model, "config", None), "attention", None)
+        config = getattr(model, "config", None)
+        variant = getattr(config, "attention", None)
+        if isinstance(variant, str):  # a rankscope model: the one name of train, study, store and report
+            variant = variant_of(variant, getattr(config, "rope_mode", None))
         found = analyze_full(model, per_head=self.per_head, kinds=self.kinds, null=self.nulls, fpr=self.fpr,
                              threads=self.threads, offsets=self.offsets)
         if found.notes and not self._warned:
