@@ -120,6 +120,8 @@ def train(
                                     help="run directory (default runs/<preset>-<attention>); under torchrun use "
                                          "--out, which torchrun's own parser does not claim"),
     resume: bool = typer.Option(False, help="continue the newest checkpoint in --run"),
+    force: bool = typer.Option(False, "--force", help="with --resume: continue even where the settings differ from "
+                                                      "the run's saved config (the new ones are saved)"),
     every: int | None = typer.Option(None, help="diagnose the spectra every N steps (overrides the preset)"),
 ) -> None:
     """Train the decoder with one attention variant, diagnosing its spectra as it goes.
@@ -139,7 +141,7 @@ def train(
         run_dir = run or Path("runs") / f"{preset}-{attention}"
         console.print(summary_table(cfg.model), highlight=False)
         try:
-            result = run_training(cfg, run_dir, resume=resume)
+            result = run_training(cfg, run_dir, resume=resume, force=force)
         except FloatingPointError as exc:  # diverged: the checkpoints before it are intact
             console.print(f"[red]training failed:[/red] {exc}", soft_wrap=True)
             raise typer.Exit(1) from exc

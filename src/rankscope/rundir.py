@@ -1,27 +1,35 @@
 """The run directory: the one place that knows its layout and reads and writes its checkpoints (design §6).
 
-    RUN/config.json                        the resolved config (model, train, preset)
+    RUN/config.json                        the resolved config (model, train, preset) and the run's id
     RUN/checkpoints/step_XXXXXX.safetensors  the weights of a step (written last, so a complete checkpoint has both)
     RUN/checkpoints/step_XXXXXX.state.pt     optimizer, RNG and buffer state (read with weights_only=True)
     RUN/checkpoints/final                  the step of the finished run's last checkpoint
     RUN/metrics/                           Parquet parts of the run store (rankscope.store)
     RUN/events/                            TensorBoard events (optional)
+    RUN/train.lock                         held (an OS lock) by the one process training the run; says its pid
 
-A study is a directory with ``study.json`` (the plan) and one run directory per (sweep point, variant, seed).
-Nothing here knows a model class: checkpoints hold any ``nn.Module``'s state.
+The run id (``run_id`` in config.json, set when the run is created: its name then) is the ``run`` tag of its
+store rows, so a renamed directory resumes under the tag its rows already have. A study is a directory with
+``study.json`` (the plan, run directories relative to it, so a copied study reads its copies) and one run
+directory per (sweep point, variant, seed). Nothing here knows a model class: checkpoints hold any
+``nn.Module``'s state.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
-from collections.abc import Callable
+import socket
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from rankscope.errors import CheckpointError, InputError
+from rankscope.errors import CheckpointError, InputError, one_line
 
 CONFIG = "config.json"
 CHECKPOINTS = "checkpoints"
@@ -29,14 +37,19 @@ METRICS = "metrics"
 EVENTS = "events"
 FINAL = "final"
 STUDY = "study.json"
+LOCK = "train.lock"
+RUN_ID = "run_id"
 _STEP = re.compile(r"^step_(\d+)\.safetensors$")
 
 
 def _atomic(path: Path, write: Callable[[Path], None]) -> None:
     """``write`` to a hidden temporary name beside ``path``, then rename: a reader never sees half a file."""
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def restore_buffers(model: torch.nn.Module, buffers: dict) -> None:
@@ -47,6 +60,12 @@ def restore_buffers(model: torch.nn.Module, buffers: dict) -> None:
         for name, value in buffers.items():
             if name in own and own[name].shape == value.shape:
                 own[name].copy_(value)
+
+
+def _unsafe_global(exc: BaseException) -> str:
+    """What torch's weights-only unpickler refused (e.g. "GLOBAL posix.system"), from its long message."""
+    found = re.search(r"GLOBAL [\w.]+", str(exc))
+    return found.group(0) if found else one_line(exc, 120)
 
 
 class RunDir:
@@ -81,14 +100,74 @@ class RunDir:
     def state(self, step: int) -> Path:
         return self.checkpoints / f"step_{step:06d}.state.pt"
 
+    @property
+    def lock_path(self) -> Path:
+        return self.path / LOCK
+
+    # ---- one writer -----------------------------------------------------------------------------------------------
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the run's lock (``fcntl.flock`` on ``train.lock``, released by the OS when the process ends, even by
+        kill -9) for the body, with this process's pid and host written in it. Another process holding it, or a
+        run directory this process cannot write: an InputError saying which."""
+        import fcntl
+
+        self.writable()
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise InputError(f"{self.path}: cannot write the run directory ({exc.strerror or exc})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 300, 0).decode(errors="replace").strip() or "a process that has not said who"
+            os.close(fd)
+            raise InputError(f"{self.path}: another trainer holds this run ({holder}); wait for it to end, or "
+                             f"train into another --run") from None
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%F %T')}\n".encode(),
+                      0)
+            yield
+        finally:
+            os.ftruncate(fd, 0)  # nobody holds it now; the file stays (unlinking it would race the next taker)
+            os.close(fd)  # closing the last descriptor releases the lock
+
+    def writable(self) -> None:
+        """Make the run directory; an InputError when it, or a folder of it, cannot be written."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise InputError(f"{self.path}: exists and is not a directory") from None
+        except OSError as exc:
+            raise InputError(f"{self.path}: cannot make the run directory ({exc.strerror or exc})") from None
+        for folder in (self.path, self.checkpoints, self.metrics, self.events):
+            if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+                raise InputError(f"{folder}: the run directory is not writable by this user")
+
     # ---- config -----------------------------------------------------------------------------------------------
-    def read_config(self) -> dict | None:
-        """config.json as a dict, or None when it is missing, unreadable or not a rankscope run's."""
+    def read_config(self, strict: bool = False) -> dict | None:
+        """config.json as a dict, or None when it is missing, unreadable or not a rankscope run's; with ``strict``,
+        a config.json that exists but is not a readable run config is an InputError saying so."""
         try:
             cfg = json.loads(self.config_path.read_text())
-        except (OSError, ValueError):
+        except FileNotFoundError:
             return None
-        return cfg if isinstance(cfg, dict) and "model" in cfg and "train" in cfg else None
+        except (OSError, ValueError) as exc:
+            if strict:
+                raise InputError(f"{self.config_path}: not a readable run config ({one_line(exc)})") from None
+            return None
+        ok = isinstance(cfg, dict) and isinstance(cfg.get("model"), dict) and isinstance(cfg.get("train"), dict)
+        if strict and not ok:
+            raise InputError(f"{self.config_path}: not a rankscope run config (no model and train sections)")
+        return cfg if ok else None
+
+    def run_id(self, config: dict | None = None) -> str | None:
+        """The id saved in config.json at the run's creation (the ``run`` tag of its store rows), None for a run
+        of an earlier version, which has none."""
+        config = self.read_config() if config is None else config
+        found = (config or {}).get(RUN_ID)
+        return found if isinstance(found, str) and found else None
 
     def write_config(self, config: dict) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -161,7 +240,8 @@ class RunDir:
 
     def load_checkpoint(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, device) -> int:
         """Restore the newest readable checkpoint (weights, optimizer, RNG, buffers); returns its step (0 when there
-        is none). A corrupt newest checkpoint is reported and the one before it used."""
+        is none). A corrupt newest checkpoint is reported and the one before it used; a state file holding pickled
+        objects other than tensors and plain data is refused outright (a CheckpointError; none of it runs)."""
         from safetensors import SafetensorError
         from safetensors.torch import load_model
 
@@ -169,16 +249,27 @@ class RunDir:
         for step in reversed(self.steps()):
             try:
                 state = torch.load(self.state(step), map_location=device, weights_only=True)
-                load_model(model, str(self.weights(step)), device=str(device))
-            except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as exc:
-                errors.append(f"{self.weights(step).name}: {str(exc).splitlines()[0][:200]}")
+            except pickle.UnpicklingError as exc:
+                raise CheckpointError(f"{self.state(step)}: refused, it holds pickled objects other than tensors and "
+                                      f"plain data ({_unsafe_global(exc)}); read with weights_only=True, nothing in "
+                                      f"it ran") from None
+            except (RuntimeError, OSError, EOFError, ValueError) as exc:
+                errors.append(f"{self.state(step).name}: {one_line(exc)}")
                 continue
-            if optimizer is not None:
-                optimizer.load_state_dict(state["optimizer"])
-            torch.set_rng_state(state["torch_rng"].cpu())
-            if "cuda_rng" in state and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
-            restore_buffers(model, state.get("buffers", {}))
+            try:
+                if not isinstance(state, dict) or not {"optimizer", "torch_rng"} <= set(state):
+                    raise ValueError("not a rankscope training state (no optimizer and torch_rng entries)")
+                load_model(model, str(self.weights(step)), device=str(device))
+                if optimizer is not None:
+                    optimizer.load_state_dict(state["optimizer"])
+                torch.set_rng_state(state["torch_rng"].cpu())
+                if "cuda_rng" in state and torch.cuda.is_available():
+                    torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+                restore_buffers(model, state.get("buffers", {}))
+            except (SafetensorError, RuntimeError, OSError, EOFError, ValueError, KeyError, TypeError,
+                    AttributeError) as exc:
+                errors.append(f"step {step}: {one_line(exc)}")
+                continue
             if errors:
                 print(f"warning: skipped unreadable checkpoint(s) {errors}; resumed from step {step}")
             return step
@@ -202,22 +293,49 @@ class RunDir:
             try:
                 buffers = torch.load(state, map_location="cpu", weights_only=True).get("buffers", {})
             except Exception as exc:
-                raise CheckpointError(f"{state}: unreadable ({str(exc).splitlines()[0][:200]})") from None
+                raise CheckpointError(f"{state}: unreadable ({one_line(exc)})") from None
             restore_buffers(model, buffers)
         return model
 
 
+_RUN_RECORD = {"name": str, "directory": str, "variant": str, "seed": int, "sweep": str}
+
+
 def read_study(root: str | Path) -> dict | None:
-    """A study directory's plan (``study.json``), None when ``root`` is not a study."""
+    """A study directory's plan (``study.json``) with every run's ``directory`` as a path under ``root`` (plans of
+    earlier versions stored absolute ones, read as they are); None when ``root`` is not a study. A plan that is
+    unreadable or lacks a run's name, directory, variant, seed or sweep is an InputError."""
     path = Path(root) / STUDY
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
+        plan = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: not a readable study plan ({exc})") from None
+        raise InputError(f"{path}: not a readable study plan ({one_line(exc)})") from None
+    runs = plan.get("runs") if isinstance(plan, dict) else None
+    if not isinstance(runs, list) or not runs:
+        raise InputError(f"{path}: not a study plan (no list of runs)")
+    for i, record in enumerate(runs):
+        bad = [k for k, kind in _RUN_RECORD.items() if not isinstance(record, dict) or not isinstance(
+            record.get(k), kind)]
+        if bad or not isinstance(record.get("config"), dict | None):
+            raise InputError(f"{path}: run {i} of the plan lacks {bad or ['config']} (not a study plan)")
+        record["directory"] = str(Path(root) / record["directory"])  # an absolute one stays as it is
+    return plan
 
 
 def write_study(root: str | Path, plan: dict) -> None:
-    Path(root).mkdir(parents=True, exist_ok=True)
-    _atomic(Path(root) / STUDY, lambda p: p.write_text(json.dumps(plan, indent=1) + "\n"))
+    """Write ``study.json``; run directories under ``root`` are stored relative to it."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    runs = [{**r, "directory": _relative(Path(r["directory"]), root)} for r in plan.get("runs", [])]
+    text = json.dumps({**plan, "runs": runs}, indent=1) + "\n"
+    _atomic(root / STUDY, lambda p: p.write_text(text))
+
+
+def _relative(directory: Path, root: Path) -> str:
+    """``directory`` relative to ``root`` when it lies under it, else absolute."""
+    try:
+        return str(directory.resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(directory.resolve())

@@ -9,13 +9,15 @@ by the SwiGLU width (``match_budget``). A sweep axis (``lr=5e-4,2e-3``) repeats 
 with its own seeds (``SEED_STRIDE``) and its label in each run's config (``sweep``), store rows and run name.
 Re-running skips finished runs and resumes interrupted ones.
 
-Layout: ``OUT/study.json`` (the plan, the command, parameter counts), ``OUT/<sweep>/<variant>-s<seed>/``
+Layout: ``OUT/study.json`` (the plan, the command, parameter counts; run directories relative to OUT, so a copied
+study reads its copies), ``OUT/<sweep>/<variant>-s<seed>/``
 (one run each; ``<sweep>`` is ``lr=0.002`` or ``base``), ``OUT/report.html``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import shlex
 import sys
 import time
@@ -64,15 +66,30 @@ def match_budget(cfg: ModelConfig, target: int) -> ModelConfig:
     return dataclasses.replace(cfg, d_ff=d_ff)
 
 
+# Settings the study sets per run itself: a sweep over one would be overwritten without a word.
+_SET_PER_RUN = ("seed", "sweep")
+
+
 def parse_sweep(sweep: str | None) -> tuple[str, list[str]] | None:
-    """``"lr=5e-4,2e-3"`` → ``("lr", ["5e-4", "2e-3"])``."""
+    """``"lr=5e-4,2e-3"`` → ``("lr", ["5e-4", "2e-3"])``: distinct values, each a directory name (no ``/``), of a
+    setting the study does not set per run (the seed, the variant's attention fields)."""
     if not sweep:
         return None
     key, sep, values = sweep.partition("=")
+    key = key.strip().replace("-", "_")
     items = [v.strip() for v in values.split(",") if v.strip()]
-    if not sep or not key.strip() or not items:
+    if not sep or not key or not items:
         raise InputError(f"--sweep {sweep!r}: expected key=value1,value2,…")
-    return key.strip(), items
+    per_run = {*_SET_PER_RUN, *(k for fields in STUDY_VARIANTS.values() for k in fields)}
+    if key in per_run:
+        raise InputError(f"--sweep {sweep!r}: the study sets {key} per run itself; sweep another setting (not "
+                         f"{sorted(per_run)})")
+    if len(set(items)) < len(items):
+        raise InputError(f"--sweep {sweep!r}: a value is repeated (each sweep point is one directory)")
+    bad = [v for v in items if "/" in v or "\\" in v or v in (".", "..")]
+    if bad:
+        raise InputError(f"--sweep {sweep!r}: {bad[0]!r} cannot be a directory name (no / or \\)")
+    return key, items
 
 
 def plan(out: Path, preset: str = "cpu", seeds: int = 3, variants: list[str] | None = None,
@@ -82,8 +99,10 @@ def plan(out: Path, preset: str = "cpu", seeds: int = 3, variants: list[str] | N
     unknown = [v for v in variants if v not in STUDY_VARIANTS]
     if unknown:
         raise InputError(f"unknown variant(s) {unknown}; choose from {list(STUDY_VARIANTS)}")
-    if seeds < 1:
-        raise InputError(f"--seeds must be at least 1, got {seeds}")
+    if len(set(variants)) < len(variants):
+        raise InputError(f"--variants {','.join(variants)}: a variant is repeated")
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or not 1 <= seeds < SEED_STRIDE:
+        raise InputError(f"--seeds must be an integer in 1..{SEED_STRIDE - 1} (seeds per variant), got {seeds!r}")
     axis = parse_sweep(sweep)
     points = [("base", {})] if axis is None else [(f"{axis[0]}={v}", {axis[0]: v}) for v in axis[1]]
     specs = []
@@ -126,7 +145,11 @@ def _run_one(spec: RunSpec, threads: int) -> str:
 
 def run_study(out: Path, specs: list[RunSpec], *, jobs: int = 1, command: str | None = None,
               log=print) -> dict:
-    """Train every unfinished run (``jobs`` processes at a time) and write ``study.json``."""
+    """Train every unfinished run (``jobs`` processes at a time, 1..the machine's cores) and write ``study.json``."""
+    cores = os.cpu_count() or 1
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or not 1 <= jobs <= cores:
+        raise InputError(f"--jobs must be 1..{cores} (runs trained at once; this machine has {cores} cores), "
+                         f"got {jobs!r}")
     out = Path(out)
     meta = {"command": command or shlex.join(["rankscope", *sys.argv[1:]]), "started": time.strftime("%F %T"),
             "runs": [s.record() for s in specs]}

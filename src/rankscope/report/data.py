@@ -36,10 +36,14 @@ def _quoted(text: str) -> str:
 
 
 def _one_run(root: Path, cfg: dict) -> dict:
-    model = cfg["model"]
+    model, train = cfg["model"], cfg["train"]
+    if not isinstance(model.get("attention"), str) or not isinstance(train.get("seed"), int) or not isinstance(
+            train.get("steps"), int):
+        raise InputError(f"{RunDir(root).config_path}: not a rankscope run config (model.attention, train.seed or "
+                         f"train.steps missing or of the wrong type)")
     variant = variant_of(model["attention"], model.get("rope_mode"))
     return {"command": None, "runs": [{"name": root.name, "directory": str(root), "variant": variant,
-                                       "seed": cfg["train"]["seed"], "sweep": "base", "params": None,
+                                       "seed": train["seed"], "sweep": "base", "params": None,
                                        "kv_cache_floats_per_token": None, "config": cfg}]}
 
 
@@ -68,11 +72,16 @@ def load(root: str | Path) -> StudyData:
     root = Path(root)
     meta = read_study(root)
     if meta is None:
-        config = RunDir(root).read_config()
+        config = RunDir(root).read_config(strict=True)  # a config.json that is there but broken is named
         meta = _one_run(root, config) if config is not None else _monitored_run(root)
         if meta is None:
             raise InputError(f"{root}: neither a study (study.json) nor a run (config.json or monitor rows in "
                              f"{METRICS}/)")
+    for r in meta["runs"]:
+        r.setdefault("config", None)
+        section = r["config"].get("train") if isinstance(r["config"], dict) else None
+        if r["config"] is not None and not (isinstance(section, dict) and isinstance(section.get("steps"), int)):
+            raise InputError(f"{root}: the record of run {r['name']!r} has a config without train.steps")
     runs = pd.DataFrame(meta["runs"])
     runs["steps"] = [r["config"]["train"]["steps"] if r["config"] else
                      int(RunStore(r["directory"]).sql("select max(step) as s from attention")["s"].iloc[0])

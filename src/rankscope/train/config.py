@@ -2,13 +2,18 @@
 
 A run is fully described by a ``RunConfig``: the model's ``ModelConfig`` and the loop's ``TrainConfig``
 (both frozen dataclasses, field names disjoint). ``resolve`` starts from a preset, applies overrides, and
-the result is saved as the run's ``config.json``.
+the result is saved as the run's ``config.json``. ``RunConfig.validate`` checks every field's range before any
+work (``resolve`` and ``train`` call it, so the CLI, the study and the Python API get the same checks; the model's
+own fields are checked by ``ModelConfig`` itself). ``resume_differences`` is what a resumed run may not change.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -51,6 +56,120 @@ class TrainConfig:
     device: str = "auto"  # "auto" (cuda when present), "cpu", "cuda", "cuda:1", ...
     amp: str = "auto"  # "auto" (bf16 autocast on CUDA), "bf16", "off"
 
+    def validate(self) -> TrainConfig:
+        """``self`` when every field is in its range, else one InputError naming each field out of range and its
+        allowed values (the thread count is checked against this machine's cores)."""
+        problems = [p for check in _TRAIN_CHECKS for p in [check(self)] if p]
+        if problems:
+            raise InputError("; ".join(problems))
+        return self
+
+
+AMP_MODES = ("auto", "bf16", "off")
+DEVICES = "auto, cpu, cuda, cuda:N, mps"
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+# The empirical edge of a head's null at fpr needs MIN_EXCEEDANCES / fpr simulated draws per form shape (4 / fpr,
+# spectra.budget): 40,000 at 1e-4, already seconds per shape; below it the monitor would stall or run out of memory.
+MIN_FPR = 1e-4
+SEED_LIMIT = 2**63  # numpy's seed sequence takes non-negative integers; torch's manual_seed takes < 2**64
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _at_least(name: str, low: int, what: str = ""):
+    """A check that ``name`` is an integer ≥ ``low``."""
+    def check(c) -> str | None:
+        v = getattr(c, name)
+        if not _integer(v) or v < low:
+            return f"--{name} must be an integer ≥ {low}{what}; got {v!r}"
+        return None
+    return check
+
+
+def _non_negative(name: str):
+    def check(c) -> str | None:
+        v = getattr(c, name)
+        if not _number(v) or v < 0:
+            return f"--{name} must be a finite number ≥ 0; got {v!r}"
+        return None
+    return check
+
+
+def _beta(name: str):
+    def check(c) -> str | None:
+        v = getattr(c, name)
+        if not _number(v) or not 0 <= v < 1:
+            return f"--{name} must lie in [0, 1) (an AdamW moment decay); got {v!r}"
+        return None
+    return check
+
+
+def _check_lr(c) -> str | None:
+    if not _number(c.lr) or c.lr <= 0:
+        return f"--lr must be a finite number > 0 (the peak learning rate); got {c.lr!r}"
+    if not _number(c.min_lr) or not 0 <= c.min_lr <= c.lr:
+        return f"--min_lr must lie in [0, lr] = [0, {c.lr}] (the end of the cosine); got {c.min_lr!r}"
+    return None
+
+
+def _check_fpr(c) -> str | None:
+    if not _number(c.fpr) or not MIN_FPR <= c.fpr <= 0.5:
+        return (f"--fpr must lie in [{MIN_FPR:g}, 0.5] (the outlier test's false-positive rate; an edge at fpr "
+                f"needs 4/fpr simulated null draws per form shape); got {c.fpr!r}")
+    return None
+
+
+def _check_threads(c) -> str | None:
+    cores = os.cpu_count() or 1
+    if not _integer(c.threads) or not 0 <= c.threads <= cores:
+        return (f"--threads must be 0 (the cores free when the run starts) or 1..{cores} (this machine has "
+                f"{cores} cores); got {c.threads!r}")
+    return None
+
+
+def _check_device(c) -> str | None:
+    if not isinstance(c.device, str) or not _DEVICE.match(c.device):
+        return f"--device must be one of {DEVICES}; got {c.device!r}"
+    if c.amp not in AMP_MODES:
+        return f"--amp must be one of {', '.join(AMP_MODES)}; got {c.amp!r}"
+    return None
+
+
+def _check_data(c) -> str | None:
+    if not isinstance(c.data, str) or not c.data.strip():
+        return f"--data must be 'stdlib', a local text file or folder, or hf:NAME[:CONFIG]; got {c.data!r}"
+    if c.max_bytes is not None and (not _integer(c.max_bytes) or c.max_bytes < 1):
+        return f"--max_bytes must be a positive number of bytes or none (all); got {c.max_bytes!r}"
+    if not _number(c.val_percent) or not 0 < c.val_percent < 100:
+        return f"--val_percent must lie in (0, 100) (the validation split, in %); got {c.val_percent!r}"
+    return None
+
+
+def _check_seed(c) -> str | None:
+    if not _integer(c.seed) or not 0 <= c.seed < SEED_LIMIT:
+        return f"--seed must be an integer in [0, 2**63); got {c.seed!r}"
+    return None
+
+
+_TRAIN_CHECKS = (
+    _check_data, _at_least("batch_size", 1), _at_least("steps", 1, " (optimizer updates)"), _check_lr,
+    _at_least("warmup_steps", 0), _non_negative("weight_decay"), _beta("beta1"), _beta("beta2"),
+    _non_negative("grad_clip"), _check_seed, _at_least("eval_every", 1), _at_least("eval_batches", 1),
+    _at_least("ckpt_every", 1), _at_least("keep_checkpoints", 1), _at_least("monitor_every", 0, " (0 = off)"),
+    _at_least("monitor_early", 0), _at_least("repr_every", 0, " (0 = off)"),
+    _check_fpr, _check_threads, _check_device,
+)
+
+# What a resumed run may change: its step budget, and where and how fast it computes (not what it computes).
+# Anything else (seed, lr, fpr, data, the schedule of diagnostics...) makes it another run.
+RESUMABLE_CHANGES = ("steps", "threads", "device", "ckpt_every", "keep_checkpoints")
+
 
 def parse_offsets(text: str, context: int) -> tuple[int, ...]:
     """``"0,-1,-4"`` → (0, −1, −4): relative offsets Δ = j − i ≤ 0 (key before query), 0 included, |Δ| < context."""
@@ -87,6 +206,16 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     preset: str = "custom"
+
+    def validate(self) -> RunConfig:
+        """``self`` when the training fields are in range (``TrainConfig.validate``) and agree with the model: the
+        monitor's offsets within the context, a vocabulary a byte-level BPE can have. Else an InputError."""
+        self.train.validate()
+        parse_offsets(self.train.monitor_offsets, self.model.max_seq_len)
+        if not 257 <= self.model.vocab_size <= 65536:
+            raise InputError(f"--vocab_size must lie in [257, 65536] (a byte-level BPE: 256 bytes + merges + "
+                             f"end-of-text, in uint16 streams); got {self.model.vocab_size}")
+        return self
 
     def to_dict(self) -> dict:
         return {"preset": self.preset, "model": dataclasses.asdict(self.model), "train": dataclasses.asdict(self.train)}
@@ -189,10 +318,20 @@ def resolve(preset: str = "smoke", overrides: dict | None = None, base: RunConfi
                         base.preset)
     else:
         cfg = RunConfig(ModelConfig(**model_kw), TrainConfig(**train_kw), preset)
-    parse_offsets(cfg.train.monitor_offsets, cfg.model.max_seq_len)  # checked before any work starts
-    if cfg.train.monitor_early < 0:
-        raise InputError(f"--monitor_early must be ≥ 0, got {cfg.train.monitor_early}")
-    return cfg
+    return cfg.validate()  # checked before any work starts
+
+
+def resume_differences(saved: RunConfig, new: RunConfig) -> dict[str, list[str]]:
+    """The fields in which ``new`` differs from the run's ``saved`` config, as ``"name: old → new"`` under "model"
+    and "training" (a part only when it differs), except those a resumed run may change (``RESUMABLE_CHANGES``)."""
+    out = {}
+    for part, label in (("model", "model"), ("train", "training")):
+        old, now = dataclasses.asdict(getattr(saved, part)), dataclasses.asdict(getattr(new, part))
+        changed = [f"{k}: {old[k]!r} → {now.get(k)!r}" for k in old
+                   if old[k] != now.get(k) and not (part == "train" and k in RESUMABLE_CHANGES)]
+        if changed:
+            out[label] = changed
+    return out
 
 
 def parse_pairs(args: list[str]) -> dict[str, str]:

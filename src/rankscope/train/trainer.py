@@ -4,6 +4,10 @@ Determinism: the model is initialised from ``seed``; the batch of step s (and pr
 generator seeded by (seed, s, r) alone, so the data order needs no saved loader state, every variant of a study
 sees the same batches, and a resumed run continues exactly (same weights, optimizer moments, RNG state, batches
 and CPU thread count, which is resolved once and saved in the run's config). Checkpoints: ``rundir.RunDir``.
+
+One writer: the process training a run holds its lock (``RunDir.lock``) throughout. A resumed run keeps its
+config: it may change only ``config.RESUMABLE_CHANGES`` (the step budget, threads, device, checkpoint cadence)
+unless forced, and its store rows keep the run id saved at creation, whatever the directory is called now.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from rankscope.errors import InputError
 from rankscope.nn import GPT
 from rankscope.rundir import RunDir
 from rankscope.spectra.threads import free_cores, thread_budget
-from rankscope.train.config import RunConfig, monitor_schedule, parse_offsets
+from rankscope.train.config import RunConfig, monitor_schedule, parse_offsets, resume_differences
 from rankscope.train.monitor import Monitor
 from rankscope.vocab import ALL_GROUPS, OV, QK
 
@@ -67,8 +71,15 @@ class TrainResult:
 def _device(spec: str) -> torch.device:
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"device {spec!r}: CUDA is not available on this machine")
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {spec!r}: CUDA is not available on this machine")
+        index = int(spec.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise InputError(f"--device {spec!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if spec == "mps" and not torch.backends.mps.is_available():
+        raise InputError("--device 'mps': Apple's Metal backend is not available on this machine")
     return torch.device(spec)
 
 
@@ -94,22 +105,49 @@ def evaluate(model: torch.nn.Module, stream: np.ndarray, cfg: RunConfig, device,
     return float(np.mean(losses))
 
 
-def _resolved(cfg: RunConfig, run: RunDir, resume: bool, world: int) -> RunConfig:
+def _resolved(cfg: RunConfig, run: RunDir, resume: bool, world: int, force: bool) -> RunConfig:
     """``cfg`` checked against the run directory, with its CPU thread count fixed: the one given, else the one the
-    run was started with (so a resumed run computes as the original did), else the cores free now."""
+    run was started with (so a resumed run computes as the original did), else the cores free now. A resumed run
+    whose config differs in more than ``RESUMABLE_CHANGES`` is an InputError naming the fields, unless ``force``."""
     saved = RunConfig.load(run.config_path) if resume and run.config_path.exists() else None
-    if saved is not None and saved.model != cfg.model:
-        raise InputError(f"{run.config_path}: --resume with a different model config; start a new run directory")
     if not resume and run.steps():
         raise InputError(f"{run.path} already holds checkpoints; pass --resume to continue it, or use a new --run")
-    parse_offsets(cfg.train.monitor_offsets, cfg.model.max_seq_len)  # a bad option fails before any work
+    if saved is not None and not force:
+        changed = resume_differences(saved, cfg)
+        if changed:
+            fields = "; ".join(c for part in changed.values() for c in part)
+            raise InputError(f"{run.config_path}: --resume with a different {' and '.join(changed)} config "
+                             f"({fields}); give the run's own settings, pass --force to continue it with these, "
+                             f"or start a new run directory")
     threads = cfg.train.threads or (saved.train.threads if saved else 0) or max(1, free_cores() // world)
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, threads=threads))
 
 
+def _run_id(run: RunDir, cfg: RunConfig) -> str:
+    """The ``run`` tag of this run's store rows: the id in its config.json; for a run of an earlier version (none
+    saved), the one tag its rows already have; for a new run, its name now (``<sweep>/<name>`` in a sweep)."""
+    saved = run.run_id()
+    if saved is not None:
+        return saved
+    if run.metrics.is_dir():
+        from rankscope.store import RunStore
+
+        store = RunStore(run.path)
+        if "train" in store.tables():
+            tags = store.sql("select distinct run from train")["run"].dropna().tolist()
+            if len(tags) == 1 and isinstance(tags[0], str) and tags[0]:
+                return tags[0]
+    return f"{cfg.train.sweep}/{run.path.name}" if cfg.train.sweep else run.path.name
+
+
 def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
-          on_step: Callable[[int, float], bool | None] | None = None) -> TrainResult:
+          on_step: Callable[[int, float], bool | None] | None = None, force: bool = False) -> TrainResult:
     """Train ``cfg`` in ``run_dir`` (config, checkpoints, metrics); ``resume`` continues the newest checkpoint.
+
+    Every field of ``cfg`` is checked first (``RunConfig.validate``); the run's lock is held throughout (another
+    process training the same directory is an InputError). ``resume`` with a config that differs from the saved
+    one in more than the step budget, threads, device or checkpoint cadence is an InputError naming the fields
+    (old → new), unless ``force`` (the new config is then saved).
 
     Under ``torchrun`` (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel (gloo on CPU, nccl on
     CUDA); every process draws its own batches, and only rank 0 evaluates, diagnoses and writes.
@@ -119,11 +157,16 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     run = RunDir(run_dir)
-    cfg = _resolved(cfg, run, resume, world)
+    if not isinstance(cfg, RunConfig):
+        raise InputError(f"train: expected a RunConfig (train.resolve makes one), got {type(cfg).__name__}")
+    cfg.validate()
     on_cpu = _device(cfg.train.device).type == "cpu"
-    threads = cfg.train.threads
-    with thread_budget(torch=threads, blas=threads) if on_cpu else nullcontext():
-        return _train(cfg, run, resume=resume, progress=progress, on_step=on_step)
+    with run.lock() if int(os.environ.get("RANK", "0")) == 0 else nullcontext():  # only rank 0 writes
+        cfg = _resolved(cfg, run, resume, world, force)
+        run_id = _run_id(run, cfg)
+        threads = cfg.train.threads
+        with thread_budget(torch=threads, blas=threads) if on_cpu else nullcontext():
+            return _train(cfg, run, run_id, resume=resume, progress=progress, on_step=on_step)
 
 
 @dataclass
@@ -158,7 +201,7 @@ def _distributed(device: torch.device) -> tuple[int, int, torch.device]:
     return world, rank, device
 
 
-def _setup(cfg: RunConfig, run: RunDir, resume: bool) -> tuple[_Run, int]:
+def _setup(cfg: RunConfig, run: RunDir, run_id: str, resume: bool) -> tuple[_Run, int]:
     """The model, optimizer, data and monitor of a run, restored from its newest checkpoint on resume."""
     from rankscope.data import prepare
 
@@ -170,7 +213,7 @@ def _setup(cfg: RunConfig, run: RunDir, resume: bool) -> tuple[_Run, int]:
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
     if rank == 0:
-        run.write_config(cfg.to_dict())
+        run.write_config({**cfg.to_dict(), "run_id": run_id})
     data = prepare(tc.data, cfg.model.vocab_size, tc.max_bytes, tc.val_percent)
     if data.vocab_size != cfg.model.vocab_size:
         raise InputError(f"the tokenizer of {tc.data!r} has {data.vocab_size} tokens, not vocab_size="
@@ -190,7 +233,7 @@ def _setup(cfg: RunConfig, run: RunDir, resume: bool) -> tuple[_Run, int]:
                           kinds=ALL_GROUPS if tc.monitor_weights else (QK, OV),
                           schedule=monitor_schedule(tc.steps, tc.monitor_every, tc.monitor_early),
                           offsets=parse_offsets(tc.monitor_offsets, cfg.model.max_seq_len),
-                          run=f"{tc.sweep}/{run.path.name}" if tc.sweep else None, sweep=tc.sweep or None)
+                          run=run_id, sweep=tc.sweep or None)
     return _Run(cfg, run, model, net, opt, data, device, amp, rank, world, monitor), start
 
 
@@ -232,9 +275,9 @@ def _record(r: _Run, step: int, scalars: dict[str, float]) -> float | None:
     return val
 
 
-def _train(cfg: RunConfig, run: RunDir, *, resume: bool, progress: bool,
+def _train(cfg: RunConfig, run: RunDir, run_id: str, *, resume: bool, progress: bool,
            on_step: Callable[[int, float], bool | None] | None) -> TrainResult:
-    r, start = _setup(cfg, run, resume)
+    r, start = _setup(cfg, run, run_id, resume)
     tc = cfg.train
     r.model.train()
     tokens_per_step = tc.batch_size * cfg.model.max_seq_len * r.world
