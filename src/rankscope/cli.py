@@ -154,20 +154,27 @@ def train(
         raise typer.Exit(130)
 
 
+SQL_FORMATS = ("table", "csv", "json")
+
+
 @app.command()
 def sql(
     run_dir: Path = typer.Argument(..., help="a run directory, or a study directory holding several runs"),
     query: str = typer.Argument(..., help='SQL over the views attention, qk, ov, weights, spectra, repr, train '
                                           '(quote "null")'),
-    fmt: str = typer.Option("table", "--format", help="table | csv | json"),
+    fmt: str = typer.Option("table", "--format", help=" | ".join(SQL_FORMATS)),
+    allow_writes: bool = typer.Option(False, "--allow-writes", help="also run statements that write or reach files "
+                                                                    "(COPY, ATTACH, INSTALL, read_csv, ...)"),
 ) -> None:
-    """Query a run's diagnostics with DuckDB (works while the run is still training)."""
-    from rankscope.store import RunStore
+    """Query a run's diagnostics with DuckDB (works while the run is still training); read-only by default."""
+    from rankscope.commands.store import query_store
 
     with _bad_input_exits_2():
+        if fmt not in SQL_FORMATS:
+            raise InputError(f"--format {fmt!r}: expected one of {', '.join(SQL_FORMATS)}")
         if not run_dir.exists():
             raise InputError(f"{run_dir}: no such run directory")
-        frame = RunStore(run_dir).sql(query)
+        frame = query_store(Console(stderr=True), run_dir, query, allow_writes=allow_writes)
     if fmt == "csv":
         print(frame.to_csv(index=False), end="")
     elif fmt == "json":
@@ -179,6 +186,25 @@ def sql(
         for row in frame.itertuples(index=False):
             table.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row])
         console.print(table)
+
+
+store_app = typer.Typer(no_args_is_help=True, help="Check and repair a run store (the Parquet parts in metrics/).")
+app.add_typer(store_app, name="store")
+
+
+@store_app.command("check")
+def store_check(
+    run_dir: Path = typer.Argument(..., help="a run directory, or a study directory holding several runs"),
+    repair: bool = typer.Option(False, "--repair", help="move every problem file into metrics/quarantine/ (never "
+                                                        "deletes; a part's rows that are not duplicates are "
+                                                        "committed again first)"),
+) -> None:
+    """List what a reader skips or doubts in metrics/: exit 0 when clean, 1 when problems are found (unrepaired)."""
+    from rankscope.commands.store import check_store
+
+    with _bad_input_exits_2():
+        code = check_store(console, run_dir, fix=repair)
+    raise typer.Exit(code)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -273,7 +299,7 @@ def diff(
 
 # Commands that only read inputs and write closed files end with os._exit: the interpreter's teardown after
 # importing torch takes longer than analysing a small model (README, "Speed"). Training commands exit normally.
-FAST_EXIT_COMMANDS = ("analyze", "sql", "report", "describe", "diff")
+FAST_EXIT_COMMANDS = ("analyze", "sql", "report", "describe", "diff", "store")
 
 
 def run() -> None:
