@@ -85,7 +85,7 @@ def test_kill_9_when_a_part_appears_loses_no_step_and_leaves_none_half_stored(tm
     proc = subprocess.Popen([sys.executable, "-c", SLOW_PART, table, str(nth), "train", "--preset", "smoke",
                              "--attention", "mha", "--run", str(run), *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 60
+    deadline = time.time() + 120
     try:
         while len(part_files(run, table)) < nth and proc.poll() is None and time.time() < deadline:
             time.sleep(0.002)

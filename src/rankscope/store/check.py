@@ -52,18 +52,21 @@ def _key_frame(path: Path):
 def _duplicates(directory: Path, units: list[list[dict]]) -> dict[str, object]:
     """Part name → a boolean mask of its rows whose key an earlier part (or an earlier row) of its table holds;
     parts without such rows are left out. ``units`` in commit order."""
+    import numpy as np
     import pandas as pd
 
-    seen: dict[str, list] = {}
-    out = {}
+    frames: dict[str, list] = {}
     for unit in units:
         for entry in unit:
-            frame = _key_frame(directory / entry["name"])
-            both = pd.concat([*seen.get(entry["table"], []), frame], ignore_index=True)
-            repeated = both.duplicated().to_numpy()[len(both) - len(frame):]
-            if repeated.any():
-                out[entry["name"]] = repeated
-            seen.setdefault(entry["table"], []).append(frame)
+            frames.setdefault(entry["table"], []).append((entry["name"], _key_frame(directory / entry["name"])))
+    out = {}
+    for members in frames.values():
+        both = pd.concat([f for _, f in members], ignore_index=True)  # int and float keys compare by value
+        repeated = both.duplicated().to_numpy()
+        for (name, _), piece in zip(members, np.split(repeated, np.cumsum([len(f) for _, f in members])[:-1]),
+                                    strict=True):
+            if piece.any():
+                out[name] = piece
     return out
 
 

@@ -66,7 +66,7 @@ def readable_parts(root: Path, deep: bool = False) -> dict[str, list[tuple[Path,
     return dict(found)
 
 
-def _register(con, table: str, parts: list[tuple[Path, object]], checked: bool = True) -> None:
+def _register(con, table: str, parts: list[tuple[Path, object]]) -> None:
     """The view ``table`` over ``parts``: one Arrow dataset per distinct schema, joined by column name, with the
     columns of earlier versions renamed."""
     import pyarrow.dataset as ds
@@ -77,7 +77,7 @@ def _register(con, table: str, parts: list[tuple[Path, object]], checked: bool =
         groups[tuple(sorted((f.name, str(f.type)) for f in schema))].append((path, schema))
     selects = []
     options = ds.ParquetFileFormat(default_fragment_scan_options=ds.ParquetFragmentScanOptions(
-        page_checksum_verification=checked))
+        page_checksum_verification=True))
     for i, members in enumerate(groups.values()):
         schema = members[0][1].remove_metadata()
         dataset = ds.dataset([str(p) for p, _ in members], schema=schema, format=options,
@@ -175,10 +175,13 @@ class RunStore:
                                      f"--allow-writes") from None
                 except duckdb.Error as exc:
                     error = exc
-            # a part whose footer reads but a page does not (checksums are verified on every scan): read every
-            # part whole once, and ask again without the bad ones
+            # a part whose footer reads but a page does not (checksums are verified on every scan) fails the scan:
+            # read every part whole once, and ask again without the bad ones
+            scan_failed = isinstance(error, duckdb.InvalidInputException) and "reading the stream" in str(error)
+            if attempt or not scan_failed:
+                break
             before = readable_parts(self.root)
-            if attempt or readable_parts(self.root, deep=True) == before:
+            if readable_parts(self.root, deep=True) == before:  # no part was bad: the error is the query's
                 break
         have = ", ".join(self.tables()) or "none yet"
         raise InputError(f"{self.root}: {str(error).splitlines()[0]} (tables with rows: {have})") from None
