@@ -36,7 +36,7 @@ TMP_PREFIX = ".tmp-"
 FORMAT = 2  # earlier versions: no marker, no commits (format 1)
 TABLES = ("attention", "weights", "spectra", "repr", "train")
 LEGACY_PREFIXES = {"qk": "attention"}  # part-name prefixes of earlier versions → the table they belong to
-_PART = re.compile(r"^([a-z]+)-(\d{20}-[0-9a-f]{8})\.parquet$")
+_PART = re.compile(r"^([a-z]+)-([^/\\]+)\.parquet$")  # what earlier versions' readers took; never a path
 _COMMIT = re.compile(r"^commit-(\d{20}-[0-9a-f]{8})\.json$")
 REQUIRED = ("run", "step")  # every row of every table carries these
 
@@ -76,7 +76,7 @@ def _fsync_dir(directory: Path) -> None:
 
 def write_atomic(path: Path, write) -> None:
     """``write(binary file)`` into a hidden temporary name beside ``path``, fsync, rename: all of it or nothing."""
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
+    tmp = path.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex[:8]}-{path.name}")  # two writers never share one
     try:
         with open(tmp, "wb") as fh:
             write(fh)
