@@ -17,4 +17,4 @@ def test_demo_runs_and_finds_the_planted_spikes_but_no_untrained_structure():
 def test_bad_option_exits_2_with_a_clear_message():
     result = runner.invoke(app, ["demo", "--layers", "1", "--fpr", "1.5"])
     assert result.exit_code == 2
-    assert "fpr must lie in (0, 1)" in result.output
+    assert "--fpr 1.5" in result.output and "fpr in (0, 0.5]" in result.output

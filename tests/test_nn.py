@@ -29,6 +29,7 @@ from rankscope.errors import InputError
 from rankscope.nn import GPT, ModelConfig, describe, make_attention, parameter_count_formula, summary_table
 from rankscope.nn.attention import Rotary
 from rankscope.probes import latent_rms_isotropic, native_forms
+from rankscope.vocab import variant_of
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -133,7 +134,7 @@ def test_qk_chains_reproduce_the_modules_logits(case, monkeypatch):
     expected_kinds = {"qk", "qk_content", "qk_rope"} if dr else {"qk"}
     assert {f.kind for f in forms.values()} == expected_kinds
     assert {f.head for f in forms.values()} == {-1, *range(cfg.n_head)}
-    assert all(f.variant == cfg.attention and f.layer == 3 for f in forms.values())
+    assert all(f.variant == variant_of(cfg.attention, cfg.rope_mode) and f.layer == 3 for f in forms.values())
     assert all(f.kv_cache_floats == cfg.kv_cache_floats_per_layer() for f in forms.values())
 
 
@@ -420,7 +421,7 @@ def test_native_forms(case):
     per_layer = (cfg.n_head + 1) * (len(qk_kinds) + 1)
     assert len(forms) == cfg.n_layer * per_layer
     assert [f.layer for f in forms] == [i for i in range(cfg.n_layer) for _ in range(per_layer)]
-    assert {f.variant for f in forms} == {cfg.attention}
+    assert {f.variant for f in forms} == {variant_of(cfg.attention, cfg.rope_mode)}
     only = native_forms(model, heads=False, kinds=["qk", "ov"])
     assert [(f.layer, f.head, f.kind) for f in only] == [(i, -1, k) for i in range(cfg.n_layer) for k in ("qk", "ov")]
     with pytest.raises(InputError, match="unknown form kind"):

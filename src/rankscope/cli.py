@@ -13,9 +13,31 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from rankscope.commands.settings import PRESET_HELP, SETTINGS_HELP
 from rankscope.errors import CheckpointError, InputError
-from rankscope.vocab import ATTENTIONS, MHA, PRODUCT, STUDY_VARIANTS
+from rankscope.vocab import MHA, PRODUCT, STUDY_VARIANTS, VARIANTS
 
+
+def _plain_help() -> None:
+    """Help that reads as the docs do: a flag is ``--per-head/--per-layer`` with no ``<bool>`` beside it, and an
+    argument is ``PATH`` in the usage line (typer ≥ 0.2x writes ``{path}``). Both are typer's display hooks; where
+    a typer version lacks them nothing changes (tests/test_cli_help.py checks the output)."""
+    from typer import core
+
+    option, argument = core.TyperOption, core.TyperArgument
+    if hasattr(option, "display_type_rich"):
+        shown = option.display_type_rich
+        option.display_type_rich = lambda self, ctx: None if self.is_flag else shown(self, ctx)
+    if hasattr(argument, "_usage_display_name"):
+        def usage(self) -> str:
+            name = (self.metavar or self.name).upper()
+            name = name if self.required else f"[{name}]"
+            return name + ("..." if self.nargs != 1 else "")
+
+        argument._usage_display_name = usage
+
+
+_plain_help()
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Rank collapse in neural networks, by RMT.",
                   context_settings={"help_option_names": ["-h", "--help"]})
 console = Console()
@@ -52,13 +74,19 @@ def demo(
     fpr: float = typer.Option(0.01, help="false-positive rate of the outlier test, per spectrum"),
     seed: int = typer.Option(0),
 ) -> None:
-    """Diagnose an untrained attention stack and a planted-spike matrix: the product null vs the naive MP fit."""
+    """Diagnose an untrained attention stack and a planted-spike matrix: the product null vs the naive MP fit.
+
+    The first run simulates two nulls (about 3 minutes on 2 cores); they are cached, and later runs take seconds.
+    """
     from rankscope.commands.demo import planted, untrained_table
+    from rankscope.commands.progress import progress_bar
 
     t0 = time.perf_counter()
     with _bad_input_exits_2():
-        with console.status("simulating the nulls (cached after the first run)..."):
-            table = untrained_table(layers, fpr, seed)
+        if layers < 1 or not 0 < fpr <= 0.5:
+            raise InputError(f"--layers {layers} --fpr {fpr}: expected layers ≥ 1 and fpr in (0, 0.5]")
+        with progress_bar(console, "starting", "diagnosing") as progress:
+            table = untrained_table(layers, fpr, seed, progress)
         console.print(table)
         planted(console, fpr, seed)
     console.print(f"[dim]done in {time.perf_counter() - t0:.1f} s[/dim]")
@@ -111,13 +139,13 @@ def analyze(
                     threads=threads, experts=experts, spectra=spectra, **options)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, epilog=SETTINGS_HELP)
 def train(
     ctx: typer.Context,
-    preset: str = typer.Option("smoke", help="smoke (under a minute) | cpu (the CPU study, ~5 min) | paper (GPU)"),
-    attention: str = typer.Option(MHA, help=" | ".join(ATTENTIONS)),
+    preset: str = typer.Option("smoke", help=f"{PRESET_HELP}; one run each"),
+    attention: str = typer.Option(MHA, help="the variant: " + " | ".join(VARIANTS)),
     run: Path | None = typer.Option(None, "--run", "--out",
-                                    help="run directory (default runs/<preset>-<attention>); under torchrun use "
+                                    help="run directory (default runs/<preset>-<variant>); under torchrun use "
                                          "--out, which torchrun's own parser does not claim"),
     resume: bool = typer.Option(False, help="continue the newest checkpoint in --run"),
     force: bool = typer.Option(False, "--force", help="with --resume: continue even where the settings differ from "
@@ -126,7 +154,7 @@ def train(
 ) -> None:
     """Train the decoder with one attention variant, diagnosing its spectra as it goes.
 
-    Any config field can be set with --key value (e.g. --lr 1e-3 --n_layer 6 --rope_mode coupled).
+    Any setting below can be given as --key value (e.g. --lr 1e-3 --n_layer 6).
     """
     from rankscope.nn.config import summary_table
     from rankscope.train import resolve
@@ -134,7 +162,7 @@ def train(
     from rankscope.train.config import parse_pairs
 
     with _bad_input_exits_2():
-        overrides = {"attention": attention, **parse_pairs(ctx.args)}
+        overrides = {**VARIANTS.get(attention, {"attention": attention}), **parse_pairs(ctx.args)}
         if every is not None:
             overrides["monitor_every"] = every
         cfg = resolve(preset, overrides)
@@ -207,10 +235,10 @@ def store_check(
     raise typer.Exit(code)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, epilog=SETTINGS_HELP)
 def study(
     ctx: typer.Context,
-    preset: str = typer.Option("cpu", help="smoke | cpu | paper"),
+    preset: str = typer.Option("smoke", help=f"{PRESET_HELP}; a study trains seeds × variants runs"),
     seeds: int | None = typer.Option(None, help="seeds per variant (default 3 for smoke, 5 otherwise; a verdict "
                                                 "needs at least 3)"),
     variants: str = typer.Option(",".join(STUDY_VARIANTS), help="comma-separated variants"),
@@ -223,12 +251,14 @@ def study(
     """Train MHA, GQA, MLA-PreRoPE (input, coupled), MHA- and MLA-Decoupled on the same data and seeds; report."""
     import shlex
 
+    from rankscope.commands.settings import study_banner
     from rankscope.commands.study import render_report
     from rankscope.commands.study import study as run_study
 
     out = out or Path("studies") / preset
     with _bad_input_exits_2():
         seeds = seeds if seeds is not None else (3 if preset == "smoke" else 5)
+        console.print(study_banner(preset, seeds, variants, sweep), highlight=False)
         run_study(console, out, preset=preset, seeds=seeds, variants=[v.strip() for v in variants.split(",")
                                                                       if v.strip()],
                   sets=set_, extra=ctx.args, sweep=sweep, jobs=jobs, command=shlex.join(["rankscope", *sys.argv[1:]]))

@@ -18,8 +18,9 @@ def _init_heads(d: int, heads: int, dh: int, seed: int, std: float = 0.02):
     return Wq.view(heads, dh, d).mT, Wk.view(heads, dh, d)  # B_h = Wq_hᵀ Wk_h
 
 
-def untrained_table(layers: int, fpr: float, seed: int) -> Table:
-    """Outliers of every head and layer form of an untrained attention stack: product null against naive MP."""
+def untrained_table(layers: int, fpr: float, seed: int, progress=None) -> Table:
+    """Outliers of every head and layer form of an untrained attention stack: product null against naive MP.
+    ``progress(done, total, what)`` is called before each step (the first of each shape simulates its null)."""
     from rankscope.spectra import diagnose, diagnose_batch
     from rankscope.vocab import MP
 
@@ -29,7 +30,10 @@ def untrained_table(layers: int, fpr: float, seed: int) -> Table:
                   caption="spike = λ_max / bulk edge of the product null (max over heads)")
     for col in ("layer", "form", "rank", "product null", "naive MP", "stable rank", "spike"):
         table.add_column(col, justify="right")
+    tick = progress or (lambda done, total, what: None)
     for layer in range(layers):
+        tick(2 * layer, 2 * layers, f"layer {layer}: its {H} heads" + (
+            f" (first: simulating the {d}·{dh}·{d} null, cached after)" if layer == 0 else ""))
         q, k = _init_heads(d, H, dh, seed + layer)
         prod = diagnose_batch([q, k], fpr=fpr)
         naive = diagnose_batch([q, k], null=MP)
@@ -37,11 +41,14 @@ def untrained_table(layers: int, fpr: float, seed: int) -> Table:
                       f"{sum(x.outliers for x in prod) / H:.2f}", f"{sum(x.outliers for x in naive) / H:.2f}",
                       f"{sum(x.stable_rank for x in prod) / H:.1f}",
                       f"{max(x.spike_strength for x in prod):.2f} (max)")
+        tick(2 * layer + 1, 2 * layers, f"layer {layer}: its form Σ_h B_h" + (
+            f" (first: simulating the {d}·{d}·{d} null, cached after)" if layer == 0 else ""))
         Wq_all, Wk_all = q.mT.reshape(H * dh, d), k.reshape(H * dh, d)
         lay = diagnose([Wq_all.T, Wk_all], fpr=fpr)  # the layer's form Σ_h B_h = Wqᵀ Wk
         lay_mp = diagnose([Wq_all.T, Wk_all], null=MP)
         table.add_row("", "layer", str(lay.rank), str(lay.outliers), str(lay_mp.outliers),
                       f"{lay.stable_rank:.1f}", f"{lay.spike_strength:.2f}")
+    tick(2 * layers, 2 * layers, "done")
     return table
 
 
