@@ -16,6 +16,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from functools import partial
 from itertools import groupby
+from os import PathLike
 from pathlib import Path
 
 import pandas as pd
@@ -25,7 +26,7 @@ from torch import nn
 from rankscope.analysis.summary import warning_column
 from rankscope.errors import CheckpointError, InputError
 from rankscope.probes import NamedForm, detect_architecture, hf_forms, layout_of, multihead_attention_forms, stack_heads
-from rankscope.spectra import Diagnosis
+from rankscope.spectra import Diagnosis, budget
 from rankscope.spectra.diagnose import diagnose_nulls
 from rankscope.spectra.threads import thread_budget
 from rankscope.vocab import (
@@ -167,6 +168,7 @@ def _source(model_or_path, offsets: tuple[int, ...] = (0,)) -> tuple[dict | None
     """(config, weights, attention forms from the model itself, or None to read them by architecture)."""
     if isinstance(model_or_path, nn.Module):
         state = {k: v.detach() for k, v in model_or_path.state_dict().items()}
+        _check_dense(type(model_or_path).__name__, state)
         config = getattr(model_or_path, "config", None)
         config = config.to_dict() if hasattr(config, "to_dict") else config
         if hasattr(model_or_path, "attention_layers"):  # a rankscope model: each attention module gives its chains
@@ -176,6 +178,9 @@ def _source(model_or_path, offsets: tuple[int, ...] = (0,)) -> tuple[dict | None
         mhas = [m for m in model_or_path.modules() if isinstance(m, nn.MultiheadAttention)]
         forms = [f for i, module in enumerate(mhas) for f in multihead_attention_forms(module, layer=i)]
         return config, _weights_of(state), forms or None
+    if not isinstance(model_or_path, str | PathLike):
+        raise InputError("expected a model (nn.Module) or the path of a checkpoint, got "
+                         f"{type(model_or_path).__name__}")
     from rankscope.nn import GPT
     from rankscope.probes.load import open_checkpoint
 
@@ -184,6 +189,16 @@ def _source(model_or_path, offsets: tuple[int, ...] = (0,)) -> tuple[dict | None
         return _source(native, offsets)
     ckpt = open_checkpoint(Path(model_or_path))
     return ckpt.config, _Weights(list(ckpt.names), ckpt.tensor, ckpt.shape, ckpt.dtype), None
+
+
+def _check_dense(model: str, state: dict[str, torch.Tensor]) -> None:
+    """``InputError`` naming the first parameter or buffer that is sparse or on the meta device (no values)."""
+    for name, t in state.items():
+        if t.layout != torch.strided:
+            raise InputError(f"{model}: '{name}' is a {t.layout} tensor; rankscope reads dense weights")
+        if t.is_meta:
+            raise InputError(f"{model}: '{name}' is on the meta device: it has a shape {tuple(t.shape)} but no values "
+                             "(load the weights first)")
 
 
 class _Rows:
@@ -355,13 +370,13 @@ def _no_layout_note(config: dict | None, n_matrices: int) -> str:
             f"{', '.join(sorted(LAYOUTS))})")
 
 
-def check_options(nulls: tuple[str, ...], fpr: float) -> None:
-    """Validate the nulls and the false-positive rate before any work (``InputError`` naming the allowed values)."""
+def check_options(nulls: tuple[str, ...], fpr: float) -> float:
+    """Validate the nulls and the false-positive rate before any work (``InputError`` naming the allowed values:
+    fpr in (0, 0.5] and not below ``spectra.budget.MIN_FPR``, what a null's draws can place); returns fpr."""
     for null in nulls:
-        if null not in NULLS:
+        if not isinstance(null, str) or null not in NULLS:
             raise InputError(f"null must be one of {', '.join(NULLS)}; got {null!r}")
-    if isinstance(fpr, bool) or not isinstance(fpr, (int, float)) or not 0 < fpr <= 0.5:
-        raise InputError(f"fpr must be a number in (0, 0.5], the outlier test's false-positive rate; got {fpr!r}")
+    return budget.check_fpr(fpr)
 
 
 def analyze_full(model_or_path, *, per_head: bool = True, kinds: Iterable[str] | None = None,
@@ -376,8 +391,8 @@ def analyze_full(model_or_path, *, per_head: bool = True, kinds: Iterable[str] |
     layout are an ``InputError`` (with None they fall back to plain matrices, and ``notes`` says so).
     ``experts``: "all", "none" or "sample:K" (``parse_experts``). ``spectra``: add each row's eigenvalues.
     """
-    nulls = (null,) if isinstance(null, str) else tuple(null)
-    check_options(nulls, fpr)
+    nulls = (null,) if isinstance(null, str) or not isinstance(null, Iterable) else tuple(null)
+    fpr = check_options(nulls, fpr)
     explicit = kinds is not None
     wanted = selected_kinds(kinds if explicit else ALL_GROUPS)
     n_experts = parse_experts(experts)

@@ -42,13 +42,38 @@ def check_cli_options(*, kinds: str | None, null: str, fpr: float, out: Path | N
         raise InputError(f"--threads must be 0 (the free cores) or a positive count; got {threads}")
     if jobs < 1:
         raise InputError(f"--jobs must be a positive number of processes; got {jobs}")
-    if out is not None and out.exists() and not out.is_dir():
-        raise InputError(f"--out {out}: exists and is not a directory")
+    if out is not None:
+        check_out_dir(out)
     return fmt
 
 
+def check_out_dir(out: Path) -> None:
+    """``InputError`` unless ``out`` is a directory that can be written, or can be made (its nearest existing
+    ancestor a writable directory). Checked before any work; nothing is created."""
+    import os
+
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a directory")
+    base = out
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise InputError(f"--out {out}: cannot be made, {base} is a file, not a directory")
+    if not os.access(base, os.W_OK | os.X_OK):
+        what = "is not writable" if base == out else f"cannot be made: {base} is not writable"
+        raise InputError(f"--out {out}: {what}")
+
+
 def write_rows(df, out: Path, fmt: str) -> Path:
-    """Write the rows as csv, parquet (pyarrow) or json lines; returns the file written."""
+    """Write the rows as csv, parquet (pyarrow) or json lines; returns the file written. A directory that cannot be
+    written after all (a full disk, permissions changed since the check) is an ``InputError`` naming it."""
+    try:
+        return _write_rows(df, out, fmt)
+    except OSError as exc:
+        raise InputError(f"--out {out}: cannot write the rows file ({exc.strerror or exc})") from None
+
+
+def _write_rows(df, out: Path, fmt: str) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     if fmt == "csv":
         path = out / "analysis.csv"

@@ -24,6 +24,16 @@ resident memory stays near the largest tensor the caller holds. Torch files are 
 validate them and learn names, shapes and dtypes); zip-format files are memory-mapped and kept, legacy
 (non-zip) files are read into memory, and of those only the most recently used shard is kept.
 
+Bounds. A safetensors header is refused at open, from its length and a count of its entries before it is
+parsed, when it is longer than ``MAX_HEADER_BYTES`` (100 MB, safetensors' own limit) or declares more than
+``MAX_TENSORS`` tensors (200,000: DeepSeek-V3 has about 92,000 names in all its shards together and Kimi K2
+about 140,000, while one shard holds a few thousand); a sharded index may name no more than ``MAX_TENSORS``
+either. JSON nested too deep to parse (headers, indexes, config.json) is refused, not a ``RecursionError``. An
+index's shards must lie in the index's directory: a shard path is relative, with no ``..`` leaving it (checked on
+the path as written, so the symlinks of a Hugging Face cache snapshot, which point into its blob store, are
+followed as usual). A torch file's tensors must be dense and hold data (no sparse or meta tensors). A
+config.json's head counts and widths (``CONFIG_DIMS``), where present, are positive integers.
+
 Every failure raises :class:`~rankscope.errors.CheckpointError` with one line naming the file and the problem.
 """
 
@@ -67,7 +77,12 @@ _ST_DTYPES = {
     }.items()
     if hasattr(torch, name)
 }  # fmt: skip
-_MAX_HEADER = 100_000_000  # bytes; safetensors itself refuses larger headers
+MAX_HEADER_BYTES = 100_000_000  # safetensors itself refuses larger headers
+MAX_TENSORS = 200_000  # tensors in one file or index (see the module docstring for real models' counts)
+# config.json fields that are head counts or widths: a 0 (or -1, or 2.5) would divide by zero in a layout
+CONFIG_DIMS = ("hidden_size", "n_embd", "n_embed", "d_model", "num_attention_heads", "n_head", "num_heads",
+               "num_key_value_heads", "num_kv_heads", "head_dim", "d_kv", "kv_lora_rank", "qk_nope_head_dim",
+               "v_head_dim")
 _HUB_ID = re.compile(r"^([A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")  # org/name, or a bare name (gpt2)
 
 
@@ -102,6 +117,16 @@ class _SafetensorsFile:
             raise CheckpointError(f"{self.path}: cannot read tensor '{name}' ({one_line(e)})") from None
 
 
+def _json(text: bytes | str, bad) -> Any:
+    """Parsed JSON, or ``bad(problem)`` raised: invalid, or nested too deep for the parser."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise bad("JSON nested too deep to parse") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise bad(f"header is not valid JSON: {one_line(e)}") from None
+
+
 def _read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
     """Parse and check a safetensors header (u64 little-endian length, then JSON); tensors in data order."""
 
@@ -114,13 +139,19 @@ def _read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
         if len(head) < 8:
             raise bad(f"{size} bytes, shorter than the 8-byte header length")
         (n,) = struct.unpack("<Q", head)
-        if n > min(size - 8, _MAX_HEADER):
+        if n > MAX_HEADER_BYTES:
+            raise CheckpointError(f"{path}: refused: the safetensors header is {n:,} bytes long, more than the "
+                                  f"{MAX_HEADER_BYTES:,} a header may have")
+        if n > size - 8:
             raise bad(f"header length says {n} bytes, the file has {size - 8} after it")
         raw = f.read(n)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise bad(f"header is not valid JSON: {one_line(e)}") from None
+    if not raw.lstrip()[:1] == b"{":
+        raise bad("header is not a JSON object")
+    declared = raw.count(b'"data_offsets"')  # every entry has one: counted before anything is parsed
+    if declared > MAX_TENSORS:
+        raise CheckpointError(f"{path}: refused: the safetensors header declares {declared:,} tensors, more than the "
+                              f"{MAX_TENSORS:,} a file may hold")
+    header = _json(raw, bad)
     if not isinstance(header, dict):
         raise bad("header is not a JSON object")
     header.pop("__metadata__", None)
@@ -215,6 +246,12 @@ def _state_dict(path: Path, obj: Any) -> dict[str, torch.Tensor]:
                 f"{path}: not a state dict (entry {key!r} is a {type(value).__name__}; expected a dict of tensors, "
                 "or a dict with a 'state_dict' or 'model' entry holding one)"
             )
+        if value.layout != torch.strided:
+            raise CheckpointError(f"{path}: tensor '{key}' is a {value.layout} tensor; rankscope reads dense weights "
+                                  "(save it with .to_dense())")
+        if value.is_meta:
+            raise CheckpointError(f"{path}: tensor '{key}' is a meta tensor: it has a shape {tuple(value.shape)} but "
+                                  "no values in the file")
     return dict(obj)
 
 
@@ -304,11 +341,26 @@ def _read_config(path: Path) -> dict | None:
         return None
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise CheckpointError(f"{path}: JSON nested too deep to parse") from None
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({one_line(e)})") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: not a JSON object")
+    _check_dims(path, config)
     return config
+
+
+def _check_dims(path: Path, config: dict, where: str = "") -> None:
+    """``CheckpointError`` where a head count or width (``CONFIG_DIMS``) of the config, or of a sub-config such as
+    CLIP's ``text_config``, is present but not a positive integer."""
+    for key, value in config.items():
+        if key in CONFIG_DIMS and value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                                         or value < 1):
+            raise CheckpointError(f"{path}: {where}{key} is {value!r}; a head count or width must be a positive "
+                                  "integer")
+        if isinstance(value, dict) and not where:  # one level of sub-configs (text_config, vision_config, ...)
+            _check_dims(path, value, f"{key}.")
 
 
 def _open_file(path: Path) -> _Source:
@@ -333,16 +385,27 @@ def _open_index(path: Path) -> tuple[list[str], dict[str, _Source]]:
     """A sharded index: shards in file-name order (model-00001-of-…, model-00002-of-…), each in its file order."""
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise CheckpointError(f"{path}: JSON nested too deep to parse") from None
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({one_line(e)})") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f"{path}: not a sharded index (no 'weight_map' of tensor name → shard file)")
+    if len(weight_map) > MAX_TENSORS:
+        raise CheckpointError(f"{path}: names {len(weight_map):,} tensors, more than the {MAX_TENSORS:,} a "
+                              "checkpoint may hold")
     wanted: dict[str, set[str]] = {}
     for name, shard in weight_map.items():
         wanted.setdefault(shard, set()).add(name)
     names: list[str] = []
     where: dict[str, _Source] = {}
+    for shard in wanted:
+        inside = os.path.normpath(shard)
+        if not shard or os.path.isabs(inside) or inside == ".." or inside.startswith(".." + os.sep) or Path(
+                inside).drive:
+            raise CheckpointError(f"{path}: shard '{shard}' lies outside the index's directory; an index may only "
+                                  "name files beside it (or below it)")
     for shard, listed in sorted(wanted.items()):
         shard_path = path.parent / shard
         if not shard_path.is_file():

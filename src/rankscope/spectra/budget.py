@@ -13,13 +13,22 @@
   measured realized rates (tests/test_nulls.py checks them).
 - Only where ``FIT_DRAWS`` draws would cost more than ``FIT_BUDGET`` seconds are there fewer, down to
   ``MIN_DRAWS``.
+
+The bound on every null: at most ``MAX_NULL_DRAWS`` draws. A counted edge at fpr needs ``MIN_EXCEEDANCES / fpr``
+draws, and any form can need one (below ``FIT_MIN_RANK``, and the spike count's deflated steps and the permutation
+null count at every rank), so fpr may not go below ``MIN_FPR`` = ``MIN_EXCEEDANCES / MAX_NULL_DRAWS``. At rank 99,
+the widest counted null, 40,000 draws hold 32 MB per (draws, rank) array (about 300 MB at the peak of a simulation)
+and took 15 s of one core (a 99×99 matrix). Smaller fpr would need an extrapolated tail instead of counted draws,
+which nothing here calibrates: it is refused (``check_fpr``), not estimated.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import numbers
 
+from rankscope.errors import InputError
 from rankscope.spectra.form import Structure
 
 MIN_EXCEEDANCES = 4  # simulated t above the edge needed to place it by the empirical quantile
@@ -29,6 +38,9 @@ FIT_MIN_RANK = 100  # from this rank bound on, the edge comes from the Tracy–W
 FIT_DRAWS = 256  # draws of a fitted null
 FIT_BUDGET = 10.0  # seconds of one core at most for a fitted null, once per shape...
 MIN_DRAWS = 64  # ...but never fewer draws than this
+MAX_FPR = 0.5  # an edge below the median of λ_max/median is no outlier test
+MIN_FPR = 1e-4  # the smallest fpr a counted edge can place within MAX_NULL_DRAWS
+MAX_NULL_DRAWS = math.ceil(MIN_EXCEEDANCES / MIN_FPR)  # 40,000: the most draws of any one null
 
 
 def fitted(structure) -> bool:
@@ -61,3 +73,24 @@ def default_draws(structure, fpr: float = 0.01) -> int:
     if not fitted(structure):
         return max(math.ceil(MIN_EXCEEDANCES / fpr), min(MAX_DRAWS, int(EMPIRICAL_BUDGET / per)))
     return max(MIN_DRAWS, min(FIT_DRAWS, int(FIT_BUDGET / per)))
+
+
+def check_fpr(fpr) -> float:
+    """fpr as a float, or ``InputError`` saying the allowed range: a real number in (0, ``MAX_FPR``], and at least
+    ``MIN_FPR`` (the smallest whose edge ``MAX_NULL_DRAWS`` draws can place)."""
+    if isinstance(fpr, bool) or not isinstance(fpr, numbers.Real) or not 0 < fpr <= MAX_FPR:
+        raise InputError(f"fpr must be a number in (0, {MAX_FPR}], the outlier test's false-positive rate; got {fpr!r}")
+    if fpr < MIN_FPR:
+        raise InputError(f"fpr={float(fpr):g} is below {MIN_FPR:g}, the smallest fpr allowed: an edge at fpr needs "
+                         f"{MIN_EXCEEDANCES}/fpr = {math.ceil(MIN_EXCEEDANCES / fpr):,} null draws, and a null may "
+                         f"hold at most {MAX_NULL_DRAWS:,} (its memory and time budget)")
+    return float(fpr)
+
+
+def check_draws(draws) -> None:
+    """``InputError`` unless draws is None (the default for each null) or a count in [1, ``MAX_NULL_DRAWS``]."""
+    if draws is None:
+        return
+    if isinstance(draws, bool) or not isinstance(draws, numbers.Integral) or not 1 <= draws <= MAX_NULL_DRAWS:
+        raise InputError(f"draws must be a whole number of null draws in [1, {MAX_NULL_DRAWS:,}] (the memory and "
+                         f"time budget of a null), or None for the default; got {draws!r}")

@@ -12,12 +12,16 @@ Two counts of what stands above the noise (docs/design.md §5):
 
 ``spikes_gap`` (Onatski's gap count) and the factors' excess kurtosis do not depend on the null. The false-positive
 rates hold for Gaussian-like entries; ``null="permutation"`` is the check against heavy tails.
+
+Every count and ratio is scale-free, so all of them are computed on the spectrum of the form scaled by powers of
+two (``kernels.normalized``, exact); only the fields in eigenvalue units (eigenvalues, λ_max, scale, bulk edge, the
+null's quantiles, the tail's xmin) are scaled back, and one that does not fit in float64 is an ``InputError``.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -25,7 +29,7 @@ import torch
 from rankscope.errors import InputError
 from rankscope.spectra import budget, metrics, permutation
 from rankscope.spectra.form import Form, Structure
-from rankscope.spectra.kernels import prepare, spectrum
+from rankscope.spectra.kernels import prepare, restore, spectrum
 from rankscope.spectra.nullcache import seed as shape_seed
 from rankscope.spectra.nulls import NaiveMPNull, TracyWidomNull, median, product_null, sum_null
 from rankscope.spectra.sequential import UNTESTED, SpikeCount, count_spikes
@@ -108,8 +112,10 @@ def _ks(bulk_ratio: np.ndarray, null) -> float:
 
 
 def _diagnose_spectra(lam: torch.Tensor, n: int, m: int, null_objs: list, null: str, fpr: float,
-                      shared: tuple[dict, list, list], counts: list[SpikeCount]) -> list[Diagnosis]:
-    """Diagnoses of a batch of spectra (B, r), each with its null; ``shared`` holds the null-free metrics."""
+                      shared: tuple[dict, list, list], counts: list[SpikeCount],
+                      scale_back: tuple[torch.Tensor, torch.Tensor, str]) -> list[Diagnosis]:
+    """Diagnoses of a batch of spectra λ̂ (B, r), each with its null; ``shared`` holds the null-free metrics.
+    ``scale_back``: (λ (B, r), k (B,), name) with λ = λ̂·2^k, the spectra in the form's own units."""
     ref = median(lam) if null_objs[0].reference == "median" else lam.mean(-1)  # (B,)
     unique = {id(x): x for x in null_objs}  # heads of one shape share one null: compute its edge once
     edge_of = {k: x.edge_ratio(fpr) for k, x in unique.items()}
@@ -124,6 +130,7 @@ def _diagnose_spectra(lam: torch.Tensor, n: int, m: int, null_objs: list, null: 
         "mp_soft_rank": metrics.mp_soft_rank(lam, edge),
         **rank_cols,
     }
+    eigenvalues, k, name = scale_back
     out = []
     for b in range(lam.shape[0]):
         ev = lam[b]
@@ -141,7 +148,33 @@ def _diagnose_spectra(lam: torch.Tensor, n: int, m: int, null_objs: list, null: 
             pl_xmin=tails[b].xmin,
             null_quantiles=r0 * null_objs[b].ratio_quantiles, **per_spectrum[b],
         ))
+        out[-1] = _scaled_back(out[-1], eigenvalues[b], int(k[b]), name)
     return out
+
+
+def _scaled_back(d: Diagnosis, eigenvalues: torch.Tensor, k: int, name: str) -> Diagnosis:
+    """A diagnosis of λ̂ as one of λ = λ̂·2^k: the fields in eigenvalue units multiplied by 2^k (exact), the rest
+    scale-free. ``InputError`` naming the form where one of them overflows float64."""
+
+    overflow = InputError(f"{name}: the null's bulk edge, scale or quantiles overflow float64 (the spectrum "
+                          f"reaches {float(eigenvalues[0]):.3g}); rescale the factors")
+
+    def up(x: float) -> float:
+        if x == 0 or not math.isfinite(x):
+            return x
+        try:
+            return math.ldexp(x, k)
+        except OverflowError:
+            raise overflow from None
+
+    quantiles = d.null_quantiles
+    if quantiles is not None:
+        with np.errstate(over="ignore"):
+            quantiles = np.ldexp(np.asarray(quantiles, dtype=np.float64), k)
+        if np.isinf(quantiles).any():
+            raise overflow
+    return replace(d, eigenvalues=eigenvalues, lambda_max=float(eigenvalues[0]), scale=up(d.scale),
+                   bulk_edge=up(d.bulk_edge), pl_xmin=up(d.pl_xmin), null_quantiles=quantiles)
 
 
 def _bulk_effective_rank(ev: torch.Tensor, spikes: float) -> float:
@@ -190,31 +223,30 @@ def _shared_metrics(lam: torch.Tensor, form: Form) -> tuple[dict, list, list]:
 
 
 
-def _check_options(null: str, fpr: float, draws: int | None) -> None:
-    if null not in NULLS:
-        raise InputError(f"null must be one of {NULLS}, got {null!r}")
-    if not 0 < fpr < 1:
-        raise InputError(f"fpr must lie in (0, 1), got {fpr}")
-    if draws is not None and draws < 1:
-        raise InputError(f"draws must be a positive number of null draws, got {draws}")
+def _check_options(nulls: tuple[str, ...], fpr: float, draws: int | None) -> float:
+    """The options checked before any work (``InputError`` naming the allowed values); returns fpr as a float."""
+    for null in nulls:
+        if not isinstance(null, str) or null not in NULLS:
+            raise InputError(f"null must be one of {', '.join(NULLS)}; got {null!r}")
+    budget.check_draws(draws)
+    return budget.check_fpr(fpr)
 
 
 @torch.no_grad()
-def _diagnose_form(form: Form, nulls: tuple[str, ...], fpr: float, draws: int | None,
+def _diagnose_form(form: Form, exponent: torch.Tensor, nulls: tuple[str, ...], fpr: float, draws: int | None,
                    name: str) -> dict[str, list[Diagnosis]]:
-    """Null → the diagnoses of a batch of forms; the spectra and null-free metrics are computed once."""
+    """Null → the diagnoses of a batch of forms 2^exponent·B̂ (``form`` is B̂, ``kernels.normalized``); the spectra and
+    null-free metrics are computed once."""
     s = form.structure
     n, m = s.n, s.m
-    overflow = InputError(f"{name}: the spectrum overflows float64 (entries too large); rescale the factors")
     try:
-        lam = spectrum(form)  # (B, r)
-    except (torch.linalg.LinAlgError, np.linalg.LinAlgError) as exc:  # the eigensolver met inf
-        raise overflow from exc
+        lam, k = spectrum(form, name, scaled=True)  # (B, r), (B,): λ = λ̂·2^k
+    except (torch.linalg.LinAlgError, np.linalg.LinAlgError) as exc:  # not expected of a rescaled form
+        raise InputError(f"{name}: the eigensolver failed ({exc})") from None
     if lam.shape[0] == 0:
         return {null: [] for null in nulls}
-    if not torch.isfinite(lam).all():
-        raise overflow
-    lam = lam.to("cpu")
+    lam, k = lam.to("cpu"), (k + 2 * exponent.to(k.device)).to("cpu")
+    eigenvalues = restore(lam, k, name)  # an overflow is refused here, before any null is drawn
     B = lam.shape[0]
     shared = _shared_metrics(lam, form)
     norms = form.block_norms().to("cpu").expand(B, len(s.chains)) if len(s.chains) > 1 else None  # (B, C)
@@ -235,7 +267,7 @@ def _diagnose_form(form: Form, nulls: tuple[str, ...], fpr: float, draws: int | 
         if null == PRODUCT:
             counts = count_spikes(lam.numpy(), s, None if norms is None else norms.numpy(), fpr, draws,
                                   shared[0]["effective_rank"].numpy(), shared[0]["top_energy"].numpy())
-        out[null] = _diagnose_spectra(lam, n, m, null_objs, null, fpr, shared, counts)
+        out[null] = _diagnose_spectra(lam, n, m, null_objs, null, fpr, shared, counts, (eigenvalues, k, name))
     return out
 
 
@@ -245,12 +277,12 @@ def diagnose_nulls(form, nulls: tuple[str, ...], *, fpr: float = 0.01, name: str
 
     What a training monitor wants: the same forms under the product null and the naive MP fit, side by side.
     """
-    for null in nulls:
-        _check_options(null, fpr, draws)
-    form = prepare(form, name=name, batched=batched)
+    nulls = tuple(nulls)
+    fpr = _check_options(nulls, fpr, draws)
+    form, exponent = prepare(form, name=name, batched=batched, scaled=True)  # B = 2^exponent·B̂
     if form.batch is None:
         form = form.map(lambda f: f[None])
-    return _diagnose_form(form, tuple(nulls), fpr, draws, name)
+    return _diagnose_form(form, exponent, nulls, fpr, draws, name)
 
 
 def diagnose_batch(form, *, null: str = PRODUCT, fpr: float = 0.01, name: str = "form",

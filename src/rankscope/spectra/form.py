@@ -145,7 +145,14 @@ def _tensor(x) -> Tensor:
     """A factor as a tensor (numpy arrays are wrapped, model parameters read without their autograd graph)."""
     if not isinstance(x, torch.Tensor | np.ndarray):
         raise InputError(f"a factor must be a tensor or an array, got {type(x).__name__}")
-    t = torch.as_tensor(x).detach()
+    if isinstance(x, np.ndarray) and x.dtype.kind not in "biufc":  # object, string, datetime: not numbers
+        raise InputError(f"a factor is a numpy array of dtype {x.dtype}, not of numbers; give a numeric array")
+    if isinstance(x, torch.Tensor) and x.layout != torch.strided:
+        raise InputError(f"a factor is a {x.layout} tensor; give a dense one (.to_dense())")
+    try:
+        t = torch.as_tensor(x).detach()
+    except (TypeError, RuntimeError) as exc:  # e.g. numpy's float128, which torch has no dtype for
+        raise InputError(f"a factor cannot be read as a tensor ({exc})") from None
     if t.ndim not in (2, 3):
         raise InputError(f"a factor has shape {tuple(t.shape)}; factors are 2-D (or 3-D with a leading batch axis)")
     return t

@@ -11,9 +11,18 @@ then with ``X = Q_X T_X`` and ``Yᵀ = Q_Y T_Y`` (thin QR), the singular values 
 
 Every function accepts a leading batch dimension on any factor (heads of one layer, draws of a null); a
 factor without it is shared by the whole batch.
+
+Scale. A spectrum is computed on the form scaled by powers of two (``normalized``: each factor divided by the power
+of two just above its largest |entry|, and the small core again before its Gram product), then scaled back
+(``restore``): λ(c·B) = c²·λ(B), and a power-of-two scaling only changes exponents, so it is exact. Entries anywhere
+in float64's range therefore give the eigenvalues to the precision of unit-size entries, or an ``InputError``
+naming the form when the eigenvalues themselves lie outside float64's normal range; a non-finite intermediate
+result is an error, never a zero.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -24,8 +33,12 @@ from rankscope.spectra.form import Chain, Form, Sum, product, reduced, split_at_
 
 def _as_float64(t: torch.Tensor, where: str) -> torch.Tensor:
     """One factor as float64 on its own device; refuses NaN/Inf and complex."""
+    if t.is_meta:  # a form of meta tensors has a structure (``describe`` reads it), but no spectrum
+        raise InputError(f"{where} is on the meta device: it has a shape {tuple(t.shape)} but no values")
     if t.device.type == "mps":  # Apple GPUs have no float64
         t = t.cpu()
+    if t.is_quantized:
+        t = t.dequantize()
     if t.is_complex():
         raise InputError(f"{where} is complex ({t.dtype}); rankscope reads real matrices only")
     if t.dtype == torch.bool:
@@ -42,30 +55,137 @@ def _as_float64(t: torch.Tensor, where: str) -> torch.Tensor:
     return t
 
 
-def prepare(x, name: str = "form", batched: bool = False) -> Form:
+def prepare(x, name: str = "form", batched: bool = False, *, scaled: bool = False):
     """``Form.of(x)`` checked and in float64: what the numerics read. ``InputError`` names the factor at fault.
 
-    Without ``batched`` every factor must be 2-D; with it a factor may carry a leading batch axis.
+    Without ``batched`` every factor must be 2-D; with it a factor may carry a leading batch axis. ``scaled``:
+    ``(B̂, e)`` instead, the form ``normalized`` (B = 2^e·B̂), each factor scaled in place where this made its own
+    float64 copy (no second copy of a large matrix).
     """
     form = Form.of(x, name)
     parts = [("left", form.left), *((f"chain {c}", ch) for c, ch in enumerate(form.chains)), ("right", form.right)]
     single = form.structure.is_matrix
     # one device for the whole form: the first accelerator a factor is on (numpy arrays beside CUDA tensors)
-    device = next((f.device for f in form.factor_list if f.device.type not in ("cpu", "mps")), torch.device("cpu"))
-    out = {}
+    device = next((f.device for f in form.factor_list if f.device.type not in ("cpu", "mps", "meta")),
+                  torch.device("cpu"))
+    out, exponents = {}, {}
     for label, chain in parts:
         if chain is None:
             continue
-        factors = []
+        factors, exps = [], []
         for i, f in enumerate(chain.factors):
             where = name if single else f"{name} ({label}, factor {i})"
             if f.ndim == 3 and not batched:
                 raise InputError(f"{where} has shape {tuple(f.shape)}; a factor must be 2-D")
-            factors.append(_as_float64(f, where).to(device))
+            t = _as_float64(f, where).to(device)
+            if scaled:
+                e = _exponent(t)
+                t = _times_pow2(t, -e, inplace=t.data_ptr() != f.data_ptr())  # our own copy: scaled in place
+                exps.append(e)
+            factors.append(t)
         out[label] = Chain(*factors, shared=chain.shared)
+        exponents[label] = sum(exps, torch.zeros((), dtype=torch.int64))
     if isinstance(form, Chain):
-        return out["chain 0"]
-    return Sum([out[f"chain {c}"] for c in range(len(form.chains))], left=out.get("left"), right=out.get("right"))
+        prepared: Form = out["chain 0"]
+    else:
+        prepared = Sum([out[f"chain {c}"] for c in range(len(form.chains))], left=out.get("left"),
+                       right=out.get("right"))
+    return _balanced_sum(prepared, exponents) if scaled else prepared
+
+
+# ---------------------------------------------------------------------------------------------- scale
+
+
+def _exponent(t: torch.Tensor) -> torch.Tensor:
+    """(…,) int64: e with the largest |entry| of each matrix (the last two axes) in [2^(e−1), 2^e); 0 for zero."""
+    top = torch.maximum(t.amax(dim=(-2, -1)), -t.amin(dim=(-2, -1)))  # no |t| temporary of a large matrix
+    return torch.frexp(top.to(torch.float64)).exponent.to(torch.int64)
+
+
+def _pow2(e: torch.Tensor) -> torch.Tensor:
+    """2^e exactly as float64, for integer e in [−1022, 1023] (the IEEE exponent bits)."""
+    return ((e + 1023) << 52).view(torch.float64)
+
+
+def _times_pow2(t: torch.Tensor, e: torch.Tensor, *, inplace: bool = False, axes: int = 2) -> torch.Tensor:
+    """t · 2^e, e (…,) an integer per item of the leading axes (``axes`` trailing axes share it); exact wherever the
+    result is a normal float64 (only exponents change). Steps of at most 2^±1000, so every power of two is normal."""
+    e = e.to(t.device).clamp(-4000, 4000)
+    steps = -(-int(e.abs().max()) // 1000) if e.numel() else 0
+    for j in range(steps):
+        part = torch.div(e, steps - j, rounding_mode="trunc")
+        e = e - part
+        scale = _pow2(part).reshape(*part.shape, *(1,) * axes)
+        t = t.mul_(scale) if inplace else t * scale
+        inplace = True  # from the first product on the tensor is ours
+    return t
+
+
+def _balanced_sum(form: Form, exponents: dict[str, torch.Tensor]) -> tuple[Form, torch.Tensor]:
+    """(B̂, e) from a form of normalized factors and each part's summed factor exponents (labels as in ``prepare``):
+    a sum's chains keep their relative sizes (chain c is scaled by 2^(e_c − max e_c) more), so B = 2^e·B̂."""
+    if isinstance(form, Chain):
+        return form, exponents["chain 0"]
+    chain_exps = [exponents[f"chain {c}"] for c in range(len(form.chains))]
+    top = chain_exps[0]
+    for e in chain_exps[1:]:
+        top = torch.maximum(top, e)
+    chains = []
+    for chain, e in zip(form.chains, chain_exps, strict=True):
+        d = (e - top).clamp_min(-2100)  # below 2^−2100 of the largest block a chain is zero in float64 anyway
+        if bool(d.ne(0).any()):
+            fs = list(chain.factors)
+            i = 0 if d.ndim == 0 else next((j for j, f in enumerate(fs) if f.ndim == 3), 0)
+            f = fs[i] if d.ndim == 0 or fs[i].ndim == 3 else fs[i].expand(d.shape[0], *fs[i].shape)
+            fs[i] = _times_pow2(f, d)
+            chain = Chain(*fs, shared=chain.shared)
+        chains.append(chain)
+    total = top + exponents.get("left", 0) + exponents.get("right", 0)
+    return Sum(chains, left=form.left, right=form.right), total
+
+
+def normalized(form: Form) -> tuple[Form, torch.Tensor]:
+    """(B̂, e) with B = 2^e·B̂ exactly, e (…,) int64 per batch item: every factor of the (prepared) form divided by
+    the power of two just above its largest |entry|, a sum's chains keeping their relative sizes."""
+    exponents, parts = {}, {}
+    for label, chain in (("left", form.left), *((f"chain {c}", ch) for c, ch in enumerate(form.chains)),
+                         ("right", form.right)):
+        if chain is None:
+            continue
+        exps = [_exponent(f) for f in chain.factors]
+        parts[label] = Chain(*(_times_pow2(f, -e) for f, e in zip(chain.factors, exps, strict=True)),
+                             shared=chain.shared)
+        exponents[label] = sum(exps, torch.zeros((), dtype=torch.int64))
+    if isinstance(form, Chain):
+        scaled: Form = parts["chain 0"]
+    else:
+        scaled = Sum([parts[f"chain {c}"] for c in range(len(form.chains))], left=parts.get("left"),
+                     right=parts.get("right"))
+    return _balanced_sum(scaled, exponents)
+
+
+def restore(lam: torch.Tensor, k: torch.Tensor, name: str = "form") -> torch.Tensor:
+    """λ = λ̂·2^k exactly (λ̂ (…, r), k (…,)); ``InputError`` naming the form when λ is not a normal float64: an
+    overflow past 1.8e308, or a nonzero eigenvalue below 2.2e−308 (which would lose its digits)."""
+    out = _times_pow2(lam, k, axes=1)
+    if lam.numel() == 0:
+        return out
+    if not torch.isfinite(out).all():
+        raise InputError(f"{name}: the spectrum overflows float64: λ_max ≈ {_decimal(lam, k, max)} is beyond "
+                         f"{torch.finfo(torch.float64).max:.3g}; rescale the factors")
+    if bool(((lam > 0) & (out < torch.finfo(torch.float64).tiny)).any()):
+        raise InputError(f"{name}: the spectrum underflows float64: eigenvalues down to "
+                         f"≈ {_decimal(lam, k, min)} are below {torch.finfo(torch.float64).tiny:.3g}, the smallest "
+                         "normal float64, and would lose their digits; rescale the factors")
+    return out
+
+
+def _decimal(lam: torch.Tensor, k: torch.Tensor, pick) -> str:
+    """The largest (``max``) or smallest nonzero (``min``) λ̂·2^k as a decimal power, without overflow: "1e+400"."""
+    logs = torch.where(lam > 0, lam.clamp_min(1e-300).log10() + k.to(torch.float64)[..., None] * math.log10(2),
+                       torch.full_like(lam, math.nan))
+    value = pick(float(x) for x in logs.flatten() if x == x)
+    return f"1e{math.floor(value):+d}" if abs(value) > 300 else f"{10 ** value:.3g}"
 
 
 def two_factor(form: Form) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,10 +243,26 @@ def clamp_numerical_zeros(lam: torch.Tensor) -> torch.Tensor:
     return torch.where(lam > tol, lam, torch.zeros_like(lam))
 
 
-def spectrum(form: Form) -> torch.Tensor:
-    """Eigenvalues of B Bᵀ for the (prepared) form B, nonzero part, descending: (…, rank bound) float64."""
+def spectrum(form: Form, name: str = "form", *, scaled: bool = False):
+    """Eigenvalues of B Bᵀ for the (prepared) form B, nonzero part, descending: (…, rank bound) float64.
+
+    Computed on the ``normalized`` form, its core scaled again before the Gram product, so no intermediate result
+    overflows or underflows; ``InputError`` naming the form where one is not finite all the same, or where the
+    eigenvalues are outside float64's normal range (``restore``). ``scaled=True``: ``(λ̂, k)`` with λ = λ̂·2^k,
+    the largest λ̂ between 1/4 and the core's size, for work that only needs λ up to a common factor.
+    """
     r = form.rank_bound
+    form, e = normalized(form)
     if form.structure.is_matrix:
-        return clamp_numerical_zeros(squared_singular_values(form.chains[0].factors[0]))  # (…, min(n, m))
-    X, Y = two_factor(form)
-    return clamp_numerical_zeros(squared_singular_values(triangular_core(X, Y))[..., :r])  # (…, r)
+        core = form.chains[0].factors[0]  # (…, n, m), largest |entry| in [1/2, 1) already
+    else:
+        core = triangular_core(*two_factor(form))  # (…, K, K)
+    c = _exponent(core)
+    core = _times_pow2(core, -c)
+    lam = squared_singular_values(core)[..., :r]  # (…, r)
+    if not torch.isfinite(lam).all():
+        raise InputError(f"{name}: the spectrum is not finite even with the factors rescaled (a NaN or Inf inside "
+                         "the computation)")
+    lam = clamp_numerical_zeros(lam)
+    k = (2 * (e + c)).expand(lam.shape[:-1]).to(lam.device)
+    return (lam, k) if scaled else restore(lam, k, name)
