@@ -377,3 +377,20 @@ def test_a_rows_file_that_cannot_be_written_after_all_is_one_line_and_exit_2(mon
     last = result.output.strip().splitlines()[-1]
     assert last == f"error: --out {tmp_path / 'rows'}: cannot write the rows file (Read-only file system)"
     assert "Traceback" not in result.output
+
+
+def test_a_gguf_file_with_no_heads_is_refused_naming_its_field(tmp_path):
+    import gguf  # a dependency of rankscope (probes.gguf)
+    path = tmp_path / "model.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_embedding_length(8)
+    w.add_block_count(1)
+    w.add_head_count(0)
+    for t in ("attn_q", "attn_k", "attn_v", "attn_output"):
+        w.add_tensor(f"blk.0.{t}.weight", np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    line = _analyze_exits_2(path)
+    assert f"{path}: num_attention_heads is 0; a head count or width must be a positive integer" in line

@@ -179,7 +179,8 @@ class GGUFFile:
                 cfg[name] = _scalar(fields[f"{arch}.{key}"])
         if "num_attention_heads" in cfg and "num_key_value_heads" not in cfg:
             cfg["num_key_value_heads"] = cfg["num_attention_heads"]
-        if "head_dim" not in cfg and isinstance(cfg.get("num_attention_heads"), int) and cfg.get("hidden_size"):
+        n_heads = cfg.get("num_attention_heads")  # a count of 0 is refused by name (``load.open_checkpoint``)
+        if "head_dim" not in cfg and isinstance(n_heads, int) and n_heads > 0 and cfg.get("hidden_size"):
             cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
         names = {t.name: t for t in self.reader.tensors}
         if "vocab_size" not in cfg and "token_embd.weight" in names:

@@ -312,6 +312,8 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         from rankscope.probes.gguf import GGUFFile
 
         src = GGUFFile(p)
+        if isinstance(src.config, dict):
+            _check_dims(p, src.config)  # built from the GGUF metadata: the same head counts and widths
         return Checkpoint(path=p, config=src.config, names=src.names(), _where=dict.fromkeys(src.names(), src))
     config = None
     if p.is_dir():
@@ -354,9 +356,9 @@ def _read_config(path: Path) -> dict | None:
 def _check_dims(path: Path, config: dict, where: str = "") -> None:
     """``CheckpointError`` where a head count or width (``CONFIG_DIMS``) of the config, or of a sub-config such as
     CLIP's ``text_config``, is present but not a positive integer."""
-    for key, value in config.items():
-        if key in CONFIG_DIMS and value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                                         or value < 1):
+    for key, value in config.items():  # per-layer lists (a GGUF's hybrid layers: 0 heads where no attention) pass
+        if key in CONFIG_DIMS and value is not None and not isinstance(value, list) and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise CheckpointError(f"{path}: {where}{key} is {value!r}; a head count or width must be a positive "
                                   "integer")
         if isinstance(value, dict) and not where:  # one level of sub-configs (text_config, vision_config, ...)
