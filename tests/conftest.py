@@ -26,3 +26,27 @@ def one_thread():
 
     with thread_budget(torch=1, blas=1):
         yield
+
+
+# ---- scheduling under pytest-xdist ------------------------------------------------------------------------------
+# `-n 2` means `--dist load`: each test goes to whichever worker is free, so a module fixture is built on every worker
+# that runs one of the module's tests (the toy study of test_study.py was trained twice, once per worker). The modules
+# named here run whole on one worker; every other test is still scheduled one by one. (xdist's own `xdist_group` mark
+# does nothing under pytest 9: its `--dist loadgroup` renames items through `item._nodeid`, which pytest 9 ignores.)
+ONE_WORKER = {"tests/test_study.py"}  # its module fixture trains six toy runs and writes their report
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """(pytest-xdist) Under `--dist load`: the tests of a module in ``ONE_WORKER`` as one unit of work, the largest
+    units first, every other test a unit of its own."""
+    if config.getoption("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModulesOnOneWorker(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if module in ONE_WORKER else nodeid
+
+    return ModulesOnOneWorker(config, log)
