@@ -180,3 +180,21 @@ def test_degenerate_inputs_give_a_finite_value_or_input_error(n, d, k, scale, se
         except InputError:
             continue
         assert math.isfinite(value)
+
+
+def test_linguistic_collapse_records_nan_for_a_measure_undefined_on_the_batch_and_computes_the_rest():
+    """Two classes with identical rows (a probe batch whose contexts repeat) have equal means: CDNV's distance is 0
+    and GNC2's log kernel infinite. Alone each is an error; the bundle gives NaN for both, with a warning, and the
+    rest as computed alone (a training run's probe batch can hit this, and it must not end the run)."""
+    torch.manual_seed(0)
+    H0, H2 = torch.randn(30, 8, dtype=torch.float64), torch.randn(30, 8, dtype=torch.float64) + 3.0
+    H = torch.cat([H0, H0, H2])  # classes 0 and 1 share every row
+    y = torch.arange(3).repeat_interleave(30)
+    for alone in (rr.gnc2, rr.cdnv):
+        with pytest.raises(InputError):
+            alone(H, y)
+    with pytest.warns(UserWarning, match="is undefined here"):
+        out = rr.linguistic_collapse(H, y, top_k=3)
+    assert all(math.isnan(out[k]) for k in ("gnc2_energy", "gnc2_variation", "cdnv_mean"))
+    assert out["nc1"] == pytest.approx(rr.nc1(H, y), rel=1e-12) and math.isfinite(out["nc1"])
+    assert out["nc2_equinorm"] == pytest.approx(rr.nc2(H, y).equinorm, rel=1e-12)

@@ -15,6 +15,8 @@ from rankscope.errors import InputError
 from rankscope.representations import _input
 from rankscope.representations.collapse import (
     CHUNK,
+    NC2,
+    NC3,
     ClassMoments,
     ClassStats,
     _moments,
@@ -74,7 +76,10 @@ def linguistic_collapse(features, next_tokens, top_k: int = 1000, W=None, chunk:
     """NC1, CDNV, NC2 equinorm/equiangularity, GNC2 (and NC3, UNC3 given the unembedding W (V, D)) of top-layer
     embeddings (N, D) classed by next-token id (N,), restricted to the `top_k` most frequent tokens.
 
-    One streaming pass over the kept rows; memory O(top_k·D + D²). Returns a flat dict of floats.
+    One streaming pass over the kept rows; memory O(top_k·D + D²). Returns a flat dict of floats. A measure that is
+    undefined on these features (two kept classes with the same mean or mean direction: an infinite CDNV or GNC2
+    kernel; all means equal) is NaN, with one warning naming it, and the others are still computed: a training
+    run's probe batch can hit this by chance, and it must not end the run.
     """
     H = _input.features(features, "features")
     y = _input.labels(next_tokens, H.shape[0], "next_tokens", min_classes=2)
@@ -88,12 +93,25 @@ def linguistic_collapse(features, next_tokens, top_k: int = 1000, W=None, chunk:
     acc.update(H[keep], order[torch.searchsorted(sorted_top, y[keep])])  # classes 0..k−1 by frequency rank
     m0 = acc.compute()
     m = ClassMoments(top[m0.classes], m0.counts, m0.means, m0.global_mean, m0.within, m0.class_var)
-    parts = nc2(m)
-    g = gnc2(m, chunk=chunk)
-    out = {"classes": float(m.classes.numel()), "samples": float(m.counts.sum()), "nc1": nc1(m),
-           "cdnv_mean": cdnv(m, chunk=chunk), "nc2_equinorm": parts.equinorm,
+    nan = float("nan")
+    parts = _defined("nc2", lambda: nc2(m), lambda: NC2(nan, nan, nan, nan))
+    g = _defined("gnc2", lambda: gnc2(m, chunk=chunk), lambda: GNC2(nan, nan))
+    out = {"classes": float(m.classes.numel()), "samples": float(m.counts.sum()),
+           "nc1": _defined("nc1", lambda: nc1(m), lambda: nan),
+           "cdnv_mean": _defined("cdnv", lambda: cdnv(m, chunk=chunk), lambda: nan), "nc2_equinorm": parts.equinorm,
            "nc2_equiangularity": parts.equiangularity, "gnc2_energy": g.energy, "gnc2_variation": g.variation}
     if W is not None:
-        d = nc3(m, W=W)
+        d = _defined("nc3", lambda: nc3(m, W=W), lambda: NC3(nan, nan, nan))
         out.update({"nc3": d.distance, "nc3_mean_cosine": d.mean_cosine, "unc3": d.unc3})
     return out
+
+
+def _defined(name: str, compute, undefined):
+    """``compute()``, or ``undefined()`` with a warning when the measure is undefined on these features."""
+    try:
+        return compute()
+    except InputError as exc:
+        import warnings
+
+        warnings.warn(f"linguistic_collapse: {name} is undefined here, recorded as NaN ({exc})", stacklevel=3)
+        return undefined()
