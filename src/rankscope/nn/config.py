@@ -20,6 +20,7 @@ from rankscope.vocab import (
     MQA,
     ROPE_INPUT,
     ROPE_MODES,
+    variant_of,
 )
 
 
@@ -166,9 +167,8 @@ def parameter_count_formula(cfg: ModelConfig) -> int:
 
 def describe(cfg: ModelConfig) -> dict:
     """One summary row: variant, parameters (formula), KV-cache floats per token (whole model and per layer)."""
-    label = cfg.attention + (f"/{cfg.rope_mode}" if cfg.attention == MLA_PREROPE else "")
     return {
-        "variant": label,
+        "variant": variant_of(cfg.attention, cfg.rope_mode),  # the one name of train, study, store and report
         "attention": cfg.attention,
         "params": parameter_count_formula(cfg),
         "kv_cache_floats_per_token": cfg.kv_cache_floats_per_token(),
