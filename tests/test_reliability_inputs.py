@@ -9,6 +9,8 @@ import json
 import math
 import os
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -19,6 +21,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import rankscope as rs
+from privileges import as_a_plain_user
 from rankscope.cli import app
 from rankscope.errors import CheckpointError, InputError
 from rankscope.probes import load
@@ -350,16 +353,20 @@ def test_out_that_is_a_file_or_lies_under_one_exits_2_before_any_work(monkeypatc
     assert f"--out {afile / 'sub' / 'dir'}: cannot be made, {afile} is a file" in line
 
 
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0,
-                    reason="root writes into a mode-555 directory (chmod is no test); the file-parent case above and "
-                           "the write-time case below cover root")
 def test_out_in_a_read_only_directory_exits_2_before_any_work(small, tmp_path):
+    """A real mode-555 directory, in a child that has no root override (tests/privileges.py), as for any user."""
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o555)
     try:
-        assert f"--out {ro / 'rows'}: cannot be made: {ro} is not writable" in _analyze_exits_2(
-            small, "--out", str(ro / "rows"))
+        code = "import sys; from rankscope.cli import run; sys.argv[0] = 'rankscope'; run()"
+        done = subprocess.run([sys.executable, "-c", code, "analyze", str(small), "--out", str(ro / "rows")],
+                              capture_output=True, text=True, timeout=120, preexec_fn=as_a_plain_user(),
+                              env={**os.environ, "COLUMNS": "200"})
+        assert done.returncode == 2, done.stdout + done.stderr
+        lines = [ln for ln in (done.stdout + done.stderr).splitlines() if ln.strip()]
+        assert len(lines) == 1 and f"--out {ro / 'rows'}: cannot be made: {ro} is not writable" in lines[0], lines
+        assert not (ro / "rows").exists()
     finally:
         ro.chmod(0o755)
 

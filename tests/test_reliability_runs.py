@@ -6,7 +6,6 @@ once and copied, so the file takes seconds."""
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import json
 import os
@@ -24,6 +23,7 @@ import torch
 from typer.testing import CliRunner
 
 import rankscope.cli
+from privileges import as_a_plain_user
 from rankscope.cli import app
 from rankscope.data import prepare
 from rankscope.errors import CheckpointError, InputError
@@ -333,15 +333,6 @@ print(json.dumps(out))
 """
 
 
-def _without_dac_override():
-    """In the child, before it runs Python: drop root's power to write past permission bits (CAP_DAC_OVERRIDE,
-    CAP_DAC_READ_SEARCH), so a directory without write permission is read-only to it as to any user."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    for cap in (1, 2):
-        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
-            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
-
-
 def test_read_only_run_and_data_cache_directories_are_one_line(partial, corpus):
     base = Path(tempfile.mkdtemp(prefix="rankscope-ro-"))
     try:
@@ -359,7 +350,7 @@ def test_read_only_run_and_data_cache_directories_are_one_line(partial, corpus):
                 "complete_read_only_cache": str(complete), "corpus": str(corpus)}
         base.chmod(0o777)  # the new run's directory can be made; the caches and the old run cannot be written
         done = subprocess.run([sys.executable, "-c", READ_ONLY, json.dumps(case)], capture_output=True, text=True,
-                              timeout=120, preexec_fn=_without_dac_override if os.geteuid() == 0 else None)
+                              timeout=120, preexec_fn=as_a_plain_user())
         assert done.returncode == 0, done.stderr[-3000:]
         out = json.loads(done.stdout.splitlines()[-1])
         for key, where in (("run", str(run)), ("cache", str(empty))):
