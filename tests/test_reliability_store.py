@@ -361,3 +361,28 @@ def test_the_cli_says_a_skipped_part_in_one_line(tmp_path, cli):
     assert [ln for ln in lines if ln.startswith("warning:")] and lines[-2:] == ["n", "2"]
     assert store.steps("train") == {1, 2}
 
+
+
+def test_report_on_a_run_with_a_bad_part_warns_in_one_line_and_writes_the_report(tmp_path):
+    """The console script prints a skipped part as one ``warning:`` line (no Python file/line prefix) and the
+    report is written from the rest."""
+    import torch
+
+    import rankscope as rs
+    from rankscope.nn import GPT, ModelConfig
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=32, n_layer=2, d_model=32, n_head=2, max_seq_len=16))
+    mon = rs.Monitor(model, tmp_path / "run", every=1, tensorboard=False, kinds=("qk",))
+    for step in (0, 1):
+        mon.step(step)
+        mon.flush()
+    bad = part_files(tmp_path / "run", "spectra")[1]
+    bad.write_bytes(bad.read_bytes()[:100])
+    code = "import sys; from rankscope.cli import run; sys.argv[0] = 'rankscope'; run()"
+    done = subprocess.run([sys.executable, "-c", code, "report", str(tmp_path / "run")], capture_output=True,
+                          text=True, timeout=120, env={**__import__("os").environ, "COLUMNS": "200"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    said = [ln for ln in done.stderr.splitlines() if str(bad) in ln]
+    assert len(said) == 1 and said[0].startswith("warning: ") and ".py:" not in said[0], done.stderr
+    assert (tmp_path / "run" / "report.html").exists()

@@ -332,8 +332,17 @@ def diff(
 FAST_EXIT_COMMANDS = ("analyze", "sql", "report", "describe", "diff", "store")
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning at the command line is one line, ``warning: …``, without Python's file and line prefix."""
+    print(f"warning: {message}", file=file or sys.stderr)
+
+
 def run() -> None:
-    """The ``rankscope`` console script: ``app()``, then a fast exit for the read-only commands."""
+    """The ``rankscope`` console script: ``app()``, then a fast exit for the read-only commands. Warnings (a
+    skipped store part, a model without a layout) print as one line each."""
+    import warnings
+
+    warnings.showwarning = _one_line_warning
     try:
         app()
         code = 0
