@@ -401,3 +401,36 @@ def test_a_gguf_file_with_no_heads_is_refused_naming_its_field(tmp_path):
     w.close()
     line = _analyze_exits_2(path)
     assert f"{path}: num_attention_heads is 0; a head count or width must be a positive integer" in line
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped byte", "foreign"])
+def test_a_damaged_cached_null_is_simulated_again_with_a_warning_and_rewritten(tmp_path, monkeypatch, damage):
+    import hashlib
+
+    from rankscope.spectra import nullcache
+
+    monkeypatch.setenv("RANKSCOPE_CACHE_DIR", str(tmp_path))
+    made = []
+
+    def make():
+        made.append(1)
+        return {"t": np.arange(1000, dtype=np.float64)}
+
+    key = ("test", (3, 4), (), 1000)
+    fresh = nullcache.NullCache()
+    assert fresh.get(key, make)["t"].sum() == 499500.0 and len(made) == 1
+    path = tmp_path / f"{hashlib.sha256(nullcache._text(key).encode()).hexdigest()[:32]}.npz"
+    good = path.read_bytes()
+    bad = {"truncated": good[: len(good) // 2], "foreign": b"not a zip file at all",
+           "flipped byte": good[:200] + bytes([good[200] ^ 0xFF]) + good[201:]}[damage]
+    path.write_bytes(bad)
+    with pytest.warns(UserWarning, match="damaged cached null"):
+        again = nullcache.NullCache().get(key, make)  # a new process: nothing in memory
+    assert again["t"].sum() == 499500.0 and len(made) == 2  # simulated again, not read
+    assert path.read_bytes() == good  # and rewritten whole
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the healed file reads without a word
+        nullcache.NullCache().get(key, make)
+    assert len(made) == 2

@@ -91,12 +91,19 @@ class NullCache:
 
 
 def _load(path: Path, key: str) -> dict[str, np.ndarray] | None:
+    """The arrays stored for ``key``; None when there are none, and with a warning when the file is damaged (it is
+    simulated again and rewritten). A zip member's CRC is checked as it is read, so a flipped byte is found too."""
     try:
         with np.load(path, allow_pickle=False) as z:
             if str(z["key"]) != key:
                 return None
             return {name: z[name] for name in z.files if name != "key"}
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # missing, truncated, foreign: redo
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:  # truncated, foreign: redo
+        import warnings
+
+        warnings.warn(f"{path}: a damaged cached null ({type(exc).__name__}); simulating it again", stacklevel=3)
         return None
 
 
