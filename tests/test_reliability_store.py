@@ -166,6 +166,46 @@ def test_earlier_versions_stores_are_read_and_a_new_store_without_a_commit_is_em
     assert new.tables() == [] and new.steps("attention") == set()
 
 
+def test_an_adopted_legacy_part_that_goes_bad_hides_only_itself(tmp_path):
+    """Adoption commits each earlier-version part on its own (as an earlier reader took it): a page of one going
+    bad later hides that part's rows only, and repair quarantines that part only. A part already bad when adopted
+    is left out (check lists it)."""
+    old = tmp_path / "run" / "metrics"
+    old.mkdir(parents=True)
+    for part in range(4):  # part k holds steps 10000k … 10000k + 4999 (one data page of distinct values)
+        frame = pd.DataFrame([{"run": "run", "step": 10000 * part + i, "loss": float(i) / 7} for i in range(5000)])
+        pq.write_table(pa.Table.from_pandas(frame), old / f"train-{part:020d}-abcdef12.parquet",
+                       write_page_checksum=True)
+
+    def flip(path):
+        data = bytearray(path.read_bytes())
+        data[len(data) // 3] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+    def parts_seen():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", StoreWarning)
+            seen = RunStore(tmp_path / "run").sql("select step // 10000 k, count(*) n, sum(loss) s from train "
+                                                  "group by k order by k")
+        return dict(zip(seen["k"], seen["n"], strict=True))
+
+    first_bad, later_bad = old / f"train-{3:020d}-abcdef12.parquet", old / f"train-{1:020d}-abcdef12.parquet"
+    flip(first_bad)  # bad before adoption
+    store = RunStore(tmp_path / "run")
+    store.append("train", [{"step": 90000, "loss": 0.1}])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", StoreWarning)
+        store.flush()  # adopts parts 0, 1, 2 (one commit each); part 3 stays out
+    assert parts_seen() == {0: 5000, 1: 5000, 2: 5000, 9: 1}
+    flip(later_bad)  # goes bad after adoption
+    P._SCHEMAS.clear(), P._WHOLE.clear()  # a new process: nothing remembered
+    assert parts_seen() == {0: 5000, 2: 5000, 9: 1}  # only part 1 hidden, its neighbours kept
+    repair(tmp_path / "run")
+    quarantined = sorted(p.name for p in (old / "quarantine").iterdir() if p.suffix == ".parquet")
+    assert quarantined == sorted([first_bad.name, later_bad.name])
+    assert parts_seen() == {0: 5000, 2: 5000, 9: 1} and check(tmp_path / "run") == []
+
+
 # ---- a bad part never locks a run ------------------------------------------------------------------------------
 def _three_flushes(root: Path) -> RunStore:
     store = RunStore(root)

@@ -120,16 +120,19 @@ def ensure_store(directory: Path) -> None:
     write_atomic(directory / MARKER, lambda fh: fh.write(body))
 
 
-def adopt(found: Layout) -> Path | None:
+def adopt(found: Layout) -> list[Path]:
     """Commit the readable parts of an earlier version's directory (before its marker is written), so they stay
-    visible once it is a committed store; unreadable ones stay out (``store check`` lists them)."""
-    entries = []
+    visible once it is a committed store: one commit per part, as an earlier reader took each part on its own, so
+    a part that goes bad later hides only itself. A part that does not read whole (every page, checksums where
+    written) stays out (``store check`` lists it)."""
+    commits = []
     for name, table in sorted(found.parts.items()):
         path = found.directory / name
-        if isinstance(read_schema(path), str):
+        if read_whole(path) is not None:
             continue
-        entries.append({"name": name, "table": table, "rows": None, "bytes": path.stat().st_size})
-    return write_commit(found.directory, entries) if entries else None
+        entries = [{"name": name, "table": table, "rows": None, "bytes": path.stat().st_size}]
+        commits.append(write_commit(found.directory, entries))
+    return commits
 
 
 @contextlib.contextmanager
