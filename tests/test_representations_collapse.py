@@ -198,3 +198,10 @@ def test_linguistic_collapse_records_nan_for_a_measure_undefined_on_the_batch_an
     assert all(math.isnan(out[k]) for k in ("gnc2_energy", "gnc2_variation", "cdnv_mean"))
     assert out["nc1"] == pytest.approx(rr.nc1(H, y), rel=1e-12) and math.isfinite(out["nc1"])
     assert out["nc2_equinorm"] == pytest.approx(rr.nc2(H, y).equinorm, rel=1e-12)
+
+
+def test_linguistic_collapse_still_raises_for_a_bad_input_it_could_mistake_for_an_undefined_measure():
+    torch.manual_seed(0)
+    H, y = torch.randn(90, 8, dtype=torch.float64), torch.arange(3).repeat_interleave(30)
+    with pytest.raises(InputError, match="columns"):
+        rr.linguistic_collapse(H, y, top_k=3, W=torch.randn(3, 999, dtype=torch.float64))  # W of the wrong width

@@ -9,6 +9,11 @@ class InputError(RankscopeError, ValueError):
     """Bad input: a matrix with NaN/Inf, shapes that do not chain, an unknown option."""
 
 
+class UndefinedMeasure(InputError):
+    """A measure that does not exist on these (valid) inputs: coincident class means make CDNV, GNC2 or NC1
+    infinite or 0/0. A bundle of measures records it as NaN; asked for alone, it is an input error."""
+
+
 class CheckpointError(RankscopeError):
     """A checkpoint or weights file that cannot be read: missing, truncated, corrupt or unsafe."""
 

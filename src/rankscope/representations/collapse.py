@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rankscope.errors import InputError
+from rankscope.errors import InputError, UndefinedMeasure
 from rankscope.representations import _input
 
 CHUNK = 2048  # rows of a pairwise block: chunk × C float64 at a time
@@ -132,7 +132,7 @@ def nc1(H, y=None) -> float:
     sigma_b = M.T @ M / C  # (D, D)
     tr, rank = _psd_pinv_trace(sigma_b, m.within)
     if rank == 0:
-        raise InputError("H: all class means coincide (Σ_B = 0); NC1 is undefined")
+        raise UndefinedMeasure("H: all class means coincide (Σ_B = 0); NC1 is undefined")
     return tr / C
 
 
@@ -149,7 +149,7 @@ def vci(H, y=None) -> float:
     sigma_t = m.within + sigma_b
     rank_b = _psd_pinv_trace(sigma_b, sigma_b)[1]
     if rank_b == 0:
-        raise InputError("H: all class means coincide (Σ_B = 0); VCI is undefined")
+        raise UndefinedMeasure("H: all class means coincide (Σ_B = 0); VCI is undefined")
     return 1.0 - _psd_pinv_trace(sigma_t, sigma_b)[0] / rank_b
 
 
@@ -166,7 +166,7 @@ class NC2:
 def _unit_rows(M: torch.Tensor, what: str) -> torch.Tensor:
     norms = M.norm(dim=1, keepdim=True)  # (C, 1)
     if (norms == 0).any():
-        raise InputError(f"H: a class mean equals the global mean, so its {what} is undefined")
+        raise UndefinedMeasure(f"H: a class mean equals the global mean, so its {what} is undefined")
     return M / norms
 
 
@@ -228,7 +228,7 @@ def nc3(H, y=None, W=None) -> NC3:
     Wc = _classifier(W, m)
     M = m.centred_means
     if float(Wc.norm()) == 0 or float(M.norm()) == 0:
-        raise InputError("W: zero classifier or coincident class means; NC3 is undefined")
+        raise UndefinedMeasure("W: zero classifier or coincident class means; NC3 is undefined")
     dist = float((Wc / Wc.norm() - M / M.norm()).square().sum())
     cos = (_unit_rows(Wc, "direction") * _unit_rows(M, "direction")).sum(1)  # (C,)
     mean = float(cos.mean())

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rankscope.errors import InputError
+from rankscope.errors import InputError, UndefinedMeasure
 from rankscope.representations import _input
 from rankscope.representations.collapse import (
     CHUNK,
@@ -42,7 +42,7 @@ def cdnv(H, y=None, chunk: int = CHUNK) -> float:
         rows = torch.arange(d2.shape[0])
         d2[rows, rows + i] = 1.0  # c == c' is left out below
         if (d2 == 0).any():
-            raise InputError("H: two classes have identical means; their CDNV is infinite")
+            raise UndefinedMeasure("H: two classes have identical means; their CDNV is infinite")
         block = (var[i:i + chunk, None] + var[None, :]) / (2 * d2)
         block[rows, rows + i] = 0.0
         total += float(block.sum())
@@ -65,7 +65,7 @@ def gnc2(H, y=None, chunk: int = CHUNK) -> GNC2:
     def kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         d = torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")  # (b, C), exact zeros on the diagonal
         if int((d == 0).sum()) > a.shape[0]:
-            raise InputError("H: two classes share a mean direction; the log kernel is infinite")
+            raise UndefinedMeasure("H: two classes share a mean direction; the log kernel is infinite")
         return -torch.log(torch.where(d > 0, d, torch.ones_like(d)))  # the diagonal is dropped by _pair_stats
 
     energy, variation = _pair_stats(U, kernel, chunk)
@@ -110,7 +110,7 @@ def _defined(name: str, compute, undefined):
     """``compute()``, or ``undefined()`` with a warning when the measure is undefined on these features."""
     try:
         return compute()
-    except InputError as exc:
+    except UndefinedMeasure as exc:  # a bad input (a W of the wrong shape, …) still raises
         import warnings
 
         warnings.warn(f"linguistic_collapse: {name} is undefined here, recorded as NaN ({exc})", stacklevel=3)
