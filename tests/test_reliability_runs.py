@@ -420,3 +420,25 @@ def test_a_cache_of_an_earlier_version_is_verified_by_loading_and_gains_digests(
     (folder / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "files"}))
     with pytest.warns(UserWarning, match="val.npy.*does not load"):
         prepare(str(corpus), 300, None, cache=cache)
+
+
+def test_a_file_system_without_flock_trains_unlocked_with_a_warning_not_a_false_holder(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")  # e.g. an NFS mount without a lock daemon
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.warns(UserWarning, match="cannot lock the run"):
+        with RunDir(tmp_path / "r").lock():
+            assert "pid" in (tmp_path / "r" / "train.lock").read_text()
+
+    def held(fd, op):
+        raise BlockingIOError(errno.EWOULDBLOCK, "Resource temporarily unavailable")  # another holder
+
+    monkeypatch.setattr(fcntl, "flock", held)
+    (tmp_path / "r" / "train.lock").write_text("pid 4242 on elsewhere, since then\n")
+    with pytest.raises(InputError, match="another trainer holds this run \\(pid 4242 on elsewhere"):
+        with RunDir(tmp_path / "r").lock():
+            pass

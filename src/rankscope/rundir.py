@@ -109,25 +109,38 @@ class RunDir:
     def lock(self) -> Iterator[None]:
         """Hold the run's lock (``fcntl.flock`` on ``train.lock``, released by the OS when the process ends, even by
         kill -9) for the body, with this process's pid and host written in it. Another process holding it, or a
-        run directory this process cannot write: an InputError saying which."""
-        import fcntl
+        run directory this process cannot write: an InputError saying which. Where the OS or the file system has
+        no ``flock`` (Windows; some network mounts), the run trains unlocked, with a warning."""
+        import errno
+        import warnings
 
+        try:
+            import fcntl
+        except ImportError:  # Windows: no flock
+            fcntl = None
         self.writable()
         try:
             fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise InputError(f"{self.path}: cannot write the run directory ({exc.strerror or exc})") from None
         try:
+            if fcntl is None:
+                raise OSError(errno.ENOTSUP, "no fcntl on this OS")
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(fd, 300, 0).decode(errors="replace").strip() or "a process that has not said who"
-            os.close(fd)
-            raise InputError(f"{self.path}: another trainer holds this run ({holder}); wait for it to end, or "
-                             f"train into another --run") from None
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # no lock here, not a holder
+                warnings.warn(f"{self.path}: cannot lock the run ({exc.strerror or exc}); training without the "
+                              "one-writer guard", stacklevel=3)
+            else:
+                os.lseek(fd, 0, os.SEEK_SET)
+                holder = os.read(fd, 300).decode(errors="replace").strip() or "a process that has not said who"
+                os.close(fd)
+                raise InputError(f"{self.path}: another trainer holds this run ({holder}); wait for it to end, or "
+                                 f"train into another --run") from None
         try:
             os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%F %T')}\n".encode(),
-                      0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%F %T')}\n".encode())
             yield
         finally:
             os.ftruncate(fd, 0)  # nobody holds it now; the file stays (unlinking it would race the next taker)

@@ -152,9 +152,13 @@ def _stale(folder: Path, meta: dict | None) -> dict[str, str]:
 @contextmanager
 def _building(folder: Path) -> Iterator[None]:
     """Hold an OS lock on ``folder/.lock`` (one process builds a cache folder at a time; others wait). A folder
-    that cannot be made is an InputError; one that cannot be written is only read (no lock is needed then)."""
-    import fcntl
-
+    that cannot be made is an InputError; one that cannot be written is only read (no lock is needed then).
+    Without ``flock`` (Windows; some network mounts) the build goes unlocked: the files are still written
+    atomically and verified on read, so two builders cost time, not correctness."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        fcntl = None
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -166,7 +170,11 @@ def _building(folder: Path) -> Iterator[None]:
         yield
         return
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:  # a file system without flock
+                pass
         yield
     finally:
         os.close(fd)
