@@ -293,6 +293,24 @@ def test_a_header_declaring_a_million_tensors_is_refused_before_it_is_parsed(tmp
         load.open_checkpoint(path)
 
 
+def test_a_header_of_millions_of_metadata_keys_is_refused_before_it_is_parsed(tmp_path, monkeypatch):
+    """Entries without data_offsets (a huge __metadata__) are bounded too: by the count of JSON keys."""
+    path = tmp_path / "meta.safetensors"
+    keys = b",".join(b'"k%d":""' % i for i in range(2 * 10**6))
+    _header_file(path, b'{"__metadata__":{' + keys + b'}}')  # 27 MB, under the byte bound, no tensor at all
+
+    def parsed(*a, **k):
+        raise AssertionError("the header was parsed")
+
+    monkeypatch.setattr(load.json, "loads", parsed)
+    with pytest.raises(CheckpointError, match=r"has 2,000,001 keys or more, more than the 1,600,000 \(8 per tensor\)"):
+        load.open_checkpoint(path)
+    monkeypatch.undo()
+    real = tmp_path / "real.safetensors"  # a real file with metadata stays well inside the bound
+    save_file({f"w{i}.weight": torch.randn(2, 2) for i in range(4)}, real, metadata={"format": "pt", "a": "b"})
+    assert len(load.open_checkpoint(real).names) == 4
+
+
 def test_the_tensor_bound_is_a_bound_at_its_value(tmp_path, monkeypatch):
     path = tmp_path / "w.safetensors"
     save_file({f"w{i}.weight": torch.randn(2, 2) for i in range(4)}, path)

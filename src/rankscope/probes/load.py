@@ -27,7 +27,8 @@ validate them and learn names, shapes and dtypes); zip-format files are memory-m
 Bounds. A safetensors header is refused at open, from its length and a count of its entries before it is
 parsed, when it is longer than ``MAX_HEADER_BYTES`` (100 MB, safetensors' own limit) or declares more than
 ``MAX_TENSORS`` tensors (200,000: DeepSeek-V3 has about 92,000 names in all its shards together and Kimi K2
-about 140,000, while one shard holds a few thousand); a sharded index may name no more than ``MAX_TENSORS``
+about 140,000, while one shard holds a few thousand), or more than ``KEYS_PER_TENSOR`` times as many JSON keys
+(entries without tensors, e.g. in ``__metadata__``); a sharded index may name no more than ``MAX_TENSORS``
 either. JSON nested too deep to parse (headers, indexes, config.json) is refused, not a ``RecursionError``. An
 index's shards must lie in the index's directory: a shard path is relative, with no ``..`` leaving it (checked on
 the path as written, so the symlinks of a Hugging Face cache snapshot, which point into its blob store, are
@@ -79,6 +80,7 @@ _ST_DTYPES = {
 }  # fmt: skip
 MAX_HEADER_BYTES = 100_000_000  # safetensors itself refuses larger headers
 MAX_TENSORS = 200_000  # tensors in one file or index (see the module docstring for real models' counts)
+KEYS_PER_TENSOR = 8  # JSON keys a header may hold per tensor allowed: 4 per tensor entry, room for metadata
 # config.json fields that are head counts or widths: a 0 (or -1, or 2.5) would divide by zero in a layout
 CONFIG_DIMS = ("hidden_size", "n_embd", "n_embed", "d_model", "num_attention_heads", "n_head", "num_heads",
                "num_key_value_heads", "num_kv_heads", "head_dim", "d_kv", "kv_lora_rank", "qk_nope_head_dim",
@@ -151,6 +153,10 @@ def _read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
     if declared > MAX_TENSORS:
         raise CheckpointError(f"{path}: refused: the safetensors header declares {declared:,} tensors, more than the "
                               f"{MAX_TENSORS:,} a file may hold")
+    keys = raw.count(b":")  # every JSON key has one: a tensor entry 4, a metadata entry 1 (more only inside strings)
+    if keys > KEYS_PER_TENSOR * MAX_TENSORS:
+        raise CheckpointError(f"{path}: refused: the safetensors header has {keys:,} keys or more, more than the "
+                              f"{KEYS_PER_TENSOR * MAX_TENSORS:,} ({KEYS_PER_TENSOR} per tensor) a file may hold")
     header = _json(raw, bad)
     if not isinstance(header, dict):
         raise bad("header is not a JSON object")
