@@ -318,7 +318,7 @@ def skip_reason(weights: _Weights, name: str) -> str:
 
 def spectra_rows(found: Analysis, **keys) -> list[dict]:
     """The ``spectra`` table's rows of an analysis: each attention form's eigenvalues, bulk edge and null quantiles,
-    with its (stack, layer, head, kind, offset, null) and the given ``keys`` (e.g. ``step``)."""
+    with its (stack, layer, head_index, kind, offset, null) and the given ``keys`` (e.g. ``step``)."""
     import numpy as np
 
     table = found.table
@@ -493,11 +493,11 @@ def _what(model_or_path) -> str:
 def analyze(model_or_path, *, per_head: bool = True, kinds: Iterable[str] | None = None, null: str = PRODUCT,
             fpr: float = 0.01, threads: int | None = None, experts: str | int | None = "all",
             spectra: bool = False) -> pd.DataFrame:
-    """One row per (layer, head, kind): the full diagnosis, shapes, variant and KV-cache floats per token.
+    """One row per (layer, head_index, kind): the full diagnosis, shapes, variant and KV-cache floats per token.
 
     ``model_or_path``: an ``nn.Module`` (a transformers model, a rankscope model, or any model with
     ``nn.MultiheadAttention``), a Hugging Face model directory, a ``.safetensors`` file or sharded index, a
-    ``.pt/.bin`` state dict, or a rankscope run directory. head = −1 marks a layer's sum over heads, or a plain
+    ``.pt/.bin`` state dict, or a rankscope run directory. ``head_index`` −1 marks a layer's sum over heads, or a plain
     matrix. ``kinds``: kind groups (qk, ov, mlp, weights) or single kinds (None: all). ``threads``: run the
     numerics with one torch thread and this many BLAS threads, restored after (process-wide; None leaves the
     process's settings alone). ``experts``: "all", "none" or "sample:K" experts per layer of a mixture of experts

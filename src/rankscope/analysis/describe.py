@@ -1,11 +1,11 @@
 """``describe``: what ``analyze`` would diagnose in a model, and roughly what it would cost, without any spectrum.
 
-One row per form ``analyze_full`` would give a row (the same name, stack, layer, head, expert, kind and offset; one
-row per form, not per null): its ``shapes`` (the form's ``Structure``), ``rank`` bound, ``n``×``m``, ``variant``,
-KV-cache floats per token, ``plain`` (a single weight matrix, not an attention form) and ``error`` (a matrix that
-would be skipped). The attention forms come from the same probes as ``analyze``; for a transformers layout they
-are built on ``meta`` tensors of the stored shapes (shapes from the checkpoint's headers, nothing read), and only
-where a layout computes from the values (MLA's latent rms) are the weights read. Nothing is multiplied.
+One row per form ``analyze_full`` would give a row (the same name, stack, layer, head_index, expert, kind and
+offset; one row per form, not per null): its ``shapes`` (the form's ``Structure``), ``rank`` bound, ``n``×``m``,
+``variant``, KV-cache floats per token, ``plain`` (a single weight matrix, not an attention form) and ``error`` (a
+matrix that would be skipped). The attention forms come from the same probes as ``analyze``; for a transformers
+layout they are built on ``meta`` tensors of the stored shapes (shapes from the checkpoint's headers, nothing read),
+and only where a layout computes from the values (MLA's latent rms) are the weights read. Nothing is multiplied.
 
 The cost estimate (``Estimate``) is a model, not a measurement:
 

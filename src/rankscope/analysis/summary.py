@@ -28,8 +28,8 @@ Spikes are not a warning: an eigenvalue above the structure-matched null is what
 learned direction), not a fault; ``summary`` reports the share of spiked heads and layers instead.
 
 ``summary(df)``: per (stack, kind), at offset 0 and under one null (product by default): the number of forms,
-heads and layer forms; the share of heads (head ≥ 0) and of layer forms (head −1: a layer's summed form, or a plain
-matrix) with ≥ 1 spike among those with a spike count; the medians of stable rank, effective rank and
+heads and layer forms; the share of heads (head_index ≥ 0) and of layer forms (head_index −1: a layer's summed
+form, or a plain matrix) with ≥ 1 spike among those with a spike count; the medians of stable rank, effective rank and
 ``erank_vs_null`` (over the heads where the kind has per-head rows, else over its layer forms; stable rank has no
 null ratio in the diagnosis); a count of each warning; and the layers that stand out (``standing_out``).
 

@@ -31,7 +31,7 @@ def _short(name: str) -> str:
 
 
 def matrices_table(df: pd.DataFrame) -> Table:
-    """Per matrix and per layer form (head −1): the size and the spikes of the change, the change of the rank
+    """Per matrix and per layer form (head_index −1): the size and the spikes of the change, the change of the rank
     measures and the overlap of the top-k subspaces (with k/n, its value for random subspaces)."""
     rows = df[(df["head_index"] < 0) & df["error"].eq("")]
     rows = rows.sort_values(["stack", "layer", "kind", "name"], kind="stable")
