@@ -171,3 +171,12 @@ def test_the_study_banner_states_scale_and_run_count():
     assert "6 variants × 3 seeds = 18 training runs of 2 layers" in smoke and "plumbing check" in smoke
     cpu = study_banner("cpu", 5, ",".join(STUDY_VARIANTS), "lr=1e-3,2e-3")
     assert "× 2 sweep points = 60 training runs of 8 layers" in cpu and "plumbing" not in cpu
+
+
+def test_a_setting_that_contradicts_the_named_variant_is_refused_before_work(tmp_path):
+    result = CliRunner().invoke(app, ["train", "--attention", "mla_prerope_coupled", "--rope_mode", "input",
+                                      "--run", str(tmp_path / "r")])
+    assert result.exit_code == 2
+    assert "--attention mla_prerope_coupled sets rope_mode=coupled; --rope_mode input contradicts it" in " ".join(
+        result.output.split())
+    assert not (tmp_path / "r").exists()  # refused before any work

@@ -162,7 +162,12 @@ def train(
     from rankscope.train.config import parse_pairs
 
     with _bad_input_exits_2():
-        overrides = {**VARIANTS.get(attention, {"attention": attention}), **parse_pairs(ctx.args)}
+        fields, pairs = VARIANTS.get(attention, {"attention": attention}), parse_pairs(ctx.args)
+        clash = [k for k in fields if k in pairs and str(pairs[k]) != fields[k]]
+        if clash:
+            raise InputError(f"--attention {attention} sets {', '.join(f'{k}={fields[k]}' for k in clash)}; "
+                             f"--{clash[0]} {pairs[clash[0]]} contradicts it (choose the variant by its name)")
+        overrides = {**fields, **pairs}
         if every is not None:
             overrides["monitor_every"] = every
         cfg = resolve(preset, overrides)
