@@ -60,9 +60,13 @@ def readable_parts(root: Path, deep: bool = False) -> dict[str, list[tuple[Path,
                                               f"`rankscope store check {directory.parent}` lists it, --repair "
                                               f"moves it to quarantine")
                 continue
-            for entry in unit:
-                path = directory / entry["name"]
-                found[entry["table"]].append((path, P.read_schema(path)))
+            schemas = [(directory / e["name"], e["table"], P.read_schema(directory / e["name"])) for e in unit]
+            gone = next(((path, why) for path, _, why in schemas if isinstance(why, str)), None)
+            if gone is not None:  # moved or damaged since it was checked (a repair running now): skip the unit
+                P.warn_once(gone[0], f"{gone[0]}: run-store part skipped ({gone[1]})")
+                continue
+            for path, table, schema in schemas:
+                found[table].append((path, schema))
     return dict(found)
 
 
