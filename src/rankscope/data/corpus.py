@@ -9,6 +9,7 @@ a byte cap samples every package), and split into train and validation by the sa
 from __future__ import annotations
 
 import hashlib
+import os
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,8 +38,12 @@ def stdlib_root() -> Path:
 
 def _files(root: Path, suffixes: set[str] | None) -> list[Path]:
     skip = {"site-packages", "dist-packages", "__pycache__", ".git", ".venv", "node_modules"}
-    return [p for p in root.rglob("*") if p.is_file() and not (skip & set(p.relative_to(root).parts))
-            and (suffixes is None or p.suffix in suffixes)]
+    out = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in skip]  # pruned: a skipped folder is never walked into
+        out += [p for p in (Path(folder) / n for n in names if n not in skip)
+                if (suffixes is None or p.suffix in suffixes) and p.is_file()]
+    return out
 
 
 def documents(source: str = "stdlib", split: str = "train", val_percent: float = 5.0,

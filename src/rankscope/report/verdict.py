@@ -787,8 +787,10 @@ def verdict(cells: pd.DataFrame, train: pd.DataFrame, runs: pd.DataFrame, *, alp
         if controls:
             sims.append({"sweep": sweep, **simulate_studies(per_run, layers, alpha=alpha, studies=studies,
                                                             seed=seed, reference=reference)})
+            enough = per_run.groupby("variant")["seed"].nunique().min() >= MIN_SEEDS  # else every one is inconclusive
             perms.append({"sweep": sweep, **permutation_control(per_run, layers, alpha=alpha, seed=seed,
-                                                                permutations=permutations, reference=reference)})
+                                                                permutations=permutations if enough else 0,
+                                                                reference=reference)})
     if controls:
         out["negative_controls"] = negative_controls(alpha=alpha, simulated=sims, permuted=perms, seed=seed)
     return _jsonable(out)
