@@ -55,6 +55,12 @@ def _as_float64(t: torch.Tensor, where: str) -> torch.Tensor:
     return t
 
 
+def _rebuilt(form: Form, parts: dict[str, Chain]) -> Form:
+    """``form`` with its chains replaced by ``parts`` (labelled "chain i", "left", "right")."""
+    if isinstance(form, Chain):
+        return parts["chain 0"]
+    return Sum([parts[f"chain {c}"] for c in range(len(form.chains))], left=parts.get("left"), right=parts.get("right"))
+
 def prepare(x, name: str = "form", batched: bool = False, *, scaled: bool = False):
     """``Form.of(x)`` checked and in float64: what the numerics read. ``InputError`` names the factor at fault.
 
@@ -85,11 +91,7 @@ def prepare(x, name: str = "form", batched: bool = False, *, scaled: bool = Fals
             factors.append(t)
         out[label] = Chain(*factors, shared=chain.shared)
         exponents[label] = sum(exps, torch.zeros((), dtype=torch.int64))
-    if isinstance(form, Chain):
-        prepared: Form = out["chain 0"]
-    else:
-        prepared = Sum([out[f"chain {c}"] for c in range(len(form.chains))], left=out.get("left"),
-                       right=out.get("right"))
+    prepared = _rebuilt(form, out)
     return _balanced_sum(prepared, exponents) if scaled else prepared
 
 
@@ -156,12 +158,7 @@ def normalized(form: Form) -> tuple[Form, torch.Tensor]:
         parts[label] = Chain(*(_times_pow2(f, -e) for f, e in zip(chain.factors, exps, strict=True)),
                              shared=chain.shared)
         exponents[label] = sum(exps, torch.zeros((), dtype=torch.int64))
-    if isinstance(form, Chain):
-        scaled: Form = parts["chain 0"]
-    else:
-        scaled = Sum([parts[f"chain {c}"] for c in range(len(form.chains))], left=parts.get("left"),
-                     right=parts.get("right"))
-    return _balanced_sum(scaled, exponents)
+    return _balanced_sum(_rebuilt(form, parts), exponents)
 
 
 def restore(lam: torch.Tensor, k: torch.Tensor, name: str = "form") -> torch.Tensor:
