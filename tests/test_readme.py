@@ -128,21 +128,24 @@ def bash_commands() -> list[tuple[Block, int, str]]:
 def transcript_commands() -> list[tuple[int, str]]:
     """(README line, command) of each ``$ rankscope ...`` line of an output block; a query may wrap."""
     out = []
-    for block in blocks():
-        if block.lang not in ("", "text"):
-            continue
-        lines = block.body.splitlines()
-        for i, line in enumerate(lines):
-            if line.startswith("$ rankscope "):
-                text, more = line[2:], iter(lines[i + 1:])
-                while True:
-                    try:
-                        shlex.split(text)
-                        break
-                    except ValueError:  # an open quote: the command goes on
-                        text += " " + next(more).strip()
-                out.append((block.line + i, text))
+    for block, lines, i, line in output_lines("$ rankscope "):
+        text, more = line[2:], iter(lines[i + 1:])
+        while True:
+            try:
+                shlex.split(text)
+                break
+            except ValueError:  # an open quote: the command goes on
+                text += " " + next(more).strip()
+        out.append((block.line + i, text))
     return out
+
+
+def output_lines(start: str):
+    """(block, its lines, index, line) of each line of an output or text block that starts with ``start``."""
+    for block in blocks():
+        if block.lang in ("", "text"):
+            lines = block.body.splitlines()
+            yield from ((block, lines, i, line) for i, line in enumerate(lines) if line.startswith(start))
 
 
 ASSIGNMENT = re.compile(r"^([A-Za-z_]\w*)=(.*)$")
@@ -313,18 +316,13 @@ def synopses() -> list[tuple[int, str]]:
     """(README line, text) of each synopsis: a line of an output or text block that starts with ``rankscope ``,
     with its indented continuation lines, its comment cut."""
     out = []
-    for block in blocks():
-        if block.lang not in ("", "text"):
-            continue
-        lines = block.body.splitlines()
-        for i, line in enumerate(lines):
-            if line.startswith("rankscope "):
-                text = line
-                for more in lines[i + 1:]:
-                    if not more.startswith(" ") or more.strip().startswith(("rankscope", "$")):
-                        break
-                    text += " " + more.strip()
-                out.append((block.line + i, text.split(" # ")[0]))
+    for block, lines, i, line in output_lines("rankscope "):
+        text = line
+        for more in lines[i + 1:]:
+            if not more.startswith(" ") or more.strip().startswith(("rankscope", "$")):
+                break
+            text += " " + more.strip()
+        out.append((block.line + i, text.split(" # ")[0]))
     return out
 
 
