@@ -13,7 +13,8 @@ Every function accepts a leading batch dimension on any factor (heads of one lay
 factor without it is shared by the whole batch.
 
 Scale. A spectrum is computed on the form scaled by powers of two (``normalized``: each factor divided by the power
-of two just above its largest |entry|, and the small core again before its Gram product), then scaled back
+of two just above its largest |entry|, and the small core again before its Gram product; a factor already within
+2^±``SAFE_EXPONENT`` is left as it is, so the common case costs no multiply), then scaled back
 (``restore``): λ(c·B) = c²·λ(B), and a power-of-two scaling only changes exponents, so it is exact. Entries anywhere
 in float64's range therefore give the eigenvalues to the precision of unit-size entries, or an ``InputError``
 naming the form when the eigenvalues themselves lie outside float64's normal range; a non-finite intermediate
@@ -98,10 +99,18 @@ def prepare(x, name: str = "form", batched: bool = False, *, scaled: bool = Fals
 # ---------------------------------------------------------------------------------------------- scale
 
 
+# Factors whose largest |entry| lies within 2^±SAFE_EXPONENT are left as they are (their exponent counts as 0): a
+# chain of up to 8 such factors and its Gram product stay inside 2^±(2·8·48 + 200) < 2^±1022 with room for the
+# dimensions' sums, so nothing overflows or leaves the normal range, and the common case pays no extra multiply.
+SAFE_EXPONENT = 48
+
+
 def _exponent(t: torch.Tensor) -> torch.Tensor:
-    """(…,) int64: e with the largest |entry| of each matrix (the last two axes) in [2^(e−1), 2^e); 0 for zero."""
+    """(…,) int64: e with the largest |entry| of each matrix (the last two axes) in [2^(e−1), 2^e); 0 for zero,
+    and 0 where |e| ≤ ``SAFE_EXPONENT`` (no rescaling needed)."""
     top = torch.maximum(t.amax(dim=(-2, -1)), -t.amin(dim=(-2, -1)))  # no |t| temporary of a large matrix
-    return torch.frexp(top.to(torch.float64)).exponent.to(torch.int64)
+    e = torch.frexp(top.to(torch.float64)).exponent.to(torch.int64)
+    return torch.where(e.abs() <= SAFE_EXPONENT, torch.zeros_like(e), e)
 
 
 def _pow2(e: torch.Tensor) -> torch.Tensor:
@@ -113,7 +122,7 @@ def _times_pow2(t: torch.Tensor, e: torch.Tensor, *, inplace: bool = False, axes
     """t · 2^e, e (…,) an integer per item of the leading axes (``axes`` trailing axes share it); exact wherever the
     result is a normal float64 (only exponents change). Steps of at most 2^±1000, so every power of two is normal."""
     e = e.to(t.device).clamp(-4000, 4000)
-    steps = -(-int(e.abs().max()) // 1000) if e.numel() else 0
+    steps = -(-int(e.abs().max()) // 1000) if e.numel() else 0  # 0 for e = 0: no multiply, no copy
     for j in range(steps):
         part = torch.div(e, steps - j, rounding_mode="trunc")
         e = e - part
@@ -246,7 +255,8 @@ def spectrum(form: Form, name: str = "form", *, scaled: bool = False):
     Computed on the ``normalized`` form, its core scaled again before the Gram product, so no intermediate result
     overflows or underflows; ``InputError`` naming the form where one is not finite all the same, or where the
     eigenvalues are outside float64's normal range (``restore``). ``scaled=True``: ``(λ̂, k)`` with λ = λ̂·2^k,
-    the largest λ̂ between 1/4 and the core's size, for work that only needs λ up to a common factor.
+    λ̂ finite and normal (k = 0 where no factor needed rescaling, ``SAFE_EXPONENT``), for work that only needs λ
+    up to a common factor.
     """
     r = form.rank_bound
     form, e = normalized(form)
