@@ -249,17 +249,18 @@ def clamp_numerical_zeros(lam: torch.Tensor) -> torch.Tensor:
     return torch.where(lam > tol, lam, torch.zeros_like(lam))
 
 
-def spectrum(form: Form, name: str = "form", *, scaled: bool = False):
+def spectrum(form: Form, name: str = "form", *, scaled: bool = False, normalized_already: bool = False):
     """Eigenvalues of B Bᵀ for the (prepared) form B, nonzero part, descending: (…, rank bound) float64.
 
     Computed on the ``normalized`` form, its core scaled again before the Gram product, so no intermediate result
     overflows or underflows; ``InputError`` naming the form where one is not finite all the same, or where the
     eigenvalues are outside float64's normal range (``restore``). ``scaled=True``: ``(λ̂, k)`` with λ = λ̂·2^k,
     λ̂ finite and normal (k = 0 where no factor needed rescaling, ``SAFE_EXPONENT``), for work that only needs λ
-    up to a common factor.
+    up to a common factor. ``normalized_already``: ``form`` is ``prepare(..., scaled=True)``'s (its factors within
+    2^±``SAFE_EXPONENT`` already), so it is not passed over again.
     """
     r = form.rank_bound
-    form, e = normalized(form)
+    form, e = (form, torch.zeros((), dtype=torch.int64)) if normalized_already else normalized(form)
     if form.structure.is_matrix:
         core = form.chains[0].factors[0]  # (…, n, m), largest |entry| in [1/2, 1) already
     else:

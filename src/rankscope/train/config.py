@@ -68,9 +68,6 @@ class TrainConfig:
 AMP_MODES = ("auto", "bf16", "off")
 DEVICES = "auto, cpu, cuda, cuda:N, mps"
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-# The empirical edge of a head's null at fpr needs MIN_EXCEEDANCES / fpr simulated draws per form shape (4 / fpr,
-# spectra.budget): 40,000 at 1e-4, already seconds per shape; below it the monitor would stall or run out of memory.
-MIN_FPR = 1e-4
 SEED_LIMIT = 2**63  # numpy's seed sequence takes non-negative integers; torch's manual_seed takes < 2**64
 
 
@@ -82,32 +79,24 @@ def _integer(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _at_least(name: str, low: int, what: str = ""):
-    """A check that ``name`` is an integer ≥ ``low``."""
+def _field(name: str, ok, must: str):
+    """A check that ``ok(value)`` holds for the field ``name``, else "--name must <must>; got <value>"."""
     def check(c) -> str | None:
         v = getattr(c, name)
-        if not _integer(v) or v < low:
-            return f"--{name} must be an integer ≥ {low}{what}; got {v!r}"
-        return None
+        return None if ok(v) else f"--{name} must {must}; got {v!r}"
     return check
+
+
+def _at_least(name: str, low: int, what: str = ""):
+    return _field(name, lambda v: _integer(v) and v >= low, f"be an integer ≥ {low}{what}")
 
 
 def _non_negative(name: str):
-    def check(c) -> str | None:
-        v = getattr(c, name)
-        if not _number(v) or v < 0:
-            return f"--{name} must be a finite number ≥ 0; got {v!r}"
-        return None
-    return check
+    return _field(name, lambda v: _number(v) and v >= 0, "be a finite number ≥ 0")
 
 
 def _beta(name: str):
-    def check(c) -> str | None:
-        v = getattr(c, name)
-        if not _number(v) or not 0 <= v < 1:
-            return f"--{name} must lie in [0, 1) (an AdamW moment decay); got {v!r}"
-        return None
-    return check
+    return _field(name, lambda v: _number(v) and 0 <= v < 1, "lie in [0, 1) (an AdamW moment decay)")
 
 
 def _check_lr(c) -> str | None:
@@ -119,9 +108,14 @@ def _check_lr(c) -> str | None:
 
 
 def _check_fpr(c) -> str | None:
-    if not _number(c.fpr) or not MIN_FPR <= c.fpr <= 0.5:
-        return (f"--fpr must lie in [{MIN_FPR:g}, 0.5] (the outlier test's false-positive rate; an edge at fpr "
-                f"needs 4/fpr simulated null draws per form shape); got {c.fpr!r}")
+    """fpr within spectra.budget's range: an edge at fpr needs 4/fpr simulated null draws per form shape, so below
+    ``MIN_FPR`` the monitor would stall or run out of memory (imported here: the budget module needs torch, and
+    the config alone must not, for a fast ``--help``)."""
+    from rankscope.spectra.budget import MAX_FPR, MIN_FPR
+
+    if not _number(c.fpr) or not MIN_FPR <= c.fpr <= MAX_FPR:
+        return (f"--fpr must lie in [{MIN_FPR:g}, {MAX_FPR:g}] (the outlier test's false-positive rate; an edge at "
+                f"fpr needs 4/fpr simulated null draws per form shape); got {c.fpr!r}")
     return None
 
 
