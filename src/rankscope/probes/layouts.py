@@ -18,6 +18,7 @@ import torch
 
 from rankscope.attention_forms import MLAWeights, NamedForm, mha_forms, mla_forms
 from rankscope.errors import CheckpointError, InputError
+from rankscope.probes.load import FP8_DTYPES, dequantize_fp8, fp8_block
 
 
 class _OneStack:
@@ -233,25 +234,18 @@ def _find_prefix(state_dict: Mapping, layout, prefix: str | None) -> tuple[str, 
     return prefix, sorted(found[prefix])
 
 
-def _fp8_block(cfg: dict) -> tuple[int, int]:
-    q = cfg.get("quantization_config") or {}
-    block = q.get("weight_block_size") if isinstance(q, Mapping) else getattr(q, "weight_block_size", None)
-    return tuple(block) if block else (128, 128)
-
-
 def _weight(state_dict: Mapping, name: str, cfg: dict) -> torch.Tensor:
-    """One tensor as float64; FP8 weights with a ``weight_scale_inv`` are dequantised block-wise."""
+    """One tensor as float64; FP8 weights with a ``weight_scale_inv`` are dequantised block-wise (a checkpoint read
+    through ``open_checkpoint`` gives them dequantised already)."""
     if name not in state_dict:
         raise CheckpointError(f"state dict: missing parameter {name!r}")
     w = torch.as_tensor(state_dict[name]).detach()
-    if w.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+    if w.dtype in FP8_DTYPES:
         scale_name = name[: -len("weight")] + "weight_scale_inv"
         if scale_name not in state_dict:
             raise CheckpointError(f"state dict: {name!r} is {w.dtype} without {scale_name!r}; cannot dequantise")
-        scale = torch.as_tensor(state_dict[scale_name]).to(torch.float64)  # (⌈out/bo⌉, ⌈in/bi⌉)
-        bo, bi = _fp8_block(cfg)
-        scale = scale.repeat_interleave(bo, 0)[: w.shape[0]].repeat_interleave(bi, 1)[:, : w.shape[1]]
-        return w.to(torch.float64) * scale
+        w = dequantize_fp8(w, torch.as_tensor(state_dict[scale_name]), fp8_block(cfg), f"state dict: {name!r}",
+                           torch.float64)
     if not (w.is_floating_point()):
         raise CheckpointError(f"state dict: {name!r} has dtype {w.dtype}; expected floating-point weights")
     return w.to(torch.float64)
