@@ -41,11 +41,11 @@ def spy(X):
     return squared(X)
 kernels.squared_singular_values = spy
 rs.diagnose([torch.randn(30, 4), torch.randn(4, 30)])
-rs.analyze(torch.nn.Sequential(torch.nn.Linear(8, 6)))
+rs.analyze(torch.nn.Sequential(torch.nn.Linear(8, 6)), threads=None)
 assert seen and set(seen) == {(2, frozenset({2}))}, seen  # nothing asked: nothing changed
 seen.clear()
-rs.analyze(torch.nn.Sequential(torch.nn.Linear(8, 6)), threads=1)
-assert seen and set(seen) == {(1, frozenset({1}))}, seen  # asked: one torch thread, one BLAS thread
+rs.analyze(torch.nn.Sequential(torch.nn.Linear(8, 6)))
+assert seen and set(seen) == {(1, frozenset({1}))}, seen  # analyze's default: one torch thread, one BLAS thread
 assert torch.get_num_threads() == 2 and blas() == {2}
 try:
     with thread_budget(torch=1, blas=1):

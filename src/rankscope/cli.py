@@ -109,10 +109,12 @@ def analyze(
                                                           "--out, else table); csv or json without --out: stdout"),
     figure: bool = typer.Option(True, "--figure/--no-figure",
                                 help="with --out, also draw esd.png: the spikiest head's and layer's spectra"),
-    threads: int = typer.Option(0, help="BLAS threads for the numerics (torch gets one); 0 = the free cores"),
+    threads: int = typer.Option(1, help="BLAS threads of each process (torch gets one); more threads than cores, or "
+                                        "a busy core, make each BLAS call wait: use --jobs for parallelism"),
     experts: str = typer.Option("all", help="mixture-of-experts matrices: all | none | sample:K per layer"),
     spectra: bool = typer.Option(False, "--spectra", help="add each row's eigenvalues to the rows file"),
-    jobs: int = typer.Option(1, help="for a series: checkpoints analysed at once (processes of one BLAS thread)"),
+    jobs: int = typer.Option(1, help="worker processes (1..cores, one torch and --threads BLAS threads each): one "
+                                     "checkpoint's layers, or a series' checkpoints, analysed at once"),
 ) -> None:
     """Diagnose every attention head, layer and weight matrix of a checkpoint (or a series of checkpoints)."""
     from rankscope.commands.analyze import analyze as run_analyze
@@ -136,7 +138,7 @@ def analyze(
             return
         to_stdout = out is None and fmt in ("csv", "json")
         run_analyze(Console(stderr=True) if to_stdout else console, paths[0], out=out, fmt=fmt, figure=figure,
-                    threads=threads, experts=experts, spectra=spectra, **options)
+                    threads=threads, jobs=jobs, experts=experts, spectra=spectra, **options)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, epilog=SETTINGS_HELP)

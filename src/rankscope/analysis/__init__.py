@@ -28,7 +28,7 @@ from rankscope.errors import CheckpointError, InputError
 from rankscope.probes import NamedForm, detect_architecture, hf_forms, layout_of, multihead_attention_forms, stack_heads
 from rankscope.spectra import Diagnosis, budget
 from rankscope.spectra.diagnose import diagnose_nulls
-from rankscope.spectra.threads import thread_budget
+from rankscope.spectra.threads import check_count, check_jobs, thread_budget
 from rankscope.vocab import (
     ALL_GROUPS,
     ATTENTION_KINDS,
@@ -202,11 +202,11 @@ def _check_dense(model: str, state: dict[str, torch.Tensor]) -> None:
 
 
 class _Rows:
-    """The table under construction: one row per (form, null), with the diagnosis kept by row index."""
+    """Rows under construction: one per (form, null), with the diagnosis kept by row index."""
 
-    def __init__(self, architecture: str | None, spectra: bool = False):
+    def __init__(self, spectra: bool = False):
         self.rows: list[dict] = []
-        self.out = Analysis(pd.DataFrame(), architecture=architecture)
+        self.diagnoses: dict[int, Diagnosis] = {}
         self.spectra = spectra
 
     def add(self, name: str, layer: int, head: int, kind: str, d: Diagnosis | None, *, form: NamedForm | None = None,
@@ -220,25 +220,110 @@ class _Rows:
             row.update(d.as_dict())
             if self.spectra:
                 row["eigenvalues"] = d.eigenvalues.tolist()
-            self.out.diagnoses[len(self.rows)] = d
+            self.diagnoses[len(self.rows)] = d
         self.rows.append(row)
 
+    def extend(self, other: _Rows) -> None:
+        """Append another piece's rows, its diagnoses re-indexed."""
+        base = len(self.rows)
+        self.diagnoses.update({base + i: d for i, d in other.diagnoses.items()})
+        self.rows += other.rows
 
-def _attention_rows(rows: _Rows, forms: Iterable[NamedForm], kinds: list[str], per_head: bool,
-                    nulls: tuple[str, ...], fpr: float, tick: Callable[[str], None]) -> None:
-    """Rows of every attention form, layer by layer: the layer's forms one by one, its heads as one batch."""
-    for (stack, layer), layer_forms in groupby(forms, key=lambda f: (f.stack, f.layer)):
-        layer_forms = [f for f in layer_forms if f.kind in kinds and (per_head or f.head < 0)]
+
+@dataclass(frozen=True)
+class _Options:
+    """What decides an analysis' rows, checked; plain values, so a worker process derives the same rows."""
+
+    per_head: bool
+    wanted: frozenset[str]  # the kinds selected
+    attention_kinds: tuple[str, ...]  # those of them that are attention kinds, in ``ATTENTION_KINDS`` order
+    explicit: bool  # kinds were asked for (not None)
+    nulls: tuple[str, ...]
+    fpr: float
+    offsets: tuple[int, ...]
+    experts: int | None  # ``parse_experts``
+    spectra: bool
+
+
+def _options(per_head: bool, kinds: Iterable[str] | None, null, fpr: float, offsets: Iterable[int],
+             experts, spectra: bool) -> _Options:
+    """``analyze_full``'s options, checked before any work (``InputError`` naming the option)."""
+    nulls = (null,) if isinstance(null, str) or not isinstance(null, Iterable) else tuple(null)
+    fpr = check_options(nulls, fpr)
+    explicit = kinds is not None
+    wanted = selected_kinds(kinds if explicit else ALL_GROUPS)
+    attention_kinds = tuple(k for k in ATTENTION_KINDS if k in wanted)
+    if TW in nulls and attention_kinds:
+        raise InputError('null "tw" (the Tracy–Widom edge) is defined for a single matrix, and attention forms are '
+                         'products of matrices: use null "product" or "mp", or kinds mlp,weights')
+    return _Options(bool(per_head), frozenset(wanted), attention_kinds, explicit, nulls, fpr,
+                    tuple(int(o) for o in offsets), parse_experts(experts), bool(spectra))
+
+
+@dataclass
+class _Model:
+    """What the rows are read from, derived the same way by the process that analyses and by each worker."""
+
+    config: dict | None
+    weights: _Weights
+    forms: Iterable[NamedForm] | None  # a list (the model's own modules), read lazily (a layout), or None
+    architecture: str | None
+    matrices: list[tuple[str, int, str]]  # ``_matrices``
+    stacks: set[str]  # the named attention stacks a plain matrix's row may belong to (``stack_of``)
+    layers: int  # attention layers (counted from the attention weights' names where the forms are read lazily)
+    notes: list[str]
+
+
+def _open(model_or_path, o: _Options) -> _Model:
+    """The model's weights, attention forms and plain matrices; ``InputError`` when nothing is to be diagnosed."""
+    config, weights, forms = _source(model_or_path, o.offsets)
+    arch = detect_architecture(config) if config else None
+    matrices = _matrices(weights, set(o.wanted), o.experts)
+    named_stacks = layout_stacks(config)
+    notes: list[str] = []
+    if forms is None and o.attention_kinds:
+        forms = _hf_forms_or_note(model_or_path, config, weights, arch, o.per_head, list(o.attention_kinds),
+                                  o.explicit, notes)
+    if not matrices and forms is None:
+        raise InputError(f"{_what(model_or_path)}: nothing to diagnose for kinds {sorted(o.wanted)} "
+                         f"(no 2-D weight matrix of those kinds{'' if arch else ' and no attention layout'})")
+    if isinstance(forms, list):  # a rankscope model's or nn.MultiheadAttention's forms: the layers are known
+        layers = len([key for key, _ in groupby(forms, key=lambda f: (f.stack, f.layer))])
+        shown = {f.stack for f in forms if f.kind in o.attention_kinds and (o.per_head or f.head < 0)}
+    else:  # read lazily, layer by layer: count the layers from the attention weights' names
+        layers = len({(stack_of(n, named_stacks), layer_of(n)) for n in weights
+                      if matrix_kind(n) == ATTN_WEIGHT and layer_of(n) >= 0})
+        shown = set()  # a layout's forms carry its stacks' names, which are ``named_stacks``
+    return _Model(config, weights, forms, arch, matrices, (shown | named_stacks) - {""}, layers, notes)
+
+
+def _everything(_: int) -> bool:
+    return True
+
+
+def _attention_part(forms: Iterable[NamedForm], o: _Options, owns: Callable[[int], bool],
+                    tick: Callable[[str], None]) -> tuple[dict[int, _Rows], int]:
+    """The rows of the attention layers ``owns`` picks by ordinal (a layer's position in the forms' order), by
+    ordinal: per kind the layer's forms one by one, its heads as one batch; and the number of layers."""
+    out: dict[int, _Rows] = {}
+    count = 0
+    for k, ((stack, layer), layer_forms) in enumerate(groupby(forms, key=lambda f: (f.stack, f.layer))):
+        count = k + 1
+        if not owns(k):
+            continue
+        rows = out[k] = _Rows(o.spectra)
+        layer_forms = [f for f in layer_forms if f.kind in o.attention_kinds and (o.per_head or f.head < 0)]
         offsets = sorted({f.offset for f in layer_forms}, key=abs)
-        for kind in kinds:
+        for kind in o.attention_kinds:
             of_kind = [f for f in layer_forms if f.kind == kind]
             for f in [f for f in of_kind if f.head < 0]:
-                _diagnose_forms(rows, [f], nulls, fpr, batched=False)
+                _diagnose_forms(rows, [f], o.nulls, o.fpr, batched=False)
             for offset in offsets:
                 heads = [f for f in of_kind if f.head >= 0 and f.offset == offset]
                 if heads:
-                    _diagnose_forms(rows, heads, nulls, fpr, batched=True)
+                    _diagnose_forms(rows, heads, o.nulls, o.fpr, batched=True)
         tick(f"{stack + ' ' if stack else ''}layer {layer} attention")
+    return out, count
 
 
 def form_name(f: NamedForm) -> str:
@@ -332,12 +417,17 @@ def spectra_rows(found: Analysis, **keys) -> list[dict]:
             for i, d in found.diagnoses.items() if kinds[i] in ATTENTION_KINDS]  # keys: row positions
 
 
-def _matrix_rows(rows: _Rows, weights: _Weights, matrices: list[tuple[str, int, str]], nulls: tuple[str, ...],
-                 fpr: float, tick: Callable[[str], None], stacks: set[str]) -> None:
-    """Rows of the plain weight matrices, each with its nulls (or the reason it was skipped). An expert stack is
-    read once for all its experts (the matrices of one tensor are consecutive)."""
+def _matrix_part(weights: _Weights, matrices: list[tuple[str, int, str]], o: _Options, owns: Callable[[int], bool],
+                 tick: Callable[[str], None], stacks: set[str]) -> dict[int, _Rows]:
+    """The rows of the plain weight matrices ``owns`` picks by index in ``matrices``, by index: each with its nulls
+    (or the reason it was skipped). An expert stack is read once for all its experts (the matrices of one tensor
+    are consecutive)."""
     held: tuple[str, torch.Tensor] | None = None
-    for name, expert, shown in matrices:
+    out: dict[int, _Rows] = {}
+    for j, (name, expert, shown) in enumerate(matrices):
+        if not owns(j):
+            continue
+        rows = out[j] = _Rows(o.spectra)
         full = weights.shape(name)
         shape = full[-2:]
         add = partial(rows.add, shown, layer_of(name), -1, matrix_kind(name), shapes="·".join(map(str, shape)),
@@ -350,13 +440,117 @@ def _matrix_rows(rows: _Rows, weights: _Weights, matrices: list[tuple[str, int, 
                 held = (name, weights[name])
             w = held[1][expert] if len(full) == 3 else held[1]  # (out, in): one expert of a stacked [E, out, in]
             try:
-                found = diagnose_nulls(w, nulls, fpr=fpr, name=shown)
+                found = diagnose_nulls(w, o.nulls, fpr=o.fpr, name=shown)
             except InputError as exc:
                 add(None, error=str(exc))
             else:
-                for n in nulls:
+                for n in o.nulls:
                     add(found[n][0])
         tick(shown)
+    return out
+
+
+# ---- worker processes over the layers (``jobs`` > 1) --------------------------------------------------------------
+
+_TICKS = None  # in a worker process: the queue its progress ticks go to
+
+
+def _listen(ticks) -> None:
+    global _TICKS
+    _TICKS = ticks
+
+
+def _tick_to_parent(what: str) -> None:
+    if _TICKS is not None:
+        _TICKS.put(what)
+
+
+def _part(model_or_path, o: _Options, attention: frozenset[int], first_spare: int, jobs: int, worker: int,
+          matrices: frozenset[int]) -> tuple[dict[int, _Rows], int, dict[int, _Rows], int]:
+    """A worker's share: it opens the checkpoint itself and diagnoses the attention layers of the ordinals in
+    ``attention`` (and, past the ``first_spare`` layers the parent counted, those with ordinal % jobs = worker) and
+    the plain matrices of the indices in ``matrices``. Returns (attention rows by ordinal, the number of layers,
+    matrix rows by index, the number of matrices), for the parent to check and assemble."""
+    m = _open(model_or_path, o)
+
+    def owns(k: int) -> bool:
+        return k in attention or (k >= first_spare and k % jobs == worker)
+
+    found, layers = _attention_part(m.forms or [], o, owns, _tick_to_parent)
+    return found, layers, _matrix_part(m.weights, m.matrices, o, matrices.__contains__, _tick_to_parent,
+                                       m.stacks), len(m.matrices)
+
+
+def _shares(m: _Model, o: _Options, jobs: int) -> list[tuple[frozenset[int], frozenset[int]]]:
+    """Each worker's (attention layer ordinals, matrix indices): the units by estimated cost, largest first, each to
+    the least loaded worker (LPT scheduling). The costs are rough: n·m·min(n, m) for an n×m matrix (its Gram
+    product and eigensolve); an attention layer, that of its q/k/v/o weights per attention kind."""
+    def cost(name: str) -> float:
+        if skip_reason(m.weights, name):
+            return 0.0
+        n, k = m.weights.shape(name)[-2:]
+        return float(n * k * min(n, k))
+
+    matrix_costs = [cost(name) for name, _, _ in m.matrices]
+    attention = sum(cost(n) for n in m.weights if matrix_kind(n) == ATTN_WEIGHT and len(m.weights.shape(n)) == 2
+                    and layer_of(n) >= 0) * len(o.attention_kinds) / max(m.layers, 1)
+    if attention <= 0:  # no attention weight recognised by name: as an average matrix
+        attention = max(sum(matrix_costs) / max(len(matrix_costs), 1), 1.0)
+    units = [(attention, "a", k) for k in range(m.layers)] + [(c, "m", j) for j, c in enumerate(matrix_costs)]
+    load = [0.0] * jobs
+    owned: list[tuple[set[int], set[int]]] = [(set(), set()) for _ in range(jobs)]
+    for c, what, i in sorted(units, key=lambda u: -u[0]):
+        w = min(range(jobs), key=lambda w: load[w])
+        load[w] += c
+        owned[w][0 if what == "a" else 1].add(i)
+    return [(frozenset(a), frozenset(b)) for a, b in owned]
+
+
+def _in_workers(model_or_path, o: _Options, m: _Model, jobs: int, blas: int,
+                tick: Callable[[str], None]) -> tuple[dict[int, _Rows], dict[int, _Rows]]:
+    """The attention layers' and plain matrices' rows (by ordinal, by index) from ``jobs`` worker processes of one
+    torch and ``blas`` BLAS threads, each opening the checkpoint by its path (``_part``); their progress ticks come
+    back through a queue. The pieces must cover every layer and matrix once, or the checkpoint changed."""
+    import concurrent.futures as cf
+    import queue
+
+    from rankscope.spectra.threads import worker_context, worker_pool
+
+    context = worker_context(["rankscope.analysis"])
+    ticks = context.Queue()
+    shares = _shares(m, o, jobs)
+    with worker_pool(jobs, blas=blas, context=context, initializer=_listen, initargs=(ticks,)) as pool:
+        futures = [pool.submit(_part, model_or_path, o, a, m.layers, jobs, w, b) for w, (a, b) in enumerate(shares)]
+        pending = set(futures)
+        heard = 0
+        try:
+            while pending:
+                done, pending = cf.wait(pending, timeout=0.2, return_when=cf.FIRST_COMPLETED)
+                for f in done:
+                    f.result()  # a worker's error, raised here
+                while True:
+                    try:
+                        tick(ticks.get_nowait())
+                        heard += 1
+                    except queue.Empty:
+                        break
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    pieces = [f.result() for f in futures]
+    attention = {k: r for found, _, _, _ in pieces for k, r in found.items()}
+    matrices = {j: r for _, _, found, _ in pieces for j, r in found.items()}
+    layers, n_matrices = {p[1] for p in pieces}, {p[3] for p in pieces}
+    if (len(layers) != 1 or len(n_matrices) != 1 or set(attention) != set(range(layers.pop()))
+            or set(matrices) != set(range(n_matrices.pop()))):
+        raise CheckpointError(f"{_what(model_or_path)}: the worker processes read different layers or matrices "
+                              "(did the checkpoint change while it was read?)")
+    try:  # the last ticks may still be on their way
+        for _ in range(len(attention) + len(matrices) - heard):
+            tick(ticks.get(timeout=1.0))
+    except queue.Empty:
+        pass
+    return attention, matrices
 
 
 def _no_layout_note(config: dict | None, n_matrices: int) -> str:
@@ -380,7 +574,7 @@ def check_options(nulls: tuple[str, ...], fpr: float) -> float:
 
 
 def analyze_full(model_or_path, *, per_head: bool = True, kinds: Iterable[str] | None = None,
-                 null: str | tuple[str, ...] = PRODUCT, fpr: float = 0.01, threads: int | None = None,
+                 null: str | tuple[str, ...] = PRODUCT, fpr: float = 0.01, threads: int | None = 1, jobs: int = 1,
                  progress: Callable[[int, int, str], None] | None = None,
                  offsets: Iterable[int] = (0,), experts: str | int | None = "all", spectra: bool = False) -> Analysis:
     """``analyze`` with the diagnoses kept (for figures). ``null`` may be a tuple of nulls: every form then gets
@@ -390,33 +584,24 @@ def analyze_full(model_or_path, *, per_head: bool = True, kinds: Iterable[str] |
     ``kinds=None`` means every kind group; attention kinds asked for explicitly on a model with no attention
     layout are an ``InputError`` (with None they fall back to plain matrices, and ``notes`` says so).
     ``experts``: "all", "none" or "sample:K" (``parse_experts``). ``spectra``: add each row's eigenvalues.
+    ``threads`` (default 1): the numerics run on one torch thread and this many BLAS threads, the caller's counts
+    restored after; None leaves the process's threads alone. ``jobs`` > 1 (at most the usable cores): that many
+    worker processes, each of one torch and ``threads`` (or 1) BLAS threads, open a checkpoint by its path and
+    diagnose a share of its attention layers and matrices; the table is the one of ``jobs=1`` (same rows, same
+    order). A model in memory is analysed in this process (jobs=1). ``progress(done, total, what)``: after each
+    attention layer and each matrix.
     """
-    nulls = (null,) if isinstance(null, str) or not isinstance(null, Iterable) else tuple(null)
-    fpr = check_options(nulls, fpr)
-    explicit = kinds is not None
-    wanted = selected_kinds(kinds if explicit else ALL_GROUPS)
-    n_experts = parse_experts(experts)
-    attention_kinds = [k for k in ATTENTION_KINDS if k in wanted]
-    if TW in nulls and attention_kinds:
-        raise InputError('null "tw" (the Tracy–Widom edge) is defined for a single matrix, and attention forms are '
-                         'products of matrices: use null "product" or "mp", or kinds mlp,weights')
-    notes = []
-    with thread_budget(torch=1, blas=threads) if threads else nullcontext():
-        config, weights, forms = _source(model_or_path, tuple(int(o) for o in offsets))
-        arch = detect_architecture(config) if config else None
-        matrices = _matrices(weights, wanted, n_experts)
-        named_stacks = layout_stacks(config)
-        if forms is None and attention_kinds:
-            forms = _hf_forms_or_note(model_or_path, config, weights, arch, per_head, attention_kinds, explicit, notes)
-        if not matrices and forms is None:
-            raise InputError(f"{_what(model_or_path)}: nothing to diagnose for kinds {sorted(wanted)} "
-                             f"(no 2-D weight matrix of those kinds{'' if arch else ' and no attention layout'})")
-        if isinstance(forms, list):  # a rankscope model's or nn.MultiheadAttention's forms: the layers are known
-            layers = len([key for key, _ in groupby(forms, key=lambda f: (f.stack, f.layer))])
-        else:  # read lazily, layer by layer: count the layers from the attention weights' names
-            layers = len({(stack_of(n, named_stacks), layer_of(n)) for n in weights
-                          if matrix_kind(n) == ATTN_WEIGHT and layer_of(n) >= 0})
-        total, done = layers + len(matrices), 0
+    o = _options(per_head, kinds, null, fpr, offsets, experts, spectra)
+    if threads is not None:
+        check_count(threads, "threads")
+    check_jobs(jobs)
+    if jobs > 1 and isinstance(model_or_path, nn.Module):
+        raise InputError(f"jobs={jobs}: worker processes open a checkpoint by its path, and a model in memory "
+                         f"({type(model_or_path).__name__}) is analysed in this process: use jobs=1, or save it "
+                         "(save_pretrained) and pass the path")
+    with thread_budget(torch=1, blas=threads) if threads is not None else nullcontext():
+        m = _open(model_or_path, o)
+        total, done = m.layers + len(m.matrices), 0
 
         def tick(what: str) -> None:
             nonlocal done
@@ -424,25 +609,30 @@ def analyze_full(model_or_path, *, per_head: bool = True, kinds: Iterable[str] |
             if progress:
                 progress(done, max(total, done), what)
 
-        rows = _Rows(arch, spectra=spectra)
-        _attention_rows(rows, forms or [], attention_kinds, per_head, nulls, fpr, tick)
-        stacks = {r["stack"] for r in rows.rows} | named_stacks
-        _matrix_rows(rows, weights, matrices, nulls, fpr, tick, stacks - {""})
-        for name in weights:  # a convolution's kernel, say: not a matrix, but not passed over in silence either
-            shape = weights.shape(name)
-            if len(shape) > 2 and not _is_expert_stack(name, shape) and matrix_kind(name) in wanted:
-                rows.add(name, layer_of(name), -1, matrix_kind(name), None, shapes="·".join(map(str, shape)),
-                         error=f"skipped: a {len(shape)}-D tensor, not a matrix", stack=stack_of(name, stacks))
+        if jobs == 1:
+            attention, _ = _attention_part(m.forms or [], o, _everything, tick)
+            matrices = _matrix_part(m.weights, m.matrices, o, _everything, tick, m.stacks)
+        else:
+            attention, matrices = _in_workers(model_or_path, o, m, jobs, threads or 1, tick)
+    rows = _Rows(o.spectra)
+    for piece in [*(attention[k] for k in sorted(attention)), *(matrices[j] for j in sorted(matrices))]:
+        rows.extend(piece)
+    weights = m.weights
+    for name in weights:  # a convolution's kernel, say: not a matrix, but not passed over in silence either
+        shape = weights.shape(name)
+        if len(shape) > 2 and not _is_expert_stack(name, shape) and matrix_kind(name) in o.wanted:
+            rows.add(name, layer_of(name), -1, matrix_kind(name), None, shapes="·".join(map(str, shape)),
+                     error=f"skipped: a {len(shape)}-D tensor, not a matrix", stack=stack_of(name, m.stacks))
     if not any(r["error"] == "" or not r["error"].startswith("skipped: a ") for r in rows.rows):
-        raise InputError(f"{_what(model_or_path)}: nothing to diagnose for kinds {sorted(wanted)} (no attention form "
-                         "and no 2-D weight matrix of those kinds)")
-    if arch is None and not any(r["kind"] in ATTENTION_KINDS for r in rows.rows):
-        rows.out.not_understood = [n for n, _, _ in matrices if matrix_kind(n) == WEIGHT]
-    rows.out.notes = notes
+        raise InputError(f"{_what(model_or_path)}: nothing to diagnose for kinds {sorted(o.wanted)} (no attention "
+                         "form and no 2-D weight matrix of those kinds)")
+    out = Analysis(pd.DataFrame(), diagnoses=rows.diagnoses, architecture=m.architecture, notes=m.notes)
+    if m.architecture is None and not any(r["kind"] in ATTENTION_KINDS for r in rows.rows):
+        out.not_understood = [n for n, _, _ in m.matrices if matrix_kind(n) == WEIGHT]
     table = integer_columns(pd.DataFrame(rows.rows))
     table["warning"] = warning_column(table)
-    rows.out.table = table
-    return rows.out
+    out.table = table
+    return out
 
 
 # Columns that hold whole numbers: positions, shapes and counts. ``spikes`` and ``spikes_gap`` are counts too, but
@@ -491,21 +681,23 @@ def _what(model_or_path) -> str:
 
 
 def analyze(model_or_path, *, per_head: bool = True, kinds: Iterable[str] | None = None, null: str = PRODUCT,
-            fpr: float = 0.01, threads: int | None = None, experts: str | int | None = "all",
+            fpr: float = 0.01, threads: int | None = 1, jobs: int = 1, experts: str | int | None = "all",
             spectra: bool = False) -> pd.DataFrame:
     """One row per (layer, head_index, kind): the full diagnosis, shapes, variant and KV-cache floats per token.
 
     ``model_or_path``: an ``nn.Module`` (a transformers model, a rankscope model, or any model with
     ``nn.MultiheadAttention``), a Hugging Face model directory, a ``.safetensors`` file or sharded index, a
     ``.pt/.bin`` state dict, or a rankscope run directory. ``head_index`` −1 marks a layer's sum over heads, or a plain
-    matrix. ``kinds``: kind groups (qk, ov, mlp, weights) or single kinds (None: all). ``threads``: run the
-    numerics with one torch thread and this many BLAS threads, restored after (process-wide; None leaves the
-    process's settings alone). ``experts``: "all", "none" or "sample:K" experts per layer of a mixture of experts
+    matrix. ``kinds``: kind groups (qk, ov, mlp, weights) or single kinds (None: all). ``threads`` (default 1):
+    run the numerics with one torch thread and this many BLAS threads, the caller's counts restored after
+    (process-wide; None leaves the process's settings alone). ``jobs``: worker processes over the layers of a
+    checkpoint given by its path, each of one torch and ``threads`` BLAS threads (the same table as ``jobs=1``).
+    ``experts``: "all", "none" or "sample:K" experts per layer of a mixture of experts
     (an ``expert`` column; −1 elsewhere). ``spectra=True`` adds each row's ``eigenvalues``.
     What ``analyze_full(...).notes`` holds (e.g. "no attention layout") is issued as a ``UserWarning``.
     """
     found = analyze_full(model_or_path, per_head=per_head, kinds=kinds, null=null, fpr=fpr, threads=threads,
-                         experts=experts, spectra=spectra)
+                         jobs=jobs, experts=experts, spectra=spectra)
     for note in found.notes:
         warnings.warn(note, stacklevel=2)
     return found.table

@@ -19,6 +19,7 @@ def check_cli_options(*, kinds: str | None, null: str, fpr: float, out: Path | N
     """Validate ``analyze``'s options before any work (``InputError``: one line naming the option and the allowed
     values); returns the output format, resolved: parquet with ``--out``, else the table."""
     from rankscope.analysis import check_options, parse_experts, selected_kinds
+    from rankscope.spectra.threads import check_count, check_jobs
 
     if fmt is not None and fmt not in FORMATS:
         raise InputError(f"--format must be one of {', '.join(FORMATS)}; got {fmt!r}")
@@ -38,10 +39,8 @@ def check_cli_options(*, kinds: str | None, null: str, fpr: float, out: Path | N
         raise InputError('--null tw (the Tracy–Widom edge) is defined for a single matrix: add --kinds mlp,weights, '
                          'or use --null product or mp for attention forms')
     parse_experts(experts)
-    if threads < 0:
-        raise InputError(f"--threads must be 0 (the free cores) or a positive count; got {threads}")
-    if jobs < 1:
-        raise InputError(f"--jobs must be a positive number of processes; got {jobs}")
+    check_count(threads, "--threads")
+    check_jobs(jobs, "--jobs")
     if out is not None:
         check_out_dir(out)
     return fmt
@@ -179,21 +178,21 @@ def esd(result, out: Path) -> Path | None:
 
 
 def analyze(console: Console, path: str, *, per_head: bool, kinds: list[str] | None, null: str, fpr: float,
-            out: Path | None, fmt: str, figure: bool, threads: int, experts: str = "all",
+            out: Path | None, fmt: str, figure: bool, threads: int = 1, jobs: int = 1, experts: str = "all",
             spectra: bool = False) -> int:
     """Analyse, print the notes, tables and errors, write the rows and figure; returns the number of rows. With
-    ``fmt`` csv or json and no ``out`` the rows go to stdout (give a stderr console for the rest)."""
+    ``fmt`` csv or json and no ``out`` the rows go to stdout (give a stderr console for the rest). ``jobs``
+    worker processes over the layers, each of one torch and ``threads`` BLAS threads (``analyze_full``)."""
     import sys
     import time
 
     from rankscope.analysis import analyze_full
     from rankscope.commands.progress import progress_bar
-    from rankscope.spectra.threads import free_cores
 
     t0 = time.perf_counter()
     with progress_bar(console, "reading the checkpoint", "analysing") as progress:
         result = analyze_full(path, per_head=per_head, kinds=kinds, null=null, fpr=fpr, experts=experts,
-                              spectra=spectra, threads=threads or free_cores(), progress=progress)
+                              spectra=spectra, threads=threads, jobs=jobs, progress=progress)
     df = result.table
     for note in result.notes:
         console.print(f"[yellow]note:[/yellow] {note}", soft_wrap=True)

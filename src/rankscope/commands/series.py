@@ -157,23 +157,24 @@ def _store(store, step: int, table: pd.DataFrame, spectra: list[dict], notes: li
 
 
 def analyze_series(console: Console, checkpoints: list[tuple[int, str]], *, out: Path, jobs: int, per_head,
-                   kinds, null, fpr, experts: str = "all", threads: int = 0) -> Path:
+                   kinds, null, fpr, experts: str = "all", threads: int = 1) -> Path:
     """Analyse every (step, checkpoint) into the run store under ``out`` (``RunStore``: tables ``attention``,
     ``weights``, ``spectra``, each row with its ``step``); steps already stored there are skipped (resumable).
-    ``jobs`` > 1: that many worker processes (forkserver or spawn; one torch and one BLAS thread each); with one
-    job, ``threads`` BLAS threads (0: the free cores). ``experts``: as ``analyze``'s. Returns ``out``."""
+    ``jobs`` > 1: that many worker processes over the checkpoints (``spectra.threads.worker_pool``: fresh
+    processes of one torch thread); ``threads``: BLAS threads per process (1, the default, or the one process's).
+    ``experts``: as ``analyze``'s. Returns ``out``."""
     import concurrent.futures as cf
     import time
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from rankscope.analysis import check_options, parse_experts, selected_kinds
-    from rankscope.spectra.threads import free_cores
+    from rankscope.spectra.threads import check_count, check_jobs, worker_context, worker_pool
     from rankscope.store import RunStore
     from rankscope.vocab import ALL_GROUPS
 
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise InputError(f"--jobs must be a positive number of worker processes, got {jobs!r}")
+    check_jobs(jobs, "--jobs")
+    check_count(threads, "--threads")
     check_options((null,) if isinstance(null, str) else tuple(null), fpr)
     selected_kinds(kinds if kinds is not None else ALL_GROUPS)  # bad kinds fail before any work
     parse_experts(experts)
@@ -192,13 +193,13 @@ def analyze_series(console: Console, checkpoints: list[tuple[int, str]], *, out:
         if jobs == 1 or len(todo) <= 1:
             for step, path in todo:
                 bar.update(task, description=f"analysing step {step}")
-                _store(store, *analyze_one(path, step, *args, threads=threads or free_cores()), said, console)
+                _store(store, *analyze_one(path, step, *args, threads=threads), said, console)
                 bar.advance(task)
         else:
-            context = _worker_context()
-            with cf.ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=context) as pool:
-                # threads=1: analyze_full runs under thread_budget(torch=1, blas=1) in each worker
-                futures = [pool.submit(analyze_one, path, step, *args, threads=1) for step, path in todo]
+            context = worker_context(["rankscope.commands.series", "rankscope.analysis"])
+            with worker_pool(min(jobs, len(todo)), blas=threads, context=context) as pool:
+                # analyze_full runs under thread_budget(torch=1, blas=threads) in each worker
+                futures = [pool.submit(analyze_one, path, step, *args, threads=threads) for step, path in todo]
                 try:
                     for future in cf.as_completed(futures):
                         step, table, spectra, notes = future.result()
@@ -213,15 +214,3 @@ def analyze_series(console: Console, checkpoints: list[tuple[int, str]], *, out:
                       f"{' …' if len(todo) > 8 else ''}) in {time.perf_counter() - t0:.1f} s; "
                       f"rankscope report {out} draws them layer × step")
     return out
-
-
-def _worker_context():
-    """Fresh worker processes, no forked torch/OpenMP state: forkserver (its server imports the analysis once, each
-    worker forks from it) where the platform has it, else spawn."""
-    import multiprocessing
-
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("spawn")
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["rankscope.commands.series", "rankscope.analysis"])
-    return context

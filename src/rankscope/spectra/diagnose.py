@@ -21,6 +21,7 @@ null's quantiles, the tail's xmin) are scaled back, and one that does not fit in
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -35,6 +36,7 @@ from rankscope.spectra.nulls import NaiveMPNull, TracyWidomNull, median, product
 from rankscope.spectra.sequential import UNTESTED, SpikeCount, count_spikes
 from rankscope.spectra.spikes import onatski_count
 from rankscope.spectra.tail import power_law_fit
+from rankscope.spectra.threads import thread_budget
 from rankscope.vocab import MP, NULLS, PERMUTATION, PRODUCT, TW
 
 
@@ -272,35 +274,41 @@ def _diagnose_form(form: Form, exponent: torch.Tensor, nulls: tuple[str, ...], f
 
 
 def diagnose_nulls(form, nulls: tuple[str, ...], *, fpr: float = 0.01, name: str = "form", batched: bool = False,
-                   draws: int | None = None) -> dict[str, list[Diagnosis]]:
+                   draws: int | None = None, threads: int | None = None) -> dict[str, list[Diagnosis]]:
     """Null → diagnoses (a list: one per batch item, or one for an unbatched form), the spectrum computed once.
 
     What a training monitor wants: the same forms under the product null and the naive MP fit, side by side.
+    ``threads``: None leaves the process's threads as they are; a count runs the call under
+    ``thread_budget(torch=1, blas=threads)`` (restored after).
     """
     nulls = tuple(nulls)
     fpr = _check_options(nulls, fpr, draws)
-    form, exponent = prepare(form, name=name, batched=batched, scaled=True)  # B = 2^exponent·B̂
-    if form.batch is None:
-        form = form.map(lambda f: f[None])
-    return _diagnose_form(form, exponent, nulls, fpr, draws, name)
+    with nullcontext() if threads is None else thread_budget(torch=1, blas=threads):
+        form, exponent = prepare(form, name=name, batched=batched, scaled=True)  # B = 2^exponent·B̂
+        if form.batch is None:
+            form = form.map(lambda f: f[None])
+        return _diagnose_form(form, exponent, nulls, fpr, draws, name)
 
 
 def diagnose_batch(form, *, null: str = PRODUCT, fpr: float = 0.01, name: str = "form",
-                   draws: int | None = None) -> list[Diagnosis]:
+                   draws: int | None = None, threads: int | None = None) -> list[Diagnosis]:
     """Diagnoses of a batch of forms of one shape: factors carry a leading batch axis (e.g. heads).
 
-    A 2-D factor is shared by the whole batch (e.g. the decoupled rope key of DeepSeek-V2).
+    A 2-D factor is shared by the whole batch (e.g. the decoupled rope key of DeepSeek-V2). ``threads``: as
+    ``diagnose_nulls``'.
     """
-    return diagnose_nulls(form, (null,), fpr=fpr, name=name, batched=True, draws=draws)[null]
+    return diagnose_nulls(form, (null,), fpr=fpr, name=name, batched=True, draws=draws, threads=threads)[null]
 
 
 def diagnose(form, *, null: str = PRODUCT, fpr: float = 0.01, name: str = "form",
-             draws: int | None = None) -> Diagnosis:
+             draws: int | None = None, threads: int | None = None) -> Diagnosis:
     """Diagnosis of a matrix W, a chain [A, C] (= A @ C) or a sum of chains [[A1, C1], [A2, C2]].
 
     ``null="product"`` (default): the structure-matched null (for a single matrix the MP law, with the
     exact finite-size law of λ_max/median). ``null="mp"``: the naive MP fit of papers (σ² = mean λ).
     ``null="tw"``: a single matrix's MP fit with Johnstone's Tracy–Widom edge. ``null="permutation"``: each
     (balanced) factor's entries shuffled, drawn for this form (robust to heavy-tailed entries).
+    ``threads``: None (the default) leaves the process's threads as they are; a count runs the call on one torch
+    thread and that many BLAS threads, restored after.
     """
-    return diagnose_nulls(form, (null,), fpr=fpr, name=name, draws=draws)[null][0]
+    return diagnose_nulls(form, (null,), fpr=fpr, name=name, draws=draws, threads=threads)[null][0]

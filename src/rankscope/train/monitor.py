@@ -5,9 +5,10 @@ onsets are resolved) it diagnoses each layer's and each head's attention forms (
 both nulls (the structure-matched product null and the naive MP fit, side by side), and the other weight
 matrices, under ``torch.no_grad``; per-head query–key forms also at the relative ``offsets`` Δ (an ``offset``
 column; layer forms at Δ = 0); rows go to the store's ``attention``/``weights`` tables, eigenvalues and the
-fitted null's quantiles to ``spectra``. It records its own wall time, so its overhead is measured. With
-``threads`` it runs its numerics under that thread budget (one torch thread, ``threads`` BLAS threads); without,
-it leaves the process's threads alone (the trainer sets them for the whole run).
+fitted null's quantiles to ``spectra``. It records its own wall time, so its overhead is measured. Its numerics
+run under ``thread_budget(torch=1, blas=threads)``, ``threads`` = 1 by default, and each call gives the caller's
+counts back after, so a training loop's own thread settings are untouched between calls (``threads=None``: the
+numerics run on whatever the process has).
 
     mon = rs.Monitor(model, "runs/x", every=50)   # rows reach disk every 30 s, at checkpoints and at close
     for step in range(steps): ...; mon.step(step)
@@ -19,11 +20,13 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Iterable
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from rankscope.analysis import analyze_full, spectra_rows
+from rankscope.spectra.threads import check_count, thread_budget
 from rankscope.store import RunStore
 from rankscope.vocab import ATTENTION_KINDS, MONITOR_NULLS, QK, variant_of
 
@@ -44,8 +47,10 @@ class Monitor:
                  nulls: tuple[str, ...] = MONITOR_NULLS, per_head: bool = True,
                  kinds: tuple[str, ...] | None = None, fpr: float = 0.01,
                  run: str | None = None, store: RunStore | None = None, flush_seconds: float = 30.0,
-                 tensorboard: bool = True, threads: int | None = None, schedule: Iterable[int] | None = None,
+                 tensorboard: bool = True, threads: int | None = 1, schedule: Iterable[int] | None = None,
                  offsets: Iterable[int] = (0,), sweep: str | None = None):
+        if threads is not None:
+            check_count(threads, "Monitor: threads")
         self.model = model
         self.schedule = None if schedule is None else frozenset(int(s) for s in schedule)  # replaces ``every``
         self.offsets = tuple(int(o) for o in offsets)
@@ -124,12 +129,17 @@ class Monitor:
         start = time.perf_counter()
         H = features.detach().reshape(-1, features.shape[-1]).double().cpu()  # (N, D)
         y = next_tokens.detach().reshape(-1).cpu()  # (N,)
-        values = rr.linguistic_collapse(H, y, top_k=top_k, W=None if W is None else W.detach().double().cpu())
-        values.update(rankme=float(rr.rankme(H)), stable_rank=float(rr.stable_rank(H)))
+        with self._budget():
+            values = rr.linguistic_collapse(H, y, top_k=top_k, W=None if W is None else W.detach().double().cpu())
+            values.update(rankme=float(rr.rankme(H)), stable_rank=float(rr.stable_rank(H)))
         self.store.append("repr", [{"step": step, "layer": "final", **values}])
         self._repr_done.add(step)
         self.seconds += time.perf_counter() - start
         return values
+
+    def _budget(self):
+        """The thread budget of the numerics: one torch and ``threads`` BLAS threads, restored after (None: none)."""
+        return nullcontext() if self.threads is None else thread_budget(torch=1, blas=self.threads)
 
     def log(self, step: int, **scalars: float) -> None:
         """Scalars for the ``train`` table (loss, val_loss, lr, …); a step already stored is not written again."""
