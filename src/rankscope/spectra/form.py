@@ -260,14 +260,11 @@ class Form:
 
     # ---- norms ------------------------------------------------------------------------------------------------
     def block_norms(self) -> Tensor:
-        """Frobenius norm of each chain's term ``L C_c R``: (…, C) float64, via ‖XY‖_F² = Σ (XᵀX) ∘ (YYᵀ)."""
-        norms = []
-        for term in self.terms():
-            X, Y = split_at_bottleneck(reduced(Chain(*term)))
-            X, Y = X.to(torch.float64), Y.to(torch.float64)
-            gram = (X.mT @ X) * (Y @ Y.mT)  # (…, k, k)
-            norms.append(gram.sum(dim=(-2, -1)).clamp_min(0).sqrt())
-        return torch.stack(torch.broadcast_tensors(*norms), dim=-1)
+        """Frobenius norm of each chain's term ``L C_c R``: (…, C) float64, ‖X Y‖_F² = tr(XᵀX · YYᵀ) from the Grams
+        (``kernels.block_norms``: those a spectrum of this form computed already, else the diagonal blocks)."""
+        from rankscope.spectra.kernels import block_norms  # kernels builds on this module
+
+        return block_norms(self)
 
     def __repr__(self) -> str:
         batch = "" if self.batch is None else f", batch {self.batch}"
@@ -277,7 +274,7 @@ class Form:
 class Chain(Form):
     """``B = F1 @ F2 @ … @ Fk``. ``shared``: positions of factors that are the same for every head of a layer."""
 
-    __slots__ = ("factors", "shared")
+    __slots__ = ("_memo", "factors", "shared")  # _memo: the Grams a spectrum left (kernels._remember)
     factors: tuple[Tensor, ...]
     shared: frozenset[int]
 
@@ -335,7 +332,7 @@ class Chain(Form):
 class Sum(Form):
     """``B = L @ (C1 + … + C_C) @ R``: chains of one shape, optional shared outer chains ``left`` and ``right``."""
 
-    __slots__ = ("chains", "left", "right")
+    __slots__ = ("_memo", "chains", "left", "right")
 
     def __init__(self, chains: Sequence[Chain], left: Chain | None = None, right: Chain | None = None):
         chains = tuple(chains)

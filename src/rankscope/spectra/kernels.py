@@ -23,7 +23,10 @@ result is an error, never a zero.
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections import OrderedDict
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -31,9 +34,16 @@ import torch
 from rankscope.errors import InputError
 from rankscope.spectra.form import Chain, Form, Sum, product, reduced, split_at_bottleneck
 
+# Conversion works in blocks of this many entries on the CPU: each block is converted and its min/max read while it is
+# still in cache, so the overflow-safe rescaling's scan costs no second pass over a large factor.
+BLOCK_ENTRIES = 2**16
 
-def _as_float64(t: torch.Tensor, where: str) -> torch.Tensor:
-    """One factor as float64 on its own device; refuses NaN/Inf and complex."""
+
+def _as_float64(t: torch.Tensor, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the factor as float64 on its own device, (…,) its largest |entry| per matrix); refuses NaN/Inf and complex.
+
+    One pass: the conversion and the min/max (``torch.aminmax``, which propagates NaN) read each block once, and a
+    finite min and max prove every entry finite."""
     if t.is_meta:  # a form of meta tensors has a structure (``describe`` reads it), but no spectrum
         raise InputError(f"{where} is on the meta device: it has a shape {tuple(t.shape)} but no values")
     if t.device.type == "mps":  # Apple GPUs have no float64
@@ -46,14 +56,45 @@ def _as_float64(t: torch.Tensor, where: str) -> torch.Tensor:
         t = t.to(torch.int8)
     if t.shape[-1] == 0 or t.shape[-2] == 0:
         raise InputError(f"{where} has an empty dimension: shape {tuple(t.shape)}")
-    t = t.to(torch.float64)
-    # A NaN or Inf makes the sum non-finite; a finite sum proves every entry finite (one cheap reduction;
-    # an overflowing sum of finite entries falls through to the elementwise check).
-    if not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
+    t, lo, hi = _converted_with_range(t)
+    if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
         n_nan = int(torch.isnan(t).sum())
         n_inf = int(torch.isinf(t).sum())
         raise InputError(f"{where} contains non-finite values ({n_nan} NaN, {n_inf} Inf)")
-    return t
+    return t, torch.maximum(hi, -lo)
+
+
+def _converted_with_range(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(t as float64, (…,) min, (…,) max per matrix), converting and scanning block by block on the CPU."""
+    batch = t.shape[:-2]
+    items = t.reshape(-1, *t.shape[-2:])  # (B, n, m), a view for a 2-D or 3-D factor
+    rows = t.shape[-2]
+    step = max(1, BLOCK_ENTRIES // t.shape[-1])
+    if t.device.type != "cpu" or t.numel() <= BLOCK_ENTRIES:
+        out = t.to(torch.float64)
+        if out.numel() == 0:  # an empty batch
+            empty = torch.empty(batch, dtype=torch.float64, device=out.device)
+            return out, empty, empty
+        lo, hi = torch.aminmax(out.flatten(-2), dim=-1) if batch else torch.aminmax(out)
+        return out, lo, hi
+    same = t.dtype == torch.float64
+    out = t if same else torch.empty(t.shape, dtype=torch.float64)
+    flat = out.reshape(-1, *t.shape[-2:])
+    lo = torch.empty(items.shape[0], dtype=torch.float64)
+    hi = torch.empty_like(lo)
+    for b in range(items.shape[0]):
+        l_b, h_b = math.inf, -math.inf
+        for r0 in range(0, rows, step):
+            block = flat[b, r0:r0 + step]
+            if not same:
+                block.copy_(items[b, r0:r0 + step])
+            l, h = torch.aminmax(block)
+            l_b, h_b = min(l_b, float(l)), max(h_b, float(h))  # float() keeps a NaN: min/max of NaN below
+            if l != l or h != h:
+                l_b = h_b = math.nan
+                break
+        lo[b], hi[b] = l_b, h_b
+    return out, lo.reshape(batch), hi.reshape(batch)
 
 
 def _rebuilt(form: Form, parts: dict[str, Chain]) -> Form:
@@ -84,9 +125,10 @@ def prepare(x, name: str = "form", batched: bool = False, *, scaled: bool = Fals
             where = name if single else f"{name} ({label}, factor {i})"
             if f.ndim == 3 and not batched:
                 raise InputError(f"{where} has shape {tuple(f.shape)}; a factor must be 2-D")
-            t = _as_float64(f, where).to(device)
+            t, top = _as_float64(f, where)
+            t = t.to(device)
             if scaled:
-                e = _exponent(t)
+                e = _exponent_of(top).to(device)
                 t = _times_pow2(t, -e, inplace=t.data_ptr() != f.data_ptr())  # our own copy: scaled in place
                 exps.append(e)
             factors.append(t)
@@ -109,6 +151,11 @@ def _exponent(t: torch.Tensor) -> torch.Tensor:
     """(…,) int64: e with the largest |entry| of each matrix (the last two axes) in [2^(e−1), 2^e); 0 for zero,
     and 0 where |e| ≤ ``SAFE_EXPONENT`` (no rescaling needed)."""
     top = torch.maximum(t.amax(dim=(-2, -1)), -t.amin(dim=(-2, -1)))  # no |t| temporary of a large matrix
+    return _exponent_of(top)
+
+
+def _exponent_of(top: torch.Tensor) -> torch.Tensor:
+    """``_exponent`` from the largest |entry| of each matrix, (…,)."""
     e = torch.frexp(top.to(torch.float64)).exponent.to(torch.int64)
     return torch.where(e.abs() <= SAFE_EXPONENT, torch.zeros_like(e), e)
 
@@ -229,17 +276,17 @@ def squared_singular_values(X: torch.Tensor) -> torch.Tensor:
 
     A symmetric eigensolver rather than an SVD: batched CPU SVDs are erratic under multithreading, while
     ``eigvalsh`` is steady and agrees to within ~k·eps·λ_max, which ``clamp_numerical_zeros`` treats as zero.
-    On the CPU the Gram product and the eigensolver are numpy's (a BLAS syrk is half a gemm's work; see
-    benchmarks/spectra.py); elsewhere torch's.
+    On the CPU the Gram product is numpy's (a BLAS syrk is half a gemm's work) and the eigensolver torch's
+    (``eigvalsh``: the faster of the two, benchmarks/spectra.py).
     """
     wide = X.shape[-2] <= X.shape[-1]
-    if X.device.type == "cpu" and X.dtype in (torch.float32, torch.float64):
-        A = X.detach().numpy()
-        At = np.swapaxes(A, -1, -2)
-        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported by the caller, by name
-            gram = A @ At if wide else At @ A  # (…, k, k)
-        return torch.from_numpy(np.linalg.eigvalsh(gram)[..., ::-1].copy()).clamp_min(0)
-    gram = X @ X.mT if wide else X.mT @ X  # (…, k, k)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported by the caller, by name
+        gram = _gram(X.mT if wide else X)  # (…, k, k)
+    return eigenvalues(gram)
+
+
+def eigenvalues(gram: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues of symmetric matrices (…, k, k), descending, clamped at 0 (torch's ``eigvalsh``)."""
     return torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0)
 
 
@@ -249,28 +296,412 @@ def clamp_numerical_zeros(lam: torch.Tensor) -> torch.Tensor:
     return torch.where(lam > tol, lam, torch.zeros_like(lam))
 
 
-def spectrum(form: Form, name: str = "form", *, scaled: bool = False, normalized_already: bool = False):
-    """Eigenvalues of B Bᵀ for the (prepared) form B, nonzero part, descending: (…, rank bound) float64.
+# ---------------------------------------------------------------------------------------------- Gram route
+#
+# For B = L·(Σ_c X_c Y_c)·R, every chain split at its bottleneck (X_c = L·F_1…F_j, Y_c = F_{j+1}…F_k·R), the
+# left Gram Γ_L = [X_1 … X_C]ᵀ[X_1 … X_C] (blocks X_aᵀX_b) and the right one Γ_R (blocks Y_a Y_bᵀ) are K×K,
+# K = Σ_c k_c, and σ(B)² = eig(Γ_L^{1/2} Γ_R Γ_L^{1/2}) = eig(Lᵀ Γ_R L) for Γ_L = L Lᵀ (Cholesky; eigh where Γ_L is
+# singular). Each Gram is built from the outside in, G ← F_1ᵀF_1, G ← F_iᵀ G F_i, or by multiplying its first
+# factors out first where that is cheaper (``_plan``); a 2-D factor (shared by the batch) is multiplied once for
+# all, batch items equal to the one before (a GQA layer's stacked key heads) share one Gram (``_unique``), and a
+# large shared factor's Gram is kept for the next form that carries the same tensor (``_SHARED``: one MLA
+# down-projection Gram per layer for every kind).
+#
+# Accuracy (Higham 2002, §3.5): a product of matrices with summed inner lengths N computed in unit roundoff u is
+# off by at most γ_N·|F_1|…|F_k| entrywise, γ_N = N·u/(1 − N·u); so ‖ΔΓ‖_F ≤ γ_N·μ with μ = Σ_c Π_i ‖F_ci‖_F²
+# (μ = tr(F_1ᵀF_1) for a Gram of one factor). By Weyl, every eigenvalue of the core then moves by at most
+#     δ = ‖ΔΓ_L‖·‖Γ_R‖_F + ‖Γ_L‖_F·‖ΔΓ_R‖ + ‖ΔΓ_L‖·‖ΔΓ_R‖ + γ_{10K}(eps64)·tr(Γ_L)·‖Γ_R‖_F,
+# the last term the K×K float64 core (factorisation, two products and the eigensolver, backward stable).
+# The rule: a result is kept only where δ ≤ TOLERANCE·median(λ) (so also ≤ TOLERANCE·λ_max): the eigenvalues that
+# decide anything (the median sets the bulk edge; λ_max the spike strength and stable rank) are then right to a
+# relative TOLERANCE. Float32 Grams (u = 2^−24; bf16/fp16/fp32 factors are exact in float32) are tried first
+# where the rule can hold at all (δ ≥ (γ_N_L + γ_N_R)·λ_max, so γ_N_L + γ_N_R ≤ TOLERANCE is necessary: only small
+# forms); else, or where δ is too large, float64 Grams (u = 2^−53); where even those fail the rule (a median far
+# below λ_max·cancellation between X and Y, or a zero median), the QR route (``two_factor``, ``triangular_core``),
+# whose error grows with ‖X‖‖Y‖ instead of its square.
 
-    Computed on the ``normalized`` form, its core scaled again before the Gram product, so no intermediate result
-    overflows or underflows; ``InputError`` naming the form where one is not finite all the same, or where the
-    eigenvalues are outside float64's normal range (``restore``). ``scaled=True``: ``(λ̂, k)`` with λ = λ̂·2^k,
-    λ̂ finite and normal (k = 0 where no factor needed rescaling, ``SAFE_EXPONENT``), for work that only needs λ
-    up to a common factor. ``normalized_already``: ``form`` is ``prepare(..., scaled=True)``'s (its factors within
-    2^±``SAFE_EXPONENT`` already), so it is not passed over again.
-    """
-    r = form.rank_bound
-    form, e = (form, torch.zeros((), dtype=torch.int64)) if normalized_already else normalized(form)
+TOLERANCE = 1e-6  # relative error allowed on the median and the top eigenvalue
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float64: 2.0**-53}
+ROUTES = ("gram", "qr")
+ROUTE = "gram"  # spectrum's default route; "qr": the QR route throughout (the reference the Gram route is tested on)
+SHARED_GRAM_ENTRIES = 2**20  # 2-D factors at least this large keep their Gram for the next form (``_SHARED``)
+_SHARED: OrderedDict = OrderedDict()  # (data_ptr, shape, stride, dtype, device, version) → (factor, Gram), LRU
+_SHARED_SLOTS = 4
+
+
+def gamma(n: int, dtype: torch.dtype) -> float:
+    """γ_n = n·u/(1 − n·u) for the unit roundoff u of ``dtype`` (inf where n·u ≥ 1)."""
+    nu = n * UNIT_ROUNDOFF[dtype]
+    return nu / (1 - nu) if nu < 1 else math.inf
+
+
+def _to_numpy(t: torch.Tensor):
+    return t.detach().numpy() if t.device.type == "cpu" else None
+
+
+def _gram(A: torch.Tensor) -> torch.Tensor:
+    """AᵀA: (…, n, k) → (…, k, k); numpy's matmul on the CPU (a syrk for a 2-D A)."""
+    a = _to_numpy(A)
+    if a is not None:
+        return torch.from_numpy(np.swapaxes(a, -1, -2) @ a)
+    return A.mT @ A
+
+
+def _key(t: torch.Tensor) -> tuple:
+    return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, str(t.device), t._version)
+
+
+def _shared_gram(A: torch.Tensor) -> torch.Tensor:
+    """AᵀA of a 2-D factor; a large one's Gram is kept for the next form carrying the same tensor (the cache
+    holds the tensor itself, so its memory cannot be reused under the same address while the entry lives)."""
+    if A.ndim != 2 or A.numel() < SHARED_GRAM_ENTRIES:
+        return _gram(A)
+    key = _key(A)
+    hit = _SHARED.get(key)
+    if hit is not None:
+        _SHARED.move_to_end(key)
+        return hit[1]
+    G = _gram(A)
+    _SHARED[key] = (A, G)
+    while len(_SHARED) > _SHARED_SLOTS:
+        _SHARED.popitem(last=False)
+    return G
+
+
+def _unique(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(kept items, inverse) where some batch items of the 3-D ``tensors`` equal the item before in all of them
+    (a GQA layer's stacked key heads): item b is computed as kept[inverse[b]]. None where all differ."""
+    stacked = [t for t in tensors if t.ndim == 3 and t.shape[0] > 1]
+    if not stacked:
+        return None
+    B = stacked[0].shape[0]
+    same = torch.ones(B - 1, dtype=torch.bool, device=stacked[0].device)
+    for t in stacked:  # a cheap first look at one row, then the full comparison of the candidates
+        same &= (t[1:, 0] == t[:-1, 0]).all(-1)
+    if not bool(same.any()):
+        return None
+    for b in same.nonzero().flatten().tolist():
+        same[b] = all(torch.equal(t[b + 1], t[b]) for t in stacked)
+    if not bool(same.any()):
+        return None
+    new = torch.cat([torch.ones(1, dtype=torch.bool, device=same.device), ~same])  # (B,)
+    return new.nonzero().flatten(), new.cumsum(0) - 1
+
+
+def _cross(A: torch.Tensor, B: torch.Tensor, same: bool) -> torch.Tensor:
+    """AᵀB (…, a, b) for A (…, n, a), B (…, n, b); repeated batch items computed once; ``same``: B is A."""
+    runs = _unique([A] if same else [A, B])
+    if runs is not None:
+        keep, inverse = runs
+        A = A[keep] if A.ndim == 3 else A
+        B = B[keep] if B.ndim == 3 else B
+    out = (_shared_gram(A) if A.ndim == 2 else _gram(A)) if same else A.mT @ B
+    return out[inverse] if runs is not None else out
+
+
+def _batch_of(t: torch.Tensor) -> int:
+    return t.shape[0] if t.ndim == 3 else 1
+
+
+def _plan(factors: list[torch.Tensor], start: torch.Tensor | None) -> int:
+    """How many leading factors to multiply out before the Gram (then peel the rest, G ← FᵀGF): the cheapest by
+    multiply–add count, batch sizes counted. ``start``: a shared Gram (p, p) the factors are applied to."""
+    n = factors[0].shape[-2]
+    dims = [f.shape[-1] for f in factors]
+    batches = np.maximum.accumulate([_batch_of(f) for f in factors])
+    if start is not None:
+        batches = np.maximum(batches, _batch_of(start))
+    best, best_cost = 1, math.inf
+    for t in range(1, len(factors) + 1):
+        cost = sum(batches[i] * n * dims[i - 1] * dims[i] for i in range(1, t))  # F_1 … F_t, left to right
+        k = dims[t - 1]
+        cost += batches[t - 1] * (n * k * k if start is None else n * n * k + n * k * k)
+        cost += sum(batches[i] * (dims[i - 1] ** 2 * dims[i] + dims[i - 1] * dims[i] ** 2) for i in range(t, len(dims)))
+        if cost < best_cost:
+            best, best_cost = t, cost
+    return best
+
+
+def _frobenius2(f: torch.Tensor) -> torch.Tensor:
+    return f.square().sum(dim=(-2, -1))  # (…,)
+
+
+def _trace(G: torch.Tensor) -> torch.Tensor:
+    return G.diagonal(dim1=-2, dim2=-1).sum(-1)
+
+
+@dataclass(frozen=True)
+class Side:
+    """One side's Gram: ``gram`` (…, K, K) with blocks per chain, ‖computed − exact‖_F ≤ γ_length·size."""
+
+    gram: torch.Tensor
+    size: torch.Tensor  # (…,) μ
+    length: int  # N
+    dtype: torch.dtype  # the precision its products were computed in
+
+    @property
+    def error(self) -> torch.Tensor:
+        return gamma(self.length, self.dtype) * self.size
+
+
+def _length(piece: list[torch.Tensor], length0: int) -> int:
+    """N for a piece's Gram: the products' summed inner lengths, counted generously (each twice)."""
+    return length0 + 2 * piece[0].shape[-2] + 2 * sum(f.shape[-1] for f in piece)
+
+
+def _side(pieces: list[list[torch.Tensor]], shared: list[torch.Tensor], dtype: torch.dtype,
+          diagonal_only: bool = False) -> Side | list[torch.Tensor]:
+    """The Gram of [X_1 … X_C], X_c = S·product(pieces[c]) (S = product(shared), or none): its blocks X_aᵀX_b.
+
+    ``diagonal_only``: the diagonal blocks only (a list), what block norms need."""
+    pieces = [[f.to(dtype) for f in p] for p in pieces]
+    shared = [f.to(dtype) for f in shared]
+    start, size0, length0 = None, None, 0
+    if shared:  # the shared outer chain's own Gram, once for every chain and block
+        lone = _side([shared], [], dtype)
+        start, size0, length0 = lone.gram.to(dtype), lone.size, lone.length
+    plans = [_plan(p, start) for p in pieces]
+    heads = [product(p[:t]) for p, t in zip(pieces, plans, strict=True)]  # Q_c (…, p, k_t)
+    rests = [p[t:] for p, t in zip(pieces, plans, strict=True)]
+    applied = [None if start is None else start @ h for h in heads]  # M0·Q_c, once per chain
+    traces = {}
+
+    def block(a: int, b: int) -> torch.Tensor:
+        if start is None:
+            G = _cross(heads[a], heads[b], same=a == b)  # (…, k_a, k_b)
+        else:
+            G = heads[a].mT @ applied[b]
+        if a == b:
+            traces[a] = _trace(G)
+        for i in range(max(len(rests[a]), len(rests[b]))):  # peeled from the outside in
+            if i < len(rests[a]):
+                G = rests[a][i].mT @ G
+            if i < len(rests[b]):
+                G = G @ rests[b][i]
+        return (G + G.mT) / 2 if a == b else G
+
+    C = len(pieces)
+    diag = [block(c, c) for c in range(C)]
+    if diagonal_only:
+        return [d.to(torch.float64) for d in diag]
+    one = torch.ones((), dtype=torch.float64, device=diag[0].device)
+    sizes = []
+    for c in range(C):  # μ_c: the Frobenius norms² of every factor, the first Gram's trace where it is exact
+        if start is None and plans[c] == 1:
+            s = traces[c].to(torch.float64)
+        else:
+            s = size0 if start is not None else one
+            for f in pieces[c][: plans[c]]:
+                s = s * _frobenius2(f).to(torch.float64)
+        for f in rests[c]:
+            s = s * _frobenius2(f).to(torch.float64)
+        sizes.append(s)
+    length = max(_length(p, length0) for p in pieces)
+    size = sum(torch.broadcast_tensors(*sizes))
+    rows = [[None] * C for _ in range(C)]
+    for a in range(C):
+        rows[a][a] = diag[a]
+        for b in range(a + 1, C):
+            rows[a][b] = block(a, b)
+            rows[b][a] = rows[a][b].mT
+    batch = np.broadcast_shapes(*(tuple(x.shape[:-2]) for row in rows for x in row))
+    gram = torch.cat([torch.cat([x.expand(*batch, *x.shape[-2:]) for x in row], dim=-1) for row in rows], dim=-2)
+    return Side(gram.to(torch.float64), size, length, dtype)
+
+
+def _side_length(pieces: list[list[torch.Tensor]], shared: list[torch.Tensor]) -> int:
+    """``Side.length`` of ``_side(pieces, shared)``, from the shapes alone."""
+    length0 = _length(shared, 0) if shared else 0
+    return max(_length(p, length0) for p in pieces)
+
+
+def _pieces(form: Form) -> tuple[list, list, list, list]:
+    """(left pieces, left shared, right pieces, right shared): each chain split at its bottleneck; the right side
+    transposed and reversed, so that both are Grams of their pieces' columns (``_side``)."""
+    left, right = [], []
+    for chain in form.chains:
+        fs = list(chain.factors)
+        if len(fs) == 1:
+            fs.append(torch.eye(fs[0].shape[-1], dtype=fs[0].dtype, device=fs[0].device))
+        dims = (fs[0].shape[-2], *(f.shape[-1] for f in fs))
+        j = 1 + int(np.argmin(dims[1:-1]))  # split after factor j − 1, as split_at_bottleneck
+        left.append(fs[:j])
+        right.append([f.mT for f in reversed(fs[j:])])
+    shared_left = list(form.left.factors) if form.left is not None else []
+    shared_right = [f.mT for f in reversed(form.right.factors)] if form.right is not None else []
+    return left, shared_left, right, shared_right
+
+
+def gram_applies(form: Form) -> bool:
+    """The Gram route computes this form's spectrum: a chain or sum (not one matrix) whose split width K equals its
+    rank bound (no shared outer chain or outer dimension narrower than K)."""
+    s = form.structure
+    if s.is_matrix:
+        return False
+    K = sum(min(d[1:-1]) if len(d) > 2 else d[-1] for d in s.chains)
+    return K == s.rank_bound
+
+
+def grams(form: Form, dtype: torch.dtype = torch.float64) -> tuple[Side, Side]:
+    """(left, right) Grams of a form (``_side``), float64 results of products in ``dtype``."""
+    left, shared_left, right, shared_right = _pieces(form)
+    return _side(left, shared_left, dtype), _side(right, shared_right, dtype)
+
+
+def _memo(form: Form) -> tuple[Side, Side] | None:
+    """The float64 Grams a spectrum left on this form, while no factor has changed since (version counters)."""
+    memo = getattr(form, "_memo", None)
+    if memo is None or memo[0] != tuple(f._version for f in form.factor_list):
+        return None
+    return memo[1]
+
+
+def _remember(form: Form, sides: tuple[Side, Side]) -> None:
+    if len(form.chains) > 1:  # only a sum's block norms read them again
+        object.__setattr__(form, "_memo", (tuple(f._version for f in form.factor_list), sides))
+
+
+def block_norms(form: Form) -> torch.Tensor:
+    """‖L C_c R‖_F per chain c, (…, C) float64: ‖X_c Y_c‖_F² = tr(Γ_L,cc Γ_R,cc), from the Grams a spectrum
+    computed (``_memo``) or from the diagonal blocks alone."""
+    form = form.double()  if any(f.dtype != torch.float64 for f in form.factor_list) else form
+    sides = _memo(form)
+    if sides is not None:
+        widths = [min(d[1:-1]) if len(d) > 2 else d[-1] for d in form.structure.chains]
+        edges = np.cumsum([0, *widths])
+        pairs = [(sides[0].gram[..., a:b, a:b], sides[1].gram[..., a:b, a:b])
+                 for a, b in itertools.pairwise(edges)]
+    else:
+        left, shared_left, right, shared_right = _pieces(form)
+        pairs = list(zip(_side(left, shared_left, torch.float64, diagonal_only=True),
+                         _side(right, shared_right, torch.float64, diagonal_only=True), strict=True))
+    norms = [(GL * GR).sum(dim=(-2, -1)).clamp_min(0).sqrt() for GL, GR in pairs]  # tr(G_L G_R), both symmetric
+    return torch.stack(torch.broadcast_tensors(*norms), dim=-1)
+
+
+def _scaled_down(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(G·2^−c, c): each matrix's largest |entry| brought to [1/2, 1) (exact)."""
+    top = G.abs().amax(dim=(-2, -1))
+    c = torch.frexp(top).exponent.to(torch.int64)
+    c = torch.where(top > 0, c, torch.zeros_like(c))
+    return _times_pow2(G, -c), c
+
+
+def core_eigenvalues(GL: torch.Tensor, GR: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(λ̂ (…, K) descending, cL, cR (…,)) with eig(Γ_L Γ_R) = λ̂·2^(cL + cR): eig(Lᵀ Γ̂_R L) for Γ̂_L = L Lᵀ
+    (Cholesky, or V·diag(√w) from eigh where Γ̂_L is singular), Γ̂ = Γ·2^−c scaled to a largest entry near 1."""
+    GL, cl = _scaled_down(GL)
+    GR, cr = _scaled_down(GR)
+    L, info = torch.linalg.cholesky_ex(GL)
+    bad = info != 0
+    if bool(bad.any()):
+        w, V = torch.linalg.eigh(GL[bad] if GL.ndim == 3 else GL)
+        root = V * w.clamp_min(0).sqrt()[..., None, :]
+        if GL.ndim == 3:
+            L = L.clone()
+            L[bad] = root
+        else:
+            L = root
+    M = L.mT @ GR @ L  # (…, K, K)
+    return eigenvalues((M + M.mT) / 2), cl, cr
+
+
+def error_bound(left: Side, right: Side, cl: torch.Tensor, cr: torch.Tensor) -> torch.Tensor:
+    """δ (…,): Weyl's bound on every core eigenvalue's error (the Gram route's section), in units of λ̂
+    (the Grams scaled by 2^−cL, 2^−cR as in ``core_eigenvalues``)."""
+    eL = torch.ldexp(left.error, -cl)
+    eR = torch.ldexp(right.error, -cr)
+    nL = torch.ldexp(torch.linalg.matrix_norm(left.gram), -cl)
+    tL = torch.ldexp(_trace(left.gram), -cl)
+    nR = torch.ldexp(torch.linalg.matrix_norm(right.gram), -cr)
+    K = left.gram.shape[-1]
+    return eL * nR + nL * eR + eL * eR + gamma(10 * K, torch.float64) * tL * nR
+
+
+def _float32_exact(form: Form) -> bool:
+    return all(torch.equal(f, f.float().double()) for f in form.factor_list)
+
+
+def float32_possible(form: Form) -> bool:
+    """The necessary condition for float32 Grams to pass the rule: γ_N_L + γ_N_R ≤ TOLERANCE in float32."""
+    left, shared_left, right, shared_right = _pieces(form)
+    return (gamma(_side_length(left, shared_left), torch.float32)
+            + gamma(_side_length(right, shared_right), torch.float32)) <= TOLERANCE
+
+
+def gram_spectrum(form: Form, precision: str | None = None):
+    """(λ̂ (…, K), c (…,), accepted (…,) bool, dtype) by the Gram route on a normalized form: eig(Γ_L Γ_R) = λ̂·2^c.
+
+    ``precision`` None: the rule of the section comment (float32 where it can hold and the factors are exact in
+    float32, else float64); "float32" or "float64" to force one. ``accepted``: δ ≤ TOLERANCE·median(λ)."""
+    if precision is None:
+        tries = [torch.float32, torch.float64] if float32_possible(form) and _float32_exact(form) else [torch.float64]
+    else:
+        tries = [{"float32": torch.float32, "float64": torch.float64}[precision]]
+    for i, dtype in enumerate(tries):
+        sides = grams(form, dtype)
+        lam, cl, cr = core_eigenvalues(sides[0].gram, sides[1].gram)
+        delta = error_bound(*sides, cl, cr)
+        accepted = delta <= TOLERANCE * torch.quantile(lam[..., : form.rank_bound], 0.5, dim=-1)
+        if bool(accepted.all()) or i == len(tries) - 1:
+            if dtype == torch.float64:
+                _remember(form, sides)
+            return lam, cl + cr, accepted, dtype
+    raise AssertionError("unreachable")
+
+
+def _qr_spectrum(form: Form) -> tuple[torch.Tensor, torch.Tensor]:
+    """(λ̂ (…, r'), c (…,)) by the QR route: λ = λ̂·2^c (``two_factor``, ``triangular_core``)."""
     if form.structure.is_matrix:
         core = form.chains[0].factors[0]  # (…, n, m), largest |entry| in [1/2, 1) already
     else:
         core = triangular_core(*two_factor(form))  # (…, K, K)
     c = _exponent(core)
     core = _times_pow2(core, -c)
-    lam = squared_singular_values(core)[..., :r]  # (…, r)
+    return squared_singular_values(core), 2 * c
+
+
+def _items(form: Form, idx: torch.Tensor) -> Form:
+    """Batch items ``idx`` of a batched form (2-D and size-1 factors stay as they are)."""
+    return form.map(lambda f: f[idx.to(f.device)] if f.ndim == 3 and f.shape[0] > 1 else f)
+
+
+def spectrum(form: Form, name: str = "form", *, scaled: bool = False, normalized_already: bool = False,
+             route: str | None = None):
+    """Eigenvalues of B Bᵀ for the (prepared) form B, nonzero part, descending: (…, rank bound) float64.
+
+    Computed on the ``normalized`` form, its Grams (or core) scaled again before the eigensolver, so no intermediate
+    result overflows or underflows; ``InputError`` naming the form where one is not finite all the same, or where
+    the eigenvalues are outside float64's normal range (``restore``). ``scaled=True``: ``(λ̂, k)`` with λ = λ̂·2^k,
+    λ̂ finite and normal (k = 0 where no factor needed rescaling, ``SAFE_EXPONENT``), for work that only needs λ
+    up to a common factor. ``normalized_already``: ``form`` is ``prepare(..., scaled=True)``'s (its factors within
+    2^±``SAFE_EXPONENT`` already), so it is not passed over again.
+
+    ``route``: "gram" (default, ``ROUTE``): the Gram route where it applies and its error bound holds (see the Gram
+    route's section), the QR route for the batch items where it does not; "qr": the QR route throughout.
+    """
+    route = ROUTE if route is None else route
+    if route not in ROUTES:
+        raise InputError(f"route must be one of {', '.join(ROUTES)}; got {route!r}")
+    r = form.rank_bound
+    form, e = (form, torch.zeros((), dtype=torch.int64)) if normalized_already else normalized(form)
+    if route == "gram" and gram_applies(form):
+        lam, c, accepted, _ = gram_spectrum(form)
+        lam = lam[..., :r]
+        if not bool(accepted.all()):  # the rule failed: the QR route for those items
+            if accepted.ndim == 0:
+                lam, c = _qr_spectrum(form)
+            else:
+                idx = (~accepted).nonzero().flatten()
+                lam_q, c_q = _qr_spectrum(_items(form, idx))
+                lam, c = lam.clone(), c.clone()
+                lam[idx.to(lam.device)], c[idx.to(c.device)] = lam_q[..., :r].to(lam.dtype), c_q.to(c.device)
+    else:
+        lam, c = _qr_spectrum(form)
+    lam = lam[..., :r]  # (…, r)
     if not torch.isfinite(lam).all():
         raise InputError(f"{name}: the spectrum is not finite even with the factors rescaled (a NaN or Inf inside "
                          "the computation)")
     lam = clamp_numerical_zeros(lam)
-    k = (2 * (e + c)).expand(lam.shape[:-1]).to(lam.device)
+    k = (2 * e + c).expand(lam.shape[:-1]).to(lam.device)
     return (lam, k) if scaled else restore(lam, k, name)
