@@ -307,18 +307,21 @@ def clamp_numerical_zeros(lam: torch.Tensor) -> torch.Tensor:
 # large shared factor's Gram is kept for the next form that carries the same tensor (``_SHARED``: one MLA
 # down-projection Gram per layer for every kind).
 #
-# Accuracy (Higham 2002, §3.5): a product of matrices with summed inner lengths N computed in unit roundoff u is
-# off by at most γ_N·|F_1|…|F_k| entrywise, γ_N = N·u/(1 − N·u); so ‖ΔΓ‖_F ≤ γ_N·μ with μ = Σ_c Π_i ‖F_ci‖_F²
-# (μ = tr(F_1ᵀF_1) for a Gram of one factor). By Weyl, every eigenvalue of the core then moves by at most
-#     δ = ‖ΔΓ_L‖·‖Γ_R‖_F + ‖Γ_L‖_F·‖ΔΓ_R‖ + ‖ΔΓ_L‖·‖ΔΓ_R‖ + γ_{10K}(eps64)·tr(Γ_L)·‖Γ_R‖_F,
-# the last term the K×K float64 core (factorisation, two products and the eigensolver, backward stable).
+# Accuracy (Higham 2002, §3.5): a product with inner length k computed in unit roundoff u is off by at most
+# γ_k·|A||B| entrywise, γ_k = k·u/(1 − k·u), so by γ_k·‖A‖_F‖B‖_F in Frobenius norm; ``_side`` follows this
+# through each block's products (a Gram of one n-row factor: ‖ΔG‖_F ≤ γ_n·‖F‖_F²; an earlier error E carried through
+# G ← FᵀGF: E·‖F‖₂²) to a bound ‖ΔΓ‖_F ≤ E per side. By Weyl, every eigenvalue of the core then moves by at most
+#     δ = E_L·‖Γ_R‖₂ + ‖Γ_L‖₂·E_R + E_L·E_R + γ_{10K}(eps64)·tr(Γ_L)·‖Γ_R‖_F,
+# the last term the K×K float64 core (factorisation, two products and the eigensolver, backward stable), ‖·‖₂
+# bounded above by Frobenius norms and row sums.
 # The rule: a result is kept only where δ ≤ TOLERANCE·median(λ) (so also ≤ TOLERANCE·λ_max): the eigenvalues that
 # decide anything (the median sets the bulk edge; λ_max the spike strength and stable rank) are then right to a
 # relative TOLERANCE. Float32 Grams (u = 2^−24; bf16/fp16/fp32 factors are exact in float32) are tried first
-# where the rule can hold at all (δ ≥ (γ_N_L + γ_N_R)·λ_max, so γ_N_L + γ_N_R ≤ TOLERANCE is necessary: only small
-# forms); else, or where δ is too large, float64 Grams (u = 2^−53); where even those fail the rule (a median far
-# below λ_max·cancellation between X and Y, or a zero median), the QR route (``two_factor``, ``triangular_core``),
-# whose error grows with ‖X‖‖Y‖ instead of its square.
+# where the rule can hold at all (δ ≥ (γ_n + γ_m)·λ_max/C for outer dimensions n, m and C chains, so
+# γ_n + γ_m ≤ C·TOLERANCE is necessary: in float32 only forms with n + m below ~17 per chain); else, or where δ is
+# too large, float64 Grams (u = 2^−53); where even those fail the rule (a median far below λ_max, cancellation
+# between X and Y, or a zero median), the QR route (``two_factor``, ``triangular_core``), whose error grows with
+# ‖X‖‖Y‖ instead of its square.
 
 TOLERANCE = 1e-6  # relative error allowed on the median and the top eigenvalue
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float64: 2.0**-53}
@@ -422,57 +425,63 @@ def _plan(factors: list[torch.Tensor], start: torch.Tensor | None) -> int:
     return best
 
 
-def _frobenius2(f: torch.Tensor) -> torch.Tensor:
-    return f.square().sum(dim=(-2, -1))  # (…,)
-
-
 def _trace(G: torch.Tensor) -> torch.Tensor:
     return G.diagonal(dim1=-2, dim2=-1).sum(-1)
 
 
 @dataclass(frozen=True)
 class Side:
-    """One side's Gram: ``gram`` (…, K, K) with blocks per chain, ‖computed − exact‖_F ≤ γ_length·size."""
+    """One side's Gram: ``gram`` (…, K, K) float64 with blocks per chain, ‖computed − exact‖_F ≤ ``error``."""
 
     gram: torch.Tensor
-    size: torch.Tensor  # (…,) μ
-    length: int  # N
+    error: torch.Tensor  # (…,)
     dtype: torch.dtype  # the precision its products were computed in
 
-    @property
-    def error(self) -> torch.Tensor:
-        return gamma(self.length, self.dtype) * self.size
+
+def _norm2(t: torch.Tensor) -> torch.Tensor:
+    """(…,) an upper bound on ‖t‖₂ for matrices (…, a, b): min(‖t‖_F, ``_sym_norm2`` of the smaller Gram^½), float64
+    (the Gram's own rounding, relative γ_n ≪ 1e-9, covered by a margin)."""
+    t = t.to(torch.float64)
+    fro = torch.linalg.matrix_norm(t)
+    small = t @ t.mT if t.shape[-2] <= t.shape[-1] else t.mT @ t
+    return torch.minimum(fro, _sym_norm2(small).sqrt() * (1 + 1e-9))
 
 
-def _length(piece: list[torch.Tensor], length0: int) -> int:
-    """N for a piece's Gram: the products' summed inner lengths, counted generously (each twice)."""
-    return length0 + 2 * piece[0].shape[-2] + 2 * sum(f.shape[-1] for f in piece)
+def _sym_norm2(G: torch.Tensor) -> torch.Tensor:
+    """(…,) an upper bound on ‖G‖₂ of symmetric G: min(‖G‖_F, largest absolute row sum)."""
+    return torch.minimum(torch.linalg.matrix_norm(G), G.abs().sum(-1).amax(-1))
+
+
+def _fro(t: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.matrix_norm(t.to(torch.float64))
 
 
 def _side(pieces: list[list[torch.Tensor]], shared: list[torch.Tensor], dtype: torch.dtype,
           diagonal_only: bool = False) -> Side | list[torch.Tensor]:
     """The Gram of [X_1 … X_C], X_c = S·product(pieces[c]) (S = product(shared), or none): its blocks X_aᵀX_b.
 
-    ``diagonal_only``: the diagonal blocks only (a list), what block norms need."""
+    ``diagonal_only``: the diagonal blocks only (a list), what block norms need. The error bound follows each block's
+    products (Higham 2002, §3.5: a product rounded in unit roundoff u with inner length k is off by at most
+    γ_k·|A||B| entrywise, so by γ_k·‖A‖_F‖B‖_F in Frobenius norm):
+    start QᵀQ' over n rows: γ_n·‖Q‖_F‖Q'‖_F; start Qᵀ(M0 Q') on a shared Gram M0 with error E0:
+    E0·‖Q‖₂‖Q'‖₂ + γ_2p·‖Q‖_F‖M0‖_F‖Q'‖_F; a peel G ← FᵀG F': E·‖F‖₂‖F'‖₂ + γ_(k+k')·‖F‖_F‖G‖_F‖F'‖_F; a factor
+    product multiplied out first carries γ_(Σk)·Π‖F_i‖_F more. ‖·‖₂ is bounded above by ``_norm2``."""
     pieces = [[f.to(dtype) for f in p] for p in pieces]
     shared = [f.to(dtype) for f in shared]
-    start, size0, length0 = None, None, 0
+    start = None
     if shared:  # the shared outer chain's own Gram, once for every chain and block
         lone = _side([shared], [], dtype)
-        start, size0, length0 = lone.gram.to(dtype), lone.size, lone.length
+        start, start_error = lone.gram.to(dtype), lone.error
     plans = [_plan(p, start) for p in pieces]
     heads = [product(p[:t]) for p, t in zip(pieces, plans, strict=True)]  # Q_c (…, p, k_t)
     rests = [p[t:] for p, t in zip(pieces, plans, strict=True)]
     applied = [None if start is None else start @ h for h in heads]  # M0·Q_c, once per chain
-    traces = {}
 
     def block(a: int, b: int) -> torch.Tensor:
         if start is None:
             G = _cross(heads[a], heads[b], same=a == b)  # (…, k_a, k_b)
         else:
             G = heads[a].mT @ applied[b]
-        if a == b:
-            traces[a] = _trace(G)
         for i in range(max(len(rests[a]), len(rests[b]))):  # peeled from the outside in
             if i < len(rests[a]):
                 G = rests[a][i].mT @ G
@@ -484,35 +493,59 @@ def _side(pieces: list[list[torch.Tensor]], shared: list[torch.Tensor], dtype: t
     diag = [block(c, c) for c in range(C)]
     if diagonal_only:
         return [d.to(torch.float64) for d in diag]
-    one = torch.ones((), dtype=torch.float64, device=diag[0].device)
-    sizes = []
-    for c in range(C):  # μ_c: the Frobenius norms² of every factor, the first Gram's trace where it is exact
-        if start is None and plans[c] == 1:
-            s = traces[c].to(torch.float64)
-        else:
-            s = size0 if start is not None else one
-            for f in pieces[c][: plans[c]]:
-                s = s * _frobenius2(f).to(torch.float64)
-        for f in rests[c]:
-            s = s * _frobenius2(f).to(torch.float64)
-        sizes.append(s)
-    length = max(_length(p, length0) for p in pieces)
-    size = sum(torch.broadcast_tensors(*sizes))
     rows = [[None] * C for _ in range(C)]
     for a in range(C):
         rows[a][a] = diag[a]
         for b in range(a + 1, C):
             rows[a][b] = block(a, b)
             rows[b][a] = rows[a][b].mT
+    return Side(_assembled(rows).to(torch.float64), _side_error(pieces, plans, heads, rests, rows, start,
+                                                                 start if start is None else start_error, dtype), dtype)
+
+
+def _assembled(rows: list[list[torch.Tensor]]) -> torch.Tensor:
     batch = np.broadcast_shapes(*(tuple(x.shape[:-2]) for row in rows for x in row))
-    gram = torch.cat([torch.cat([x.expand(*batch, *x.shape[-2:]) for x in row], dim=-1) for row in rows], dim=-2)
-    return Side(gram.to(torch.float64), size, length, dtype)
+    return torch.cat([torch.cat([x.expand(*batch, *x.shape[-2:]) for x in row], dim=-1) for row in rows], dim=-2)
 
 
-def _side_length(pieces: list[list[torch.Tensor]], shared: list[torch.Tensor]) -> int:
-    """``Side.length`` of ``_side(pieces, shared)``, from the shapes alone."""
-    length0 = _length(shared, 0) if shared else 0
-    return max(_length(p, length0) for p in pieces)
+def _side_error(pieces, plans, heads, rests, rows, start, start_error, dtype) -> torch.Tensor:
+    """(…,) the bound on ‖ΔΓ‖_F of ``_side`` (its docstring): each block's bound, summed in quadrature."""
+    C = len(pieces)
+    q_fro, q_err, q_two = [], [], []
+    for c in range(C):
+        if plans[c] == 1:
+            q_fro.append(_fro(heads[c]))
+            q_err.append(torch.zeros((), dtype=torch.float64))
+        else:  # multiplied out first: Π‖F_i‖_F bounds both its norm and (times γ) its rounding error
+            bound = math.prod((_fro(f) for f in pieces[c][: plans[c]]), start=torch.ones((), dtype=torch.float64))
+            q_fro.append(bound)
+            q_err.append(gamma(sum(f.shape[-1] for f in pieces[c][: plans[c] - 1]), dtype) * bound)
+        q_two.append(_norm2(heads[c]) + q_err[-1] if start is not None else None)
+    if start is not None:
+        m_fro = _fro(start)
+        p = start.shape[-1]
+    total = 0
+    for a in range(C):
+        for b in range(a, C):
+            fa, fb = q_fro[a] + q_err[a], q_fro[b] + q_err[b]
+            if start is None:
+                E = gamma(heads[a].shape[-2], dtype) * fa * fb + q_err[a] * fb + fa * q_err[b]
+                G_fro = fa * fb
+            else:
+                E = (start_error * q_two[a] * q_two[b] + gamma(2 * p, dtype) * fa * m_fro * fb
+                     + m_fro * (q_err[a] * fb + fa * q_err[b]))
+                G_fro = fa * m_fro * fb
+            for i in range(max(len(rests[a]), len(rests[b]))):
+                Fa = rests[a][i] if i < len(rests[a]) else None
+                Fb = rests[b][i] if i < len(rests[b]) else None
+                two = (_norm2(Fa) if Fa is not None else 1) * (_norm2(Fb) if Fb is not None else 1)
+                fro_a = _fro(Fa) if Fa is not None else 1
+                fro_b = _fro(Fb) if Fb is not None else 1
+                k = (Fa.shape[-2] if Fa is not None else 0) + (Fb.shape[-2] if Fb is not None else 0)
+                E = E * two + gamma(k, dtype) * fro_a * G_fro * fro_b
+                G_fro = G_fro * fro_a * fro_b
+            total = total + (1 if a == b else 2) * E.square()
+    return total.sqrt()
 
 
 def _pieces(form: Form) -> tuple[list, list, list, list]:
@@ -611,11 +644,12 @@ def error_bound(left: Side, right: Side, cl: torch.Tensor, cr: torch.Tensor) -> 
     (the Grams scaled by 2^−cL, 2^−cR as in ``core_eigenvalues``)."""
     eL = torch.ldexp(left.error, -cl)
     eR = torch.ldexp(right.error, -cr)
-    nL = torch.ldexp(torch.linalg.matrix_norm(left.gram), -cl)
+    nL = torch.ldexp(_sym_norm2(left.gram), -cl)
     tL = torch.ldexp(_trace(left.gram), -cl)
-    nR = torch.ldexp(torch.linalg.matrix_norm(right.gram), -cr)
+    nR = torch.ldexp(_sym_norm2(right.gram), -cr)
+    fR = torch.ldexp(torch.linalg.matrix_norm(right.gram), -cr)
     K = left.gram.shape[-1]
-    return eL * nR + nL * eR + eL * eR + gamma(10 * K, torch.float64) * tL * nR
+    return eL * nR + nL * eR + eL * eR + gamma(10 * K, torch.float64) * tL * fR
 
 
 def _float32_exact(form: Form) -> bool:
@@ -623,10 +657,10 @@ def _float32_exact(form: Form) -> bool:
 
 
 def float32_possible(form: Form) -> bool:
-    """The necessary condition for float32 Grams to pass the rule: γ_N_L + γ_N_R ≤ TOLERANCE in float32."""
-    left, shared_left, right, shared_right = _pieces(form)
-    return (gamma(_side_length(left, shared_left), torch.float32)
-            + gamma(_side_length(right, shared_right), torch.float32)) <= TOLERANCE
+    """The necessary condition for float32 Grams to pass the rule: γ_n + γ_m ≤ TOLERANCE in float32 for the outer
+    dimensions n, m, times the number of chains C (each side's first product runs over them, so its error bound is
+    at least γ_n·‖Γ‖₂/C, and δ ≥ (γ_n + γ_m)·λ_max/C)."""
+    return gamma(form.n, torch.float32) + gamma(form.m, torch.float32) <= len(form.chains) * TOLERANCE
 
 
 def gram_spectrum(form: Form, precision: str | None = None):
