@@ -338,16 +338,23 @@ def gamma(n: int, dtype: torch.dtype) -> float:
     return nu / (1 - nu) if nu < 1 else math.inf
 
 
-def _to_numpy(t: torch.Tensor):
-    return t.detach().numpy() if t.device.type == "cpu" else None
-
-
 def _gram(A: torch.Tensor) -> torch.Tensor:
-    """AᵀA: (…, n, k) → (…, k, k); numpy's matmul on the CPU (a syrk for a 2-D A)."""
-    a = _to_numpy(A)
-    if a is not None:
+    """AᵀA: (…, n, k) → (…, k, k); numpy's matmul on the CPU (a syrk for a 2-D A), on row-major operands (a
+    transposed view is read as its row-major base: AᵀA = F Fᵀ for A = Fᵀ)."""
+    if A.device.type == "cpu":
+        if A.mT.is_contiguous() and not A.is_contiguous():
+            f = A.mT.detach().numpy()  # (…, k, n)
+            return torch.from_numpy(f @ np.swapaxes(f, -1, -2))
+        a = A.detach().contiguous().numpy()
         return torch.from_numpy(np.swapaxes(a, -1, -2) @ a)
     return A.mT @ A
+
+
+def _take(A: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Batch items ``idx`` of a 3-D A, a transposed view taken from its row-major base (no transposing copy)."""
+    if A.mT.is_contiguous() and not A.is_contiguous():
+        return A.mT[idx].mT
+    return A[idx]
 
 
 def _key(t: torch.Tensor) -> tuple:
@@ -396,8 +403,8 @@ def _cross(A: torch.Tensor, B: torch.Tensor, same: bool) -> torch.Tensor:
     runs = _unique([A] if same else [A, B])
     if runs is not None:
         keep, inverse = runs
-        A = A[keep] if A.ndim == 3 else A
-        B = B[keep] if B.ndim == 3 else B
+        A = _take(A, keep) if A.ndim == 3 else A
+        B = _take(B, keep) if B.ndim == 3 else B
     out = (_shared_gram(A) if A.ndim == 2 else _gram(A)) if same else A.mT @ B
     return out[inverse] if runs is not None else out
 
@@ -477,9 +484,13 @@ def _side(pieces: list[list[torch.Tensor]], shared: list[torch.Tensor], dtype: t
     rests = [p[t:] for p, t in zip(pieces, plans, strict=True)]
     applied = [None if start is None else start @ h for h in heads]  # M0·Q_c, once per chain
 
+    traces = {}
+
     def block(a: int, b: int) -> torch.Tensor:
         if start is None:
             G = _cross(heads[a], heads[b], same=a == b)  # (…, k_a, k_b)
+            if a == b:
+                traces[a] = _trace(G).to(torch.float64)  # ‖Q_a‖_F², for the error bound
         else:
             G = heads[a].mT @ applied[b]
         for i in range(max(len(rests[a]), len(rests[b]))):  # peeled from the outside in
@@ -499,8 +510,8 @@ def _side(pieces: list[list[torch.Tensor]], shared: list[torch.Tensor], dtype: t
         for b in range(a + 1, C):
             rows[a][b] = block(a, b)
             rows[b][a] = rows[a][b].mT
-    return Side(_assembled(rows).to(torch.float64), _side_error(pieces, plans, heads, rests, rows, start,
-                                                                 start if start is None else start_error, dtype), dtype)
+    error = _side_error(pieces, plans, heads, rests, start, None if start is None else start_error, traces, dtype)
+    return Side(_assembled(rows).to(torch.float64), error, dtype)
 
 
 def _assembled(rows: list[list[torch.Tensor]]) -> torch.Tensor:
@@ -508,13 +519,13 @@ def _assembled(rows: list[list[torch.Tensor]]) -> torch.Tensor:
     return torch.cat([torch.cat([x.expand(*batch, *x.shape[-2:]) for x in row], dim=-1) for row in rows], dim=-2)
 
 
-def _side_error(pieces, plans, heads, rests, rows, start, start_error, dtype) -> torch.Tensor:
+def _side_error(pieces, plans, heads, rests, start, start_error, traces, dtype) -> torch.Tensor:
     """(…,) the bound on ‖ΔΓ‖_F of ``_side`` (its docstring): each block's bound, summed in quadrature."""
     C = len(pieces)
     q_fro, q_err, q_two = [], [], []
     for c in range(C):
         if plans[c] == 1:
-            q_fro.append(_fro(heads[c]))
+            q_fro.append(traces[c].clamp_min(0).sqrt() * (1 + 1e-9) if c in traces else _fro(heads[c]))
             q_err.append(torch.zeros((), dtype=torch.float64))
         else:  # multiplied out first: Π‖F_i‖_F bounds both its norm and (times γ) its rounding error
             bound = math.prod((_fro(f) for f in pieces[c][: plans[c]]), start=torch.ones((), dtype=torch.float64))
