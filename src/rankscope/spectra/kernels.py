@@ -401,12 +401,14 @@ def _unique(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | 
 def _cross(A: torch.Tensor, B: torch.Tensor, same: bool) -> torch.Tensor:
     """AᵀB (…, a, b) for A (…, n, a), B (…, n, b); repeated batch items computed once; ``same``: B is A."""
     runs = _unique([A] if same else [A, B])
-    if runs is not None:
-        keep, inverse = runs
-        A = _take(A, keep) if A.ndim == 3 else A
-        B = _take(B, keep) if B.ndim == 3 else B
-    out = (_shared_gram(A) if A.ndim == 2 else _gram(A)) if same else A.mT @ B
-    return out[inverse] if runs is not None else out
+    if runs is None:
+        return (_shared_gram(A) if A.ndim == 2 else _gram(A)) if same else A.mT @ B
+    keep, inverse = runs
+    if same:  # one Gram per kept item, read in place (no copy of the kept items)
+        return torch.stack([_gram(A[b]) for b in keep.tolist()])[inverse]
+    A = _take(A, keep) if A.ndim == 3 else A
+    B = _take(B, keep) if B.ndim == 3 else B
+    return (A.mT @ B)[inverse]
 
 
 def _batch_of(t: torch.Tensor) -> int:
