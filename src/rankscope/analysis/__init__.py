@@ -466,19 +466,23 @@ def _tick_to_parent(what: str) -> None:
 
 
 def _part(model_or_path, o: _Options, attention: frozenset[int], first_spare: int, jobs: int, worker: int,
-          matrices: frozenset[int]) -> tuple[dict[int, _Rows], int, dict[int, _Rows], int]:
+          matrices: frozenset[int]) -> bytes:
     """A worker's share: it opens the checkpoint itself and diagnoses the attention layers of the ordinals in
     ``attention`` (and, past the ``first_spare`` layers the parent counted, those with ordinal % jobs = worker) and
     the plain matrices of the indices in ``matrices``. Returns (attention rows by ordinal, the number of layers,
-    matrix rows by index, the number of matrices), for the parent to check and assemble."""
+    matrix rows by index, the number of matrices), for the parent to check and assemble, pickled here by value
+    (multiprocessing's own pickler would send each eigenvalue tensor through shared memory, a file descriptor
+    apiece)."""
+    import pickle
+
     m = _open(model_or_path, o)
 
     def owns(k: int) -> bool:
         return k in attention or (k >= first_spare and k % jobs == worker)
 
     found, layers = _attention_part(m.forms or [], o, owns, _tick_to_parent)
-    return found, layers, _matrix_part(m.weights, m.matrices, o, matrices.__contains__, _tick_to_parent,
-                                       m.stacks), len(m.matrices)
+    plain = _matrix_part(m.weights, m.matrices, o, matrices.__contains__, _tick_to_parent, m.stacks)
+    return pickle.dumps((found, layers, plain, len(m.matrices)), protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def _shares(m: _Model, o: _Options, jobs: int) -> list[tuple[frozenset[int], frozenset[int]]]:
@@ -512,6 +516,7 @@ def _in_workers(model_or_path, o: _Options, m: _Model, jobs: int, blas: int,
     torch and ``blas`` BLAS threads, each opening the checkpoint by its path (``_part``); their progress ticks come
     back through a queue. The pieces must cover every layer and matrix once, or the checkpoint changed."""
     import concurrent.futures as cf
+    import pickle
     import queue
 
     from rankscope.spectra.threads import worker_context, worker_pool
@@ -537,7 +542,7 @@ def _in_workers(model_or_path, o: _Options, m: _Model, jobs: int, blas: int,
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
-    pieces = [f.result() for f in futures]
+    pieces = [pickle.loads(f.result()) for f in futures]
     attention = {k: r for found, _, _, _ in pieces for k, r in found.items()}
     matrices = {j: r for _, _, found, _ in pieces for j, r in found.items()}
     layers, n_matrices = {p[1] for p in pieces}, {p[3] for p in pieces}
@@ -609,11 +614,12 @@ def analyze_full(model_or_path, *, per_head: bool = True, kinds: Iterable[str] |
             if progress:
                 progress(done, max(total, done), what)
 
-        if jobs == 1:
+        workers = min(jobs, total)  # no more workers than layers and matrices
+        if workers <= 1:
             attention, _ = _attention_part(m.forms or [], o, _everything, tick)
             matrices = _matrix_part(m.weights, m.matrices, o, _everything, tick, m.stacks)
         else:
-            attention, matrices = _in_workers(model_or_path, o, m, jobs, threads or 1, tick)
+            attention, matrices = _in_workers(model_or_path, o, m, workers, threads or 1, tick)
     rows = _Rows(o.spectra)
     for piece in [*(attention[k] for k in sorted(attention)), *(matrices[j] for j in sorted(matrices))]:
         rows.extend(piece)
