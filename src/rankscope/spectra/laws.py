@@ -76,6 +76,8 @@ def mp_median(q: float) -> float:
 
 # ----------------------------------------------------------------------------- Tracy–Widom
 
+TW1_MEAN, TW1_SD = -1.2065335745820, math.sqrt(1.6077810345810)  # GOE Tracy–Widom (Bornemann 2010, table 4)
+
 
 def tracy_widom1_cdf(s: float, nodes: int = 80) -> float:
     """GOE Tracy–Widom CDF F₁(s) = det(I − K_s) on L²(0, ∞), K_s(x, y) = Ai(x + y + s).
