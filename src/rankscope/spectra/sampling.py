@@ -145,35 +145,69 @@ def _shared_chain(dims: Sequence[int], side: str, draws: int, rng: np.random.Gen
     return _product([*(gaussian(rng, draws, a, b) for a, b in pairs[:-1]), last])
 
 
+def reduced_chain(dims: Sequence[int], first_fixed: bool, last_fixed: bool) -> list[tuple[str, int, int, int]]:
+    """A chain of independent Gaussians (dims (d0, …, dL)) as factors of the same law in distribution, each
+    ("gauss", rows, cols, 0), ("lower", k, k, dof) or ("upper", k, k, dof), with no inner width above its
+    neighbours'.
+
+    A Gaussian G (a×k) with k > a before a Gaussian H (k×b): G = L Q (L the transposed Bartlett R of Gᵀ, Q a×k with
+    orthonormal rows, independent of L), and Q H is an a×b Gaussian independent of L, so G H has the law of L H'
+    with H' a×b (the left sweep). Likewise H (k×b) with k > b after a Gaussian G: H = Q R and G Q is Gaussian (the
+    right sweep). The block's matrix keeps its law exactly, so its spectrum and its Frobenius norm do. A fixed end
+    (a slice of the outer factor stacked over the blocks) is never replaced, but its inner width may shrink: the
+    blocks' reduced outer factors are still independent Gaussians, stacked and then drawn as one Bartlett triangle.
+    """
+    f = [["gauss", a, b, 0] for a, b in itertools.pairwise(dims)]
+    for i in range(1 if first_fixed else 0, len(f) - 1):  # left sweep
+        if f[i][0] == "gauss" and f[i + 1][0] == "gauss" and f[i][2] > f[i][1]:
+            a, k = f[i][1], f[i][2]
+            f[i] = ["lower", a, a, k]
+            f[i + 1][1] = a
+    for i in range(len(f) - 1 - (1 if last_fixed else 0), 0, -1):  # right sweep
+        if f[i][0] == "gauss" and f[i - 1][0] == "gauss" and f[i][1] > f[i][2]:
+            k, b = f[i][1], f[i][2]
+            f[i] = ["upper", b, b, k]
+            f[i - 1][2] = b
+    return [tuple(x) for x in f]
+
+
+def _draw(kind: str, a: int, b: int, dof: int, draws: int, rng: np.random.Generator) -> torch.Tensor:
+    if kind == "gauss":
+        return gaussian(rng, draws, a, b)
+    R = bartlett(a, dof, draws, rng)  # (draws, a, a) upper
+    return R if kind == "upper" else R.mT
+
+
 def simulate_spectra(structure, ratios: Sequence[float], draws: int, seed: int) -> torch.Tensor:
     """Spectra (draws, r) of random forms of this structure: every factor an independent standard Gaussian of
     its shape (a shared outer chain drawn once per draw for all blocks), block c scaled to Frobenius norm
-    ``ratios[c]``."""
+    ``ratios[c]``. Inner widths wider than their neighbours are drawn reduced (``reduced_chain``): exact in law."""
     s = Structure.of(structure)
     rng = np.random.default_rng(seed)
     plain = any(len(d) == 2 for d in s.chains)  # a plain matrix inside a sum: simulate every block whole
+    fix_left, fix_right = not (plain or s.left), not (plain or s.right)  # a stacked outer factor on that side
+    recipes = [reduced_chain(d, fix_left, fix_right) if len(d) > 2 else [("gauss", *d, 0)] for d in s.chains]
     # The blocks' own outermost factors, stacked side by side (one Gaussian), when nothing is shared there.
-    left_side = None if (plain or s.left) else outer_factor(s.n, sum(d[1] for d in s.chains), draws, rng)
-    right_side = None if (plain or s.right) else outer_factor(s.m, sum(d[-2] for d in s.chains), draws, rng)
+    left_side = outer_factor(s.n, sum(r[0][2] for r in recipes), draws, rng) if fix_left else None
+    right_side = outer_factor(s.m, sum(r[-1][1] for r in recipes), draws, rng) if fix_right else None
     left = _shared_chain(s.left, "left", draws, rng) if s.left else None  # (draws, ·, p)
     right = _shared_chain(s.right, "right", draws, rng) if s.right else None  # (draws, q, ·)
     core, col_l, col_r = 0, 0, 0
-    for d, ratio in zip(s.chains, ratios, strict=True):
-        pairs = list(itertools.pairwise(d))
-        if len(pairs) == 1:
-            factors = [gaussian(rng, draws, *pairs[0])]
+    for d, recipe, ratio in zip(s.chains, recipes, ratios, strict=True):
+        if len(d) == 2:
+            factors = [gaussian(rng, draws, *d)]
         else:
             if left_side is not None:
-                first = left_side[..., col_l : col_l + d[1]]  # (draws, ·, k1)
-                col_l += d[1]
+                first = left_side[..., col_l : col_l + recipe[0][2]]  # (draws, ·, k1)
+                col_l += recipe[0][2]
             else:
-                first = gaussian(rng, draws, *pairs[0])
-            mids = [gaussian(rng, draws, a, b) for a, b in pairs[1:-1]]
+                first = _draw(*recipe[0], draws, rng)
+            mids = [_draw(*x, draws, rng) for x in recipe[1:-1]]
             if right_side is not None:
-                last = right_side[..., col_r : col_r + d[-2]].mT  # (draws, k_last, ·)
-                col_r += d[-2]
+                last = right_side[..., col_r : col_r + recipe[-1][1]].mT  # (draws, k_last, ·)
+                col_r += recipe[-1][1]
             else:
-                last = gaussian(rng, draws, *pairs[-1])
+                last = _draw(*recipe[-1], draws, rng)
             factors = [first, *mids, last]
         block = _product(([left] if left is not None else []) + factors + ([right] if right is not None else []))
         norm = block.square().sum(dim=(-2, -1), keepdim=True).sqrt()
