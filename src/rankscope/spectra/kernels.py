@@ -5,15 +5,23 @@ descending, float64: as many as the form's rank bound (``spectra.form``).
 
 The trick (as in TransformerLens's ``FactoredMatrix``): split every chain at its narrowest inner dimension,
 ``C_c = X_c Y_c``; stack the blocks, ``Σ_c C_c = [X_1 … X_C] @ [Y_1; …; Y_C] = X Y`` with inner width
-``K = Σ_c k_c`` (a shared left or right chain multiplies X or Y, or takes their place where it is narrower);
-then with ``X = Q_X T_X`` and ``Yᵀ = Q_Y T_Y`` (thin QR), the singular values of B are those of the small
-``K×K`` core ``T_X T_Yᵀ``. Equal to the dense SVD up to float rounding.
+``K = Σ_c k_c`` (a shared left or right chain multiplies X or Y, or takes their place where it is narrower).
+Two routes to the singular values of X Y from K×K matrices:
+
+- the Gram route (the default where it applies): σ(XY)² = eig(Γ_X^{1/2} Γ_Y Γ_X^{1/2}) with the Grams
+  Γ_X = XᵀX, Γ_Y = YYᵀ built factor by factor from the outside in, a shared factor's once for the batch, kept only
+  where an a-posteriori Weyl bound proves the median and the top eigenvalue right to ``TOLERANCE`` (float32
+  products where even they pass it, float64 else; the section "Gram route" below);
+- the QR route (``route="qr"``, and the fallback per batch item): with ``X = Q_X T_X`` and ``Yᵀ = Q_Y T_Y``
+  (thin QR), the singular values of B are those of the core ``T_X T_Yᵀ``.
+
+Both equal the dense SVD up to float rounding.
 
 Every function accepts a leading batch dimension on any factor (heads of one layer, draws of a null); a
 factor without it is shared by the whole batch.
 
 Scale. A spectrum is computed on the form scaled by powers of two (``normalized``: each factor divided by the power
-of two just above its largest |entry|, and the small core again before its Gram product; a factor already within
+of two just above its largest |entry|, and the small core or Grams again before the eigensolver; a factor already within
 2^±``SAFE_EXPONENT`` is left as it is, so the common case costs no multiply), then scaled back
 (``restore``): λ(c·B) = c²·λ(B), and a power-of-two scaling only changes exponents, so it is exact. Entries anywhere
 in float64's range therefore give the eigenvalues to the precision of unit-size entries, or an ``InputError``
