@@ -115,6 +115,8 @@ def analyze(
     spectra: bool = typer.Option(False, "--spectra", help="add each row's eigenvalues to the rows file"),
     jobs: int = typer.Option(1, help="worker processes (1..cores, one torch and --threads BLAS threads each): one "
                                      "checkpoint's layers, or a series' checkpoints, analysed at once"),
+    device: str = typer.Option("auto", help="cpu | cuda | cuda:N | auto (CUDA when present and --jobs is 1): where "
+                                            "the tensors are read to and the spectra computed"),
 ) -> None:
     """Diagnose every attention head, layer and weight matrix of a checkpoint (or a series of checkpoints)."""
     from rankscope.commands.analyze import analyze as run_analyze
@@ -122,7 +124,10 @@ def analyze(
 
     with _bad_input_exits_2():
         fmt = check_cli_options(kinds=kinds, null=null, fpr=fpr, out=out, fmt=fmt, threads=threads, experts=experts,
-                                jobs=jobs)
+                                jobs=jobs, device=device)
+        from rankscope.commands.analyze import cli_device
+
+        device = cli_device(device, jobs)
         kind_list = None if kinds is None else [k.strip() for k in kinds.split(",") if k.strip()]
         options = dict(per_head=per_head, kinds=kind_list, null=null, fpr=fpr)
         from rankscope.commands.series import analyze_series, checkpoint_series
@@ -134,11 +139,12 @@ def analyze(
             if spectra or fmt not in ("parquet", "table") or not figure:
                 raise InputError("--format, --spectra and --no-figure apply to one checkpoint; a series is a run store "
                                  "(its spectra table keeps every attention form's eigenvalues)")
-            analyze_series(console, series, out=out, jobs=jobs, experts=experts, threads=threads, **options)
+            analyze_series(console, series, out=out, jobs=jobs, experts=experts, threads=threads, device=device,
+                           **options)
             return
         to_stdout = out is None and fmt in ("csv", "json")
         run_analyze(Console(stderr=True) if to_stdout else console, paths[0], out=out, fmt=fmt, figure=figure,
-                    threads=threads, jobs=jobs, experts=experts, spectra=spectra, **options)
+                    threads=threads, jobs=jobs, experts=experts, spectra=spectra, device=device, **options)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, epilog=SETTINGS_HELP)

@@ -164,20 +164,45 @@ def _weights_of(state: dict[str, torch.Tensor]) -> _Weights:
     return _Weights(list(state), state.__getitem__, lambda n: tuple(state[n].shape), lambda n: state[n].dtype)
 
 
-def _source(model_or_path, offsets: tuple[int, ...] = (0,)) -> tuple[dict | None, _Weights, list[NamedForm] | None]:
-    """(config, weights, attention forms from the model itself, or None to read them by architecture)."""
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(device: str | None) -> str | None:
+    """``device``: None (tensors where they are: a checkpoint's on the CPU, a model's on its own device), "cpu",
+    "cuda" (``InputError`` where torch sees no CUDA device) or "auto" (CUDA when present, else the CPU)."""
+    if device is None:
+        return None
+    if not isinstance(device, str) or device.split(":")[0] not in DEVICES or (device.startswith("auto:")):
+        raise InputError(f"device must be one of {', '.join(DEVICES)} (or cuda:N); got {device!r}")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InputError(f"device {device!r}: torch sees no CUDA device here (torch {torch.__version__}, "
+                             "torch.cuda.is_available() is False); use cpu or auto")
+        index = device.partition(":")[2]
+        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+            raise InputError(f"device {device!r}: there are {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
+def _source(model_or_path, offsets: tuple[int, ...] = (0,),
+            device: str | None = None) -> tuple[dict | None, _Weights, list[NamedForm] | None]:
+    """(config, weights, attention forms from the model itself, or None to read them by architecture); with a
+    ``device``, every tensor is moved there as it is read (a checkpoint's one at a time)."""
     if isinstance(model_or_path, nn.Module):
-        state = {k: v.detach() for k, v in model_or_path.state_dict().items()}
+        state = {k: v.detach() if device is None else v.detach().to(device)
+                 for k, v in model_or_path.state_dict().items()}
         _check_dense(type(model_or_path).__name__, state)
         config = getattr(model_or_path, "config", None)
         config = config.to_dict() if hasattr(config, "to_dict") else config
         if hasattr(model_or_path, "attention_layers"):  # a rankscope model: each attention module gives its chains
             from rankscope.probes.native import native_forms
 
-            return config, _weights_of(state), native_forms(model_or_path, offsets=offsets)
+            return config, _weights_of(state), _on(native_forms(model_or_path, offsets=offsets), device)
         mhas = [m for m in model_or_path.modules() if isinstance(m, nn.MultiheadAttention)]
         forms = [f for i, module in enumerate(mhas) for f in multihead_attention_forms(module, layer=i)]
-        return config, _weights_of(state), forms or None
+        return config, _weights_of(state), _on(forms, device) or None
     if not isinstance(model_or_path, str | PathLike):
         raise InputError("expected a model (nn.Module) or the path of a checkpoint, got "
                          f"{type(model_or_path).__name__}")
@@ -186,9 +211,15 @@ def _source(model_or_path, offsets: tuple[int, ...] = (0,)) -> tuple[dict | None
 
     native = GPT.from_run(model_or_path)  # a rankscope run directory or one of its checkpoints
     if native is not None:
-        return _source(native, offsets)
+        return _source(native, offsets, device)
     ckpt = open_checkpoint(Path(model_or_path))
-    return ckpt.config, _Weights(list(ckpt.names), ckpt.tensor, ckpt.shape, ckpt.dtype), None
+    read = ckpt.tensor if device is None else (lambda name: ckpt.tensor(name).to(device))
+    return ckpt.config, _Weights(list(ckpt.names), read, ckpt.shape, ckpt.dtype), None
+
+
+def _on(forms: list[NamedForm], device: str | None) -> list[NamedForm]:
+    """The forms with their factors on ``device`` (None: as they are)."""
+    return forms if device is None else [replace(f, form=f.form.to(device)) for f in forms]
 
 
 def _check_dense(model: str, state: dict[str, torch.Tensor]) -> None:
@@ -243,6 +274,7 @@ class _Options:
     offsets: tuple[int, ...]
     experts: int | None  # ``parse_experts``
     spectra: bool
+    device: str | None = None  # ``resolve_device``'s
 
 
 def _options(per_head: bool, kinds: Iterable[str] | None, null, fpr: float, offsets: Iterable[int],
@@ -276,7 +308,7 @@ class _Model:
 
 def _open(model_or_path, o: _Options) -> _Model:
     """The model's weights, attention forms and plain matrices; ``InputError`` when nothing is to be diagnosed."""
-    config, weights, forms = _source(model_or_path, o.offsets)
+    config, weights, forms = _source(model_or_path, o.offsets, o.device)
     arch = detect_architecture(config) if config else None
     matrices = _matrices(weights, set(o.wanted), o.experts)
     named_stacks = layout_stacks(config)
@@ -581,7 +613,8 @@ def check_options(nulls: tuple[str, ...], fpr: float) -> float:
 def analyze_full(model_or_path, *, per_head: bool = True, kinds: Iterable[str] | None = None,
                  null: str | tuple[str, ...] = PRODUCT, fpr: float = 0.01, threads: int | None = 1, jobs: int = 1,
                  progress: Callable[[int, int, str], None] | None = None,
-                 offsets: Iterable[int] = (0,), experts: str | int | None = "all", spectra: bool = False) -> Analysis:
+                 offsets: Iterable[int] = (0,), experts: str | int | None = "all", spectra: bool = False,
+                 device: str | None = None) -> Analysis:
     """``analyze`` with the diagnoses kept (for figures). ``null`` may be a tuple of nulls: every form then gets
     one row per null, its spectrum computed once. ``offsets``: relative offsets Δ at which rankscope models'
     per-head qk forms are also read (an ``offset`` column; other models' forms are read at Δ = 0).
@@ -594,9 +627,14 @@ def analyze_full(model_or_path, *, per_head: bool = True, kinds: Iterable[str] |
     worker processes, each of one torch and ``threads`` (or 1) BLAS threads, open a checkpoint by its path and
     diagnose a share of its attention layers and matrices; the table is the one of ``jobs=1`` (same rows, same
     order). A model in memory is analysed in this process (jobs=1). ``progress(done, total, what)``: after each
-    attention layer and each matrix.
+    attention layer and each matrix. ``device``: where the spectra are computed (``resolve_device``: None, "cpu",
+    "cuda", "cuda:N" or "auto"); the tensors are moved there as they are read, the nulls stay cached arrays.
     """
-    o = _options(per_head, kinds, null, fpr, offsets, experts, spectra)
+    o = replace(_options(per_head, kinds, null, fpr, offsets, experts, spectra),
+                device=resolve_device(device))
+    if jobs > 1 and o.device is not None and o.device.startswith("cuda"):
+        raise InputError(f"jobs={jobs} with device {o.device!r}: the worker processes share the CPU's cores; on a "
+                         "GPU one process does the work (jobs=1)")
     if threads is not None:
         check_count(threads, "threads")
     check_jobs(jobs)
@@ -688,7 +726,7 @@ def _what(model_or_path) -> str:
 
 def analyze(model_or_path, *, per_head: bool = True, kinds: Iterable[str] | None = None, null: str = PRODUCT,
             fpr: float = 0.01, threads: int | None = 1, jobs: int = 1, experts: str | int | None = "all",
-            spectra: bool = False) -> pd.DataFrame:
+            spectra: bool = False, device: str | None = None) -> pd.DataFrame:
     """One row per (layer, head_index, kind): the full diagnosis, shapes, variant and KV-cache floats per token.
 
     ``model_or_path``: an ``nn.Module`` (a transformers model, a rankscope model, or any model with
@@ -699,11 +737,12 @@ def analyze(model_or_path, *, per_head: bool = True, kinds: Iterable[str] | None
     (process-wide; None leaves the process's settings alone). ``jobs``: worker processes over the layers of a
     checkpoint given by its path, each of one torch and ``threads`` BLAS threads (the same table as ``jobs=1``).
     ``experts``: "all", "none" or "sample:K" experts per layer of a mixture of experts
-    (an ``expert`` column; −1 elsewhere). ``spectra=True`` adds each row's ``eigenvalues``.
+    (an ``expert`` column; −1 elsewhere). ``spectra=True`` adds each row's ``eigenvalues``. ``device``: "cpu",
+    "cuda", "auto" or None (where the tensors are; ``resolve_device``).
     What ``analyze_full(...).notes`` holds (e.g. "no attention layout") is issued as a ``UserWarning``.
     """
     found = analyze_full(model_or_path, per_head=per_head, kinds=kinds, null=null, fpr=fpr, threads=threads,
-                         jobs=jobs, experts=experts, spectra=spectra)
+                         jobs=jobs, experts=experts, spectra=spectra, device=device)
     for note in found.notes:
         warnings.warn(note, stacklevel=2)
     return found.table

@@ -15,7 +15,7 @@ MAX_ERROR_LINES = 20  # error rows printed one per line; the rest are counted (a
 
 
 def check_cli_options(*, kinds: str | None, null: str, fpr: float, out: Path | None, fmt: str | None, threads: int,
-                      experts: str, jobs: int) -> str:
+                      experts: str, jobs: int, device: str = "auto") -> str:
     """Validate ``analyze``'s options before any work (``InputError``: one line naming the option and the allowed
     values); returns the output format, resolved: parquet with ``--out``, else the table."""
     from rankscope.analysis import check_options, parse_experts, selected_kinds
@@ -41,9 +41,24 @@ def check_cli_options(*, kinds: str | None, null: str, fpr: float, out: Path | N
     parse_experts(experts)
     check_count(threads, "--threads")
     check_jobs(jobs, "--jobs")
+    cli_device(device, jobs)
     if out is not None:
         check_out_dir(out)
     return fmt
+
+
+def cli_device(device: str, jobs: int) -> str:
+    """``--device`` resolved (``analysis.resolve_device``): "auto" is CUDA when present, but the CPU with --jobs > 1
+    (worker processes share the CPU's cores); an explicit cuda with --jobs > 1 is an ``InputError``."""
+    from rankscope.analysis import resolve_device
+
+    if device == "auto" and jobs > 1:
+        return "cpu"
+    resolved = resolve_device(device)
+    if jobs > 1 and resolved.startswith("cuda"):
+        raise InputError(f"--jobs {jobs} with --device {device}: on a GPU one process does the work (--jobs 1); "
+                         "worker processes share the CPU's cores")
+    return resolved
 
 
 def check_out_dir(out: Path) -> None:
@@ -179,6 +194,7 @@ def esd(result, out: Path) -> Path | None:
 
 def analyze(console: Console, path: str, *, per_head: bool, kinds: list[str] | None, null: str, fpr: float,
             out: Path | None, fmt: str, figure: bool, threads: int = 1, jobs: int = 1, experts: str = "all",
+            device: str | None = None,
             spectra: bool = False) -> int:
     """Analyse, print the notes, tables and errors, write the rows and figure; returns the number of rows. With
     ``fmt`` csv or json and no ``out`` the rows go to stdout (give a stderr console for the rest). ``jobs``
@@ -192,7 +208,7 @@ def analyze(console: Console, path: str, *, per_head: bool, kinds: list[str] | N
     t0 = time.perf_counter()
     with progress_bar(console, "reading the checkpoint", "analysing") as progress:
         result = analyze_full(path, per_head=per_head, kinds=kinds, null=null, fpr=fpr, experts=experts,
-                              spectra=spectra, threads=threads, jobs=jobs, progress=progress)
+                              spectra=spectra, threads=threads, jobs=jobs, progress=progress, device=device)
     df = result.table
     for note in result.notes:
         console.print(f"[yellow]note:[/yellow] {note}", soft_wrap=True)

@@ -126,12 +126,13 @@ def checkpoint_series(paths: list[str]) -> list[tuple[int, str]] | None:
 
 
 def analyze_one(path: str, step: int, per_head: bool, kinds, null, fpr: float, experts,
-                threads: int | None) -> tuple[int, pd.DataFrame, list[dict], list[str]]:
+                threads: int | None, device: str | None = None) -> tuple[int, pd.DataFrame, list[dict], list[str]]:
     """(step, the rows of ``analyze_full`` with their ``step`` and ``checkpoint``, the spectra rows of its
     attention forms, its notes): the work of one checkpoint, in a worker process or in this one."""
     from rankscope.analysis import analyze_full, spectra_rows
 
-    found = analyze_full(path, per_head=per_head, kinds=kinds, null=null, fpr=fpr, experts=experts, threads=threads)
+    found = analyze_full(path, per_head=per_head, kinds=kinds, null=null, fpr=fpr, experts=experts, threads=threads,
+                         device=device)
     return step, found.table.assign(step=step, checkpoint=path), spectra_rows(found, step=step), found.notes
 
 
@@ -157,7 +158,7 @@ def _store(store, step: int, table: pd.DataFrame, spectra: list[dict], notes: li
 
 
 def analyze_series(console: Console, checkpoints: list[tuple[int, str]], *, out: Path, jobs: int, per_head,
-                   kinds, null, fpr, experts: str = "all", threads: int = 1) -> Path:
+                   kinds, null, fpr, experts: str = "all", threads: int = 1, device: str | None = None) -> Path:
     """Analyse every (step, checkpoint) into the run store under ``out`` (``RunStore``: tables ``attention``,
     ``weights``, ``spectra``, each row with its ``step``); steps already stored there are skipped (resumable).
     ``jobs`` > 1: that many worker processes over the checkpoints (``spectra.threads.worker_pool``: fresh
@@ -168,7 +169,7 @@ def analyze_series(console: Console, checkpoints: list[tuple[int, str]], *, out:
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from rankscope.analysis import check_options, parse_experts, selected_kinds
+    from rankscope.analysis import check_options, parse_experts, resolve_device, selected_kinds
     from rankscope.spectra.threads import check_count, check_jobs, worker_context, worker_pool
     from rankscope.store import RunStore
     from rankscope.vocab import ALL_GROUPS
@@ -178,6 +179,10 @@ def analyze_series(console: Console, checkpoints: list[tuple[int, str]], *, out:
     check_options((null,) if isinstance(null, str) else tuple(null), fpr)
     selected_kinds(kinds if kinds is not None else ALL_GROUPS)  # bad kinds fail before any work
     parse_experts(experts)
+    device = resolve_device(device)
+    if jobs > 1 and device is not None and device.startswith("cuda"):
+        raise InputError(f"--jobs {jobs} with --device {device}: on a GPU one process analyses the checkpoints "
+                         "(--jobs 1)")
     out = Path(out)
     store = RunStore(out)
     done = store.steps("attention") | store.steps("weights")
@@ -185,7 +190,7 @@ def analyze_series(console: Console, checkpoints: list[tuple[int, str]], *, out:
     if len(todo) < len(checkpoints):
         console.print(f"{out}: {len(checkpoints) - len(todo)} of {len(checkpoints)} steps already stored, skipped")
     t0 = time.perf_counter()
-    args = (per_head, kinds, null, fpr, experts)
+    args = (per_head, kinds, null, fpr, experts)  # device: the checkpoints are analysed here when it is a GPU
     said: set[str] = set()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
@@ -193,13 +198,14 @@ def analyze_series(console: Console, checkpoints: list[tuple[int, str]], *, out:
         if jobs == 1 or len(todo) <= 1:
             for step, path in todo:
                 bar.update(task, description=f"analysing step {step}")
-                _store(store, *analyze_one(path, step, *args, threads=threads), said, console)
+                _store(store, *analyze_one(path, step, *args, threads=threads, device=device), said, console)
                 bar.advance(task)
         else:
             context = worker_context(["rankscope.commands.series", "rankscope.analysis"])
             with worker_pool(min(jobs, len(todo)), blas=threads, context=context) as pool:
                 # analyze_full runs under thread_budget(torch=1, blas=threads) in each worker
-                futures = [pool.submit(analyze_one, path, step, *args, threads=threads) for step, path in todo]
+                futures = [pool.submit(analyze_one, path, step, *args, threads=threads, device=device)
+                           for step, path in todo]
                 try:
                     for future in cf.as_completed(futures):
                         step, table, spectra, notes = future.result()
