@@ -327,14 +327,18 @@ def diff(
     fpr: float = typer.Option(0.01, help="false-positive rate of the outlier test, per spectrum"),
     k: int = typer.Option(0, help="dimension of the compared top singular subspaces; 0 = the base's outlier count"),
     out: Path | None = typer.Option(None, help="directory for diff.parquet (every row) and diff.png"),
-    threads: int = typer.Option(0, help="BLAS threads for the numerics (torch gets one); 0 = the free cores"),
+    threads: int = typer.Option(1, help="BLAS threads for the numerics (torch gets one); more threads than free cores "
+                                        "make each BLAS call wait"),
 ) -> None:
     """What fine-tuning changed: the spectrum of ΔW = W_tuned − W_base per matrix and head, and the top subspaces."""
     from rankscope.commands.diff import diff as run_diff
 
     with _bad_input_exits_2():
-        if k < 0 or threads < 0:
-            raise InputError(f"--k and --threads must be 0 or positive, got --k {k} --threads {threads}")
+        from rankscope.spectra.threads import check_count
+
+        if k < 0:
+            raise InputError(f"--k must be 0 (the base's outlier count) or positive, got {k}")
+        check_count(threads, "--threads")
         kind_list = None if kinds is None else [x.strip() for x in kinds.split(",") if x.strip()]
         run_diff(console, base, tuned, per_head=per_head, kinds=kind_list, null=null, fpr=fpr, k=k or None, out=out,
                  threads=threads)

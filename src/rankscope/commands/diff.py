@@ -132,12 +132,10 @@ def diff(console: Console, base: str, tuned: str, *, per_head: bool, kinds: list
 
     from rankscope.analysis.diff import diff as compare
     from rankscope.commands.progress import progress_bar
-    from rankscope.spectra.threads import free_cores
-
     t0 = time.perf_counter()
     with progress_bar(console, "comparing", "comparing") as progress:
         df = compare(base, tuned, per_head=per_head, kinds=kinds, null=null, fpr=fpr, k=k,
-                     threads=threads or free_cores(), progress=progress)
+                     threads=threads, progress=progress)
     for note in df.attrs.get("notes", []):
         console.print(f"[yellow]note:[/yellow] {note}", soft_wrap=True)
     shown = df[df["null"] == null] if "null" in df else df
