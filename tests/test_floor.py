@@ -219,18 +219,20 @@ def test_mla_spectra_and_block_norms_equal_dense_and_the_down_projection_gram_is
     for kind in ("qk", "qk_content", "qk_rope", "ov"):
         heads = [f for f in forms if f.kind == kind and f.head >= 0]
         layer = next(f for f in forms if f.kind == kind and f.head < 0)
-        batched = prepare(stack_heads(heads), batched=True)
-        lam = spectrum(batched)
+        batched, exponent = prepare(stack_heads(heads), batched=True, scaled=True)
+        assert int(exponent.abs().max()) == 0  # unit-size weights: the normalized form is the form itself
+        lam = spectrum(batched, normalized_already=True)
         for h, f in enumerate(heads):
             ref = dense_eigenvalues(multiplied_out(f.form).numpy(), lam.shape[-1])
             np.testing.assert_allclose(lam[h].numpy(), ref, rtol=1e-8, atol=1e-12 * ref[0])
         ref = dense_eigenvalues(multiplied_out(layer.form).numpy(), layer.form.rank_bound)
         np.testing.assert_allclose(spectrum(prepare(layer.form)).numpy(), ref, rtol=1e-8, atol=1e-12 * ref[0])
-        if kind == "qk":  # a sum of two chains: the block norms from the spectrum's Grams
-            norms = batched.block_norms()
-            for h, f in enumerate(heads):
-                want = [np.linalg.norm(multiplied_out(t).numpy()) for t in f.form.terms()]
-                np.testing.assert_allclose(norms[h].numpy(), want, rtol=1e-10)
+        if kind == "qk":  # a sum of two chains: the block norms the spectrum left, and by Grams afresh
+            assert batched._memo is not None
+            for norms in (batched.block_norms(), kernels.block_norms(batched)):
+                for h, f in enumerate(heads):
+                    want = [np.linalg.norm(multiplied_out(t).numpy()) for t in f.form.terms()]
+                    np.testing.assert_allclose(norms[h].numpy(), want, rtol=1e-10)
     # Wdqᵀ/ρ (d, dq): its Gram once for the whole layer, every kind and the layer sums (not per head, not twice)
     assert seen.count((d, dq)) == 1
 

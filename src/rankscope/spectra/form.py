@@ -260,11 +260,20 @@ class Form:
 
     # ---- norms ------------------------------------------------------------------------------------------------
     def block_norms(self) -> Tensor:
-        """Frobenius norm of each chain's term ``L C_c R``: (…, C) float64, ‖X Y‖_F² = tr(XᵀX · YYᵀ) from the Grams
-        (``kernels.block_norms``: those a spectrum of this form computed already, else the diagonal blocks)."""
-        from rankscope.spectra.kernels import block_norms  # kernels builds on this module
+        """Frobenius norm of each chain's term ``L C_c R``: (…, C) float64, via ‖XY‖_F² = Σ (XᵀX) ∘ (YYᵀ).
 
-        return block_norms(self)
+        Where a spectrum of this very form computed its Grams (``kernels``' Gram route), the norms it left are read
+        (``_memo``, valid while no factor has changed since: the tensors' version counters)."""
+        memo = getattr(self, "_memo", None)
+        if memo is not None and memo[0] == tuple(f._version for f in self.factor_list):
+            return memo[1]
+        norms = []
+        for term in self.terms():
+            X, Y = split_at_bottleneck(reduced(Chain(*term)))
+            X, Y = X.to(torch.float64), Y.to(torch.float64)
+            gram = (X.mT @ X) * (Y @ Y.mT)  # (…, k, k)
+            norms.append(gram.sum(dim=(-2, -1)).clamp_min(0).sqrt())
+        return torch.stack(torch.broadcast_tensors(*norms), dim=-1)
 
     def __repr__(self) -> str:
         batch = "" if self.batch is None else f", batch {self.batch}"
@@ -274,7 +283,7 @@ class Form:
 class Chain(Form):
     """``B = F1 @ F2 @ … @ Fk``. ``shared``: positions of factors that are the same for every head of a layer."""
 
-    __slots__ = ("_memo", "factors", "shared")  # _memo: the Grams a spectrum left (kernels._remember)
+    __slots__ = ("_memo", "factors", "shared")  # _memo: the block norms a spectrum left (kernels._remember)
     factors: tuple[Tensor, ...]
     shared: frozenset[int]
 

@@ -602,34 +602,30 @@ def grams(form: Form, dtype: torch.dtype = torch.float64) -> tuple[Side, Side]:
     return _side(left, shared_left, dtype), _side(right, shared_right, dtype)
 
 
-def _memo(form: Form) -> tuple[Side, Side] | None:
-    """The float64 Grams a spectrum left on this form, while no factor has changed since (version counters)."""
-    memo = getattr(form, "_memo", None)
-    if memo is None or memo[0] != tuple(f._version for f in form.factor_list):
-        return None
-    return memo[1]
-
-
 def _remember(form: Form, sides: tuple[Side, Side]) -> None:
-    if len(form.chains) > 1:  # only a sum's block norms read them again
-        object.__setattr__(form, "_memo", (tuple(f._version for f in form.factor_list), sides))
+    """Leave a sum's block norms, from the Grams just computed, on the form for ``Form.block_norms`` (the sum null
+    reads them next), keyed by its factors' version counters."""
+    if len(form.chains) > 1:
+        object.__setattr__(form, "_memo", (tuple(f._version for f in form.factor_list), _norms_from(form, sides)))
+
+
+def _norms_from(form: Form, sides: tuple[Side, Side]) -> torch.Tensor:
+    """‖L C_c R‖_F = tr(Γ_L,cc Γ_R,cc)^½ per chain c from the diagonal blocks of the two Grams, (…, C)."""
+    widths = [min(d[1:-1]) if len(d) > 2 else d[-1] for d in form.structure.chains]
+    edges = np.cumsum([0, *widths])
+    norms = [(sides[0].gram[..., a:b, a:b] * sides[1].gram[..., a:b, a:b]).sum(dim=(-2, -1)).clamp_min(0).sqrt()
+             for a, b in itertools.pairwise(edges)]  # tr(G_L G_R) of symmetric blocks
+    return torch.stack(torch.broadcast_tensors(*norms), dim=-1)
 
 
 def block_norms(form: Form) -> torch.Tensor:
-    """‖L C_c R‖_F per chain c, (…, C) float64: ‖X_c Y_c‖_F² = tr(Γ_L,cc Γ_R,cc), from the Grams a spectrum
-    computed (``_memo``) or from the diagonal blocks alone."""
-    form = form.double()  if any(f.dtype != torch.float64 for f in form.factor_list) else form
-    sides = _memo(form)
-    if sides is not None:
-        widths = [min(d[1:-1]) if len(d) > 2 else d[-1] for d in form.structure.chains]
-        edges = np.cumsum([0, *widths])
-        pairs = [(sides[0].gram[..., a:b, a:b], sides[1].gram[..., a:b, a:b])
-                 for a, b in itertools.pairwise(edges)]
-    else:
-        left, shared_left, right, shared_right = _pieces(form)
-        pairs = list(zip(_side(left, shared_left, torch.float64, diagonal_only=True),
-                         _side(right, shared_right, torch.float64, diagonal_only=True), strict=True))
-    norms = [(GL * GR).sum(dim=(-2, -1)).clamp_min(0).sqrt() for GL, GR in pairs]  # tr(G_L G_R), both symmetric
+    """``Form.block_norms`` by Grams: ‖X_c Y_c‖_F² = tr(Γ_L,cc Γ_R,cc), the diagonal blocks only (a shared factor's
+    Gram once for the batch, a large one's kept for the next form, ``_SHARED``), (…, C) float64."""
+    form = form.double() if any(f.dtype != torch.float64 for f in form.factor_list) else form
+    left, shared_left, right, shared_right = _pieces(form)
+    norms = [(GL * GR).sum(dim=(-2, -1)).clamp_min(0).sqrt()
+             for GL, GR in zip(_side(left, shared_left, torch.float64, diagonal_only=True),
+                               _side(right, shared_right, torch.float64, diagonal_only=True), strict=True)]
     return torch.stack(torch.broadcast_tensors(*norms), dim=-1)
 
 
