@@ -14,7 +14,9 @@ fit, the mean) of the same spectrum. Fitting a null to an observed spectrum is t
 - ``ProductNull``: the structure-matched null of a chain or a sum of chains. Every factor is an independent
   Gaussian of its shape (a shared outer chain drawn once), each block of a sum gets the observed block's
   Frobenius norm, and the edge is the (1 − fpr) quantile of ``t = λ_max / median(λ)`` over the draws, counted or
-  by a Tracy–Widom fit (``budget``).
+  by a Tracy–Widom fit (``budget``). A two-factor chain of rank ≥ ``FIT_MIN_RANK`` inside the calibrated cells
+  of ``product_edge`` takes its edge from the free product of two MP laws instead (``edge_source``); its draws
+  still give everything else.
 
 Every simulated null also keeps what the spike count needs (``spikes``): the law of the sequential statistic
 x_max / σ̂ and of the bulk's Anderson–Darling distance, both with the BEMA-fitted scale σ̂. The k-th step of the
@@ -37,15 +39,23 @@ import numpy as np
 import torch
 
 from rankscope.errors import InputError
-from rankscope.spectra import budget, metrics
+from rankscope.spectra import budget, metrics, product_edge
 from rankscope.spectra.form import Structure
-from rankscope.spectra.laws import mp_cdf, mp_edges, mp_median, mp_quantile, mp_tracy_widom_edge, tracy_widom1_quantile
+from rankscope.spectra.laws import (
+    TW1_MEAN,
+    TW1_SD,
+    mp_cdf,
+    mp_edges,
+    mp_median,
+    mp_quantile,
+    mp_tracy_widom_edge,
+    tracy_widom1_quantile,
+)
 from rankscope.spectra.nullcache import CACHE, key, seed
 from rankscope.spectra.sampling import simulate_spectra, two_factor_spectra, wishart_spectra
 from rankscope.spectra.spikes import anderson_darling, max_spikes, sequential_statistic
 from rankscope.vocab import MP, PRODUCT, TW
 
-TW1_MEAN, TW1_SD = -1.2065335745820, math.sqrt(1.6077810345810)  # GOE Tracy–Widom (Bornemann 2010, table 4)
 RATIO_GRID = 0.1  # block-norm ratios are rounded to this step in log10
 QUANTILE_POINTS = 1025  # resolution of the stored λ/median distribution (KS distance, bulk scale and fit)
 PROBS = np.linspace(0, 1, QUANTILE_POINTS)
@@ -170,9 +180,18 @@ class ProductNull:
     top_energy: float = math.nan  # the null's mean share of Σλ in the top ⌈r/10⌉ eigenvalues (metrics.top_energy)
     name: str = PRODUCT
     reference: str = "median"
+    chain: tuple[int, int, int] | None = None  # a two-factor chain (n, k, m) with the analytic edge, else None
+
+    @property
+    def edge_source(self) -> str:
+        """Where ``edge_ratio`` comes from: "analytic" (``product_edge``) or "simulated" (the draws of t)."""
+        return "simulated" if self.chain is None else "analytic"
 
     def edge_ratio(self, fpr: float) -> float:
-        """The (1 − fpr) quantile of t = λ_max/median (the ``outliers`` test)."""
+        """The (1 − fpr) quantile of t = λ_max/median (the ``outliers`` test): analytic for a two-factor chain
+        inside ``product_edge``'s calibrated range, else from the simulated t."""
+        if self.chain is not None:
+            return product_edge.edge_ratio(*self.chain, fpr)
         return upper_quantile(self.t, fpr, self.fitted)
 
     def seq_edge(self, fpr: float) -> float:
@@ -202,6 +221,7 @@ class InterpolatedNull:
     parts: tuple[tuple[ProductNull, float], ...]  # (null at a grid corner, multilinear weight)
     name: str = PRODUCT
     reference: str = "median"
+    edge_source: str = "simulated"
 
     def _log_mean(self, value) -> float:
         return math.exp(sum(w * math.log(value(p)) for p, w in self.parts))
@@ -272,7 +292,16 @@ def product_null(structure, ratios: Sequence[float] | None = None, draws: int | 
                        required=NULL_ARRAYS)
     return ProductNull(t=arrays["t"], ratio_quantiles=arrays["ratio_quantiles"],
                        mean_ratio=float(arrays["mean_ratio"]), fitted=budget.fitted(s), t_seq=arrays["t_seq"],
-                       gof=arrays["gof"], erank=float(arrays["erank"]), top_energy=float(arrays["top_energy"]))
+                       gof=arrays["gof"], erank=float(arrays["erank"]), top_energy=float(arrays["top_energy"]),
+                       chain=_analytic_chain(s))
+
+
+def _analytic_chain(s: Structure) -> tuple[int, int, int] | None:
+    """The dims of a two-factor chain whose edge ``product_edge`` gives (rank ≥ ``FIT_MIN_RANK``, inside its
+    calibrated cells), else None."""
+    if s.is_chain and len(s.chains[0]) == 3 and budget.fitted(s) and product_edge.covers(*s.chains[0]):
+        return s.chains[0]
+    return None
 
 
 def sum_null(structure, norms: Sequence[float], draws: int | None = None) -> InterpolatedNull:
