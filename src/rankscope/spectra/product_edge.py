@@ -62,11 +62,12 @@ def _coefficients(n: int, k: int, m: int) -> tuple[tuple[float, float, float], f
 
 
 def _radius(theta: np.ndarray, b: float, c: float) -> np.ndarray:
-    """The root ρ of 2c cos θ ρ³ + bρ² − 1 = 0 on the branch through θ = 0: the only positive one for cos θ ≥ 0,
-    else the smaller, below the cubic's maximum at ρ = b / (3c|cos θ|) (it exists: b³ ≥ 27c², AM–GM)."""
+    """The root ρ of 2c cos θ ρ³ + bρ² − 1 = 0 on the branch through θ = 0: the only positive one for cos θ ≥ 0
+    (below 1/√b), else the smaller, below the cubic's maximum at ρ = b / (3c|cos θ|) (it exists: b³ ≥ 27c², AM–GM)
+    and below 2/√b (there bρ² − 1 ≥ ¾bρ², so a root would lie past that maximum)."""
     cos = np.cos(theta)
     lo = np.zeros_like(theta)
-    hi = np.where(cos >= 0, 1 / math.sqrt(b), b / (3 * c * np.maximum(-cos, 1e-300)))
+    hi = np.where(cos >= 0, 1 / math.sqrt(b), np.minimum(2 / math.sqrt(b), b / (3 * c * np.maximum(-cos, 1e-300))))
     for _ in range(BISECTIONS):
         mid = 0.5 * (lo + hi)
         below = (2 * c * cos * mid + b) * mid**2 < 1
