@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
+from formtools import save_tiny_gpt2
 from rankscope.cli import app
 
 runner = CliRunner()
@@ -40,13 +41,7 @@ def plain(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gpt2(tmp_path_factory):
-    import transformers
-
-    path = tmp_path_factory.mktemp("gpt2")
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=16)
-    transformers.GPT2LMHeadModel(cfg).save_pretrained(path)
-    return path
+    return save_tiny_gpt2(tmp_path_factory.mktemp("gpt2"), n_layer=2)
 
 
 def _one_line(result) -> str:

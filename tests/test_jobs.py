@@ -17,6 +17,7 @@ import torch
 from typer.testing import CliRunner
 
 import rankscope.spectra.threads as threads
+from formtools import save_tiny_gpt2
 from rankscope.analysis import analyze_full
 from rankscope.cli import app
 from rankscope.errors import InputError
@@ -31,13 +32,7 @@ RTOL, ATOL = 1e-9, 1e-12
 @pytest.fixture(scope="module")
 def gpt2(tmp_path_factory):
     """A 3-layer GPT-2 of width 32 (4 heads), saved as model.safetensors with its config.json."""
-    import transformers
-
-    path = tmp_path_factory.mktemp("gpt2")
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_embd=32, n_layer=3, n_head=4, vocab_size=64, n_positions=16)
-    transformers.GPT2LMHeadModel(cfg).save_pretrained(path)
-    return path
+    return save_tiny_gpt2(tmp_path_factory.mktemp("gpt2"), n_layer=3)
 
 
 @pytest.fixture
