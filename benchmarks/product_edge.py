@@ -37,7 +37,7 @@ SHAPES = [  # (n, k, m), draws
     ((4096, 512, 4096), 600),  # a GQA layer form (8 kv heads of 64)
     ((4096, 1024, 4096), 300),  # a GQA layer form (8 kv heads of 128)
     ((768, 768, 768), 800),  # a GPT-2 layer form
-    ((2048, 2048, 2048), 48),
+    ((2048, 2048, 2048), 120),
     ((4096, 4096, 4096), 12),  # a LLaMA-7B layer form
     ((3072, 768, 768), 400),  # rectangular outer dims
     ((1500, 300, 600), 2000),  # off the grid's points
