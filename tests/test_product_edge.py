@@ -21,7 +21,7 @@ from rankscope.spectra.laws import mp_edges, mp_median
 from rankscope.spectra.sampling import two_factor_spectra
 
 
-def law_moments(n, k, m, orders=4, nodes=400):
+def law_moments(n, k, m, orders=4, nodes=200):
     """E[P^j] (over all k eigenvalues, the zeros included) from the law's quantile function, Gauss–Legendre."""
     t, w = np.polynomial.legendre.leggauss(nodes)
     q = product_edge.quantile(0.5 * (t + 1), n, k, m)
@@ -45,7 +45,7 @@ def free_product_moments(c1, c2, orders=4):
     return psi[1:]
 
 
-def test_square_factors_give_the_fuss_catalan_law():
+def test_square_factors_give_the_fuss_catalan_law(one_thread):
     # edge 27/4 = z(1/2) exactly; moments the Fuss–Catalan numbers C(3j, j)/(2j + 1) = 1, 3, 12, 55
     for d in (100, 768, 4096):
         assert product_edge.product_law(d, d, d).upper == pytest.approx(27 / 4, rel=1e-12)
@@ -54,7 +54,7 @@ def test_square_factors_give_the_fuss_catalan_law():
 
 
 @pytest.mark.parametrize("dims", [(400, 100, 200), (300, 600, 1200), (100, 400, 100), (1000, 125, 1000)])
-def test_moments_match_the_free_product_series(dims):
+def test_moments_match_the_free_product_series(dims, one_thread):
     n, k, m = dims
     np.testing.assert_allclose(law_moments(n, k, m), free_product_moments(k / n, k / m), rtol=1e-5)
 
