@@ -214,14 +214,22 @@ def test_mla_spectra_and_block_norms_equal_dense_and_the_down_projection_gram_is
     d, dq = weights.q_a.shape[1], weights.q_a.shape[0]
     forms = list(mla_forms(0, weights))
     monkeypatch.setattr(kernels, "SHARED_GRAM_ENTRIES", 0)  # the small test layer's factors count as large
-    kernels._SHARED.clear()
     seen = count_grams(monkeypatch)
+    with kernels.shared_grams():  # as analyze runs a layer
+        _mla_layer_checks(forms, seen)
+    assert seen.count((d, dq)) == 1
+    seen.clear()
+    _mla_layer_checks(forms, seen)  # outside the block no Gram is kept: once per form that carries Wdq
+    assert seen.count((d, dq)) > 1
+
+
+def _mla_layer_checks(forms, seen):
     for kind in ("qk", "qk_content", "qk_rope", "ov"):
         heads = [f for f in forms if f.kind == kind and f.head >= 0]
         layer = next(f for f in forms if f.kind == kind and f.head < 0)
         batched, exponent = prepare(stack_heads(heads), batched=True, scaled=True)
         assert int(exponent.abs().max()) == 0  # unit-size weights: the normalized form is the form itself
-        lam = spectrum(batched, normalized_already=True)
+        lam = spectrum(batched, normalized_already=True, remember=True)
         for h, f in enumerate(heads):
             ref = dense_eigenvalues(multiplied_out(f.form).numpy(), lam.shape[-1])
             np.testing.assert_allclose(lam[h].numpy(), ref, rtol=1e-8, atol=1e-12 * ref[0])
@@ -229,12 +237,11 @@ def test_mla_spectra_and_block_norms_equal_dense_and_the_down_projection_gram_is
         np.testing.assert_allclose(spectrum(prepare(layer.form)).numpy(), ref, rtol=1e-8, atol=1e-12 * ref[0])
         if kind == "qk":  # a sum of two chains: the block norms the spectrum left, and by Grams afresh
             assert batched._memo is not None
-            for norms in (batched.block_norms(), kernels.block_norms(batched)):
+            for norms in (batched.block_norms(), kernels.block_norms(batched), batched.block_norms()):
                 for h, f in enumerate(heads):
                     want = [np.linalg.norm(multiplied_out(t).numpy()) for t in f.form.terms()]
                     np.testing.assert_allclose(norms[h].numpy(), want, rtol=1e-10)
-    # Wdqᵀ/ρ (d, dq): its Gram once for the whole layer, every kind and the layer sums (not per head, not twice)
-    assert seen.count((d, dq)) == 1
+            assert batched._memo is None  # read once: a later call multiplies afresh
 
 
 # ---------------------------------------------------------------------------------------------- (b) SmolLM2
@@ -301,3 +308,40 @@ def test_a_chain_form_built_by_hand_reads_the_same_by_both_routes():
     np.testing.assert_allclose(lam.numpy(), spectrum(prepare(Chain(A, C)), route="qr").numpy(), rtol=1e-10)
     with pytest.raises(InputError, match="route must be one of"):
         spectrum(prepare(Chain(A, C)), route="svd")
+
+
+# ---------------------------------------------------------------------------------------------- edge cases
+
+
+def test_sums_under_inference_mode_and_a_modified_shared_factor_give_the_dense_spectrum():
+    """No version counter is read (inference tensors have none), and no Gram outlives its block: a shared factor
+    changed in place between two calls (through .data, which no version counter sees) gives the new spectrum."""
+    g = torch.Generator().manual_seed(3)
+    A1, C1, A2, C2 = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((64, 8), (8, 64), (64, 4), (4, 64)))
+    dense = dense_eigenvalues((A1 @ C1 + A2 @ C2).numpy(), 12)
+    with torch.inference_mode():
+        d = rs.diagnose([[A1, C1], [A2, C2]])
+    np.testing.assert_allclose(d.eigenvalues.numpy(), dense, rtol=1e-9, atol=1e-12 * dense[0])
+    W = torch.randn(1200, 900, generator=g, dtype=torch.float64)  # 2-D, shared, above SHARED_GRAM_ENTRIES
+    G, H = torch.randn(3, 900, 6, generator=g, dtype=torch.float64), torch.randn(3, 6, 50, generator=g,
+                                                                                 dtype=torch.float64)
+    form = Chain(W, G, H, shared=[0])
+    first = spectrum(prepare(form, batched=True))
+    W.data.mul_(3.0)
+    again = spectrum(prepare(form, batched=True))
+    np.testing.assert_allclose((again / first).numpy(), 9.0, rtol=1e-9)
+
+
+def test_a_batch_of_one_beside_repeated_items_and_an_empty_batch():
+    g = torch.Generator().manual_seed(4)
+    X0 = torch.randn(3, 32, 2, generator=g, dtype=torch.float64)
+    X0[1] = X0[0]
+    Y0 = torch.randn(3, 2, 32, generator=g, dtype=torch.float64)
+    Y0[1] = Y0[0]
+    X1, Y1 = torch.randn(1, 32, 3, generator=g, dtype=torch.float64), torch.randn(1, 3, 32, generator=g,
+                                                                                  dtype=torch.float64)
+    lam = spectrum(prepare([[X0, Y0], [X1, Y1]], batched=True))
+    for b in range(3):
+        ref = dense_eigenvalues((X0[b] @ Y0[b] + X1[0] @ Y1[0]).numpy(), 5)
+        np.testing.assert_allclose(lam[b].numpy(), ref, rtol=1e-9, atol=1e-12 * ref[0])
+    assert rs.diagnose_batch([torch.randn(0, 16, 4), torch.randn(0, 4, 16)]) == []

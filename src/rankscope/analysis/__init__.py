@@ -28,6 +28,7 @@ from rankscope.errors import CheckpointError, InputError
 from rankscope.probes import NamedForm, detect_architecture, hf_forms, layout_of, multihead_attention_forms, stack_heads
 from rankscope.spectra import Diagnosis, budget
 from rankscope.spectra.diagnose import diagnose_nulls
+from rankscope.spectra.kernels import shared_grams
 from rankscope.spectra.threads import check_count, check_jobs, thread_budget
 from rankscope.vocab import (
     ALL_GROUPS,
@@ -346,14 +347,15 @@ def _attention_part(forms: Iterable[NamedForm], o: _Options, owns: Callable[[int
         rows = out[k] = _Rows(o.spectra)
         layer_forms = [f for f in layer_forms if f.kind in o.attention_kinds and (o.per_head or f.head < 0)]
         offsets = sorted({f.offset for f in layer_forms}, key=abs)
-        for kind in o.attention_kinds:
-            of_kind = [f for f in layer_forms if f.kind == kind]
-            for f in [f for f in of_kind if f.head < 0]:
-                _diagnose_forms(rows, [f], o.nulls, o.fpr, batched=False)
-            for offset in offsets:
-                heads = [f for f in of_kind if f.head >= 0 and f.offset == offset]
-                if heads:
-                    _diagnose_forms(rows, heads, o.nulls, o.fpr, batched=True)
+        with shared_grams():  # the layer's shared factors (MLA's down-projections): one Gram for all its forms
+            for kind in o.attention_kinds:
+                of_kind = [f for f in layer_forms if f.kind == kind]
+                for f in [f for f in of_kind if f.head < 0]:
+                    _diagnose_forms(rows, [f], o.nulls, o.fpr, batched=False)
+                for offset in offsets:
+                    heads = [f for f in of_kind if f.head >= 0 and f.offset == offset]
+                    if heads:
+                        _diagnose_forms(rows, heads, o.nulls, o.fpr, batched=True)
         tick(f"{stack + ' ' if stack else ''}layer {layer} attention")
     return out, count
 

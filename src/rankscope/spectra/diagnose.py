@@ -242,7 +242,7 @@ def _diagnose_form(form: Form, exponent: torch.Tensor, nulls: tuple[str, ...], f
     s = form.structure
     n, m = s.n, s.m
     try:
-        lam, k = spectrum(form, name, scaled=True, normalized_already=True)  # (B, r), (B,): λ = λ̂·2^k
+        lam, k = spectrum(form, name, scaled=True, normalized_already=True, remember=True)  # (B, r), (B,): λ = λ̂·2^k
     except (torch.linalg.LinAlgError, np.linalg.LinAlgError) as exc:  # not expected of a rescaled form
         raise InputError(f"{name}: the eigensolver failed ({exc})") from None
     if lam.shape[0] == 0:

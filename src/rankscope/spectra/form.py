@@ -262,11 +262,12 @@ class Form:
     def block_norms(self) -> Tensor:
         """Frobenius norm of each chain's term ``L C_c R``: (…, C) float64, via ‖XY‖_F² = Σ (XᵀX) ∘ (YYᵀ).
 
-        Where a spectrum of this very form computed its Grams (``kernels``' Gram route), the norms it left are read
-        (``_memo``, valid while no factor has changed since: the tensors' version counters)."""
+        Where a spectrum of this very form was asked to leave them (``kernels.spectrum(..., remember=True)``, from
+        its Grams), the norms it left are read, once (``_memo``)."""
         memo = getattr(self, "_memo", None)
-        if memo is not None and memo[0] == tuple(f._version for f in self.factor_list):
-            return memo[1]
+        if memo is not None:
+            object.__setattr__(self, "_memo", None)
+            return memo
         norms = []
         for term in self.terms():
             X, Y = split_at_bottleneck(reduced(Chain(*term)))

@@ -34,6 +34,8 @@ from __future__ import annotations
 import itertools
 import math
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -336,8 +338,26 @@ UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float64: 2.0**-53}
 ROUTES = ("gram", "qr")
 ROUTE = "gram"  # spectrum's default route; "qr": the QR route throughout (the reference the Gram route is tested on)
 SHARED_GRAM_ENTRIES = 2**20  # 2-D factors at least this large keep their Gram for the next form (``_SHARED``)
-_SHARED: OrderedDict = OrderedDict()  # (data_ptr, shape, stride, dtype, device, version) → (factor, Gram), LRU
+_SHARED: OrderedDict | None = None  # inside ``shared_grams()``: (data_ptr, shape, stride, dtype, device) →
+#   (factor, Gram), LRU; None outside (no Gram outlives the block that computed it)
 _SHARED_SLOTS = 4
+
+
+@contextmanager
+def shared_grams() -> Iterator[None]:
+    """A block whose spectra keep the Grams of large shared 2-D factors for the next form carrying the same tensor
+    (an MLA layer's down-projections: once for all its kinds). The caller promises not to change those tensors in
+    place inside the block; the cache holds them, so their memory cannot be reused under the same address, and it
+    is dropped at the end of the block (nested blocks share the outer one)."""
+    global _SHARED
+    if _SHARED is not None:
+        yield
+        return
+    _SHARED = OrderedDict()
+    try:
+        yield
+    finally:
+        _SHARED = None
 
 
 def gamma(n: int, dtype: torch.dtype) -> float:
@@ -366,13 +386,13 @@ def _take(A: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def _key(t: torch.Tensor) -> tuple:
-    return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, str(t.device), t._version)
+    return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, str(t.device))
 
 
 def _shared_gram(A: torch.Tensor) -> torch.Tensor:
-    """AᵀA of a 2-D factor; a large one's Gram is kept for the next form carrying the same tensor (the cache
-    holds the tensor itself, so its memory cannot be reused under the same address while the entry lives)."""
-    if A.ndim != 2 or A.numel() < SHARED_GRAM_ENTRIES:
+    """AᵀA of a 2-D factor; inside ``shared_grams()`` a large one's Gram is kept for the next form carrying the
+    same tensor (the cache holds the tensor itself, so its memory cannot be reused under the same address)."""
+    if _SHARED is None or A.ndim != 2 or A.numel() < SHARED_GRAM_ENTRIES:
         return _gram(A)
     key = _key(A)
     hit = _SHARED.get(key)
@@ -414,8 +434,8 @@ def _cross(A: torch.Tensor, B: torch.Tensor, same: bool) -> torch.Tensor:
     keep, inverse = runs
     if same:  # one Gram per kept item, read in place (no copy of the kept items)
         return torch.stack([_gram(A[b]) for b in keep.tolist()])[inverse]
-    A = _take(A, keep) if A.ndim == 3 else A
-    B = _take(B, keep) if B.ndim == 3 else B
+    A = _take(A, keep) if A.ndim == 3 and A.shape[0] > 1 else A  # a batch of one is shared by every item
+    B = _take(B, keep) if B.ndim == 3 and B.shape[0] > 1 else B
     return (A.mT @ B)[inverse]
 
 
@@ -603,10 +623,10 @@ def grams(form: Form, dtype: torch.dtype = torch.float64) -> tuple[Side, Side]:
 
 
 def _remember(form: Form, sides: tuple[Side, Side]) -> None:
-    """Leave a sum's block norms, from the Grams just computed, on the form for ``Form.block_norms`` (the sum null
-    reads them next), keyed by its factors' version counters."""
+    """Leave a sum's block norms, from the Grams just computed, on the form for the next ``Form.block_norms``
+    (which reads them once: ``spectrum(..., remember=True)``, for the sum null that ``diagnose`` draws next)."""
     if len(form.chains) > 1:
-        object.__setattr__(form, "_memo", (tuple(f._version for f in form.factor_list), _norms_from(form, sides)))
+        object.__setattr__(form, "_memo", _norms_from(form, sides))
 
 
 def _norms_from(form: Form, sides: tuple[Side, Side]) -> torch.Tensor:
@@ -676,15 +696,20 @@ def _float32_exact(form: Form) -> bool:
 def float32_possible(form: Form) -> bool:
     """The necessary condition for float32 Grams to pass the rule: γ_n + γ_m ≤ TOLERANCE in float32 for the outer
     dimensions n, m, times the number of chains C (each side's first product runs over them, so its error bound is
-    at least γ_n·‖Γ‖₂/C, and δ ≥ (γ_n + γ_m)·λ_max/C)."""
+    at least γ_n·‖Γ‖₂/C, and δ ≥ (γ_n + γ_m)·λ_max/C). Never on CUDA unless float32 matmuls are IEEE there (TF32 or
+    bf16 products, ``torch.set_float32_matmul_precision`` "high"/"medium", have a unit roundoff of 2^−11 or worse)."""
+    on_cuda = any(f.device.type == "cuda" for f in form.factor_list)
+    if on_cuda and (torch.get_float32_matmul_precision() != "highest" or torch.backends.cuda.matmul.allow_tf32):
+        return False
     return gamma(form.n, torch.float32) + gamma(form.m, torch.float32) <= len(form.chains) * TOLERANCE
 
 
-def gram_spectrum(form: Form, precision: str | None = None):
+def gram_spectrum(form: Form, precision: str | None = None, remember: bool = False):
     """(λ̂ (…, K), c (…,), accepted (…,) bool, dtype) by the Gram route on a normalized form: eig(Γ_L Γ_R) = λ̂·2^c.
 
     ``precision`` None: the rule of the section comment (float32 where it can hold and the factors are exact in
-    float32, else float64); "float32" or "float64" to force one. ``accepted``: δ ≤ TOLERANCE·median(λ)."""
+    float32, else float64); "float32" or "float64" to force one. ``accepted``: δ ≤ TOLERANCE·median(λ).
+    ``remember``: leave a sum's block norms on the form for the next ``Form.block_norms`` (``_remember``)."""
     if precision is None:
         tries = [torch.float32, torch.float64] if float32_possible(form) and _float32_exact(form) else [torch.float64]
     else:
@@ -693,9 +718,11 @@ def gram_spectrum(form: Form, precision: str | None = None):
         sides = grams(form, dtype)
         lam, cl, cr = core_eigenvalues(sides[0].gram, sides[1].gram)
         delta = error_bound(*sides, cl, cr)
+        if lam.numel() == 0:  # an empty batch: nothing to accept or refuse
+            return lam, cl + cr, torch.ones(lam.shape[:-1], dtype=torch.bool, device=lam.device), dtype
         accepted = delta <= TOLERANCE * torch.quantile(lam[..., : form.rank_bound], 0.5, dim=-1)
         if bool(accepted.all()) or i == len(tries) - 1:
-            if dtype == torch.float64:
+            if dtype == torch.float64 and remember:
                 _remember(form, sides)
             return lam, cl + cr, accepted, dtype
     raise AssertionError("unreachable")
@@ -718,7 +745,7 @@ def _items(form: Form, idx: torch.Tensor) -> Form:
 
 
 def spectrum(form: Form, name: str = "form", *, scaled: bool = False, normalized_already: bool = False,
-             route: str | None = None):
+             route: str | None = None, remember: bool = False):
     """Eigenvalues of B Bᵀ for the (prepared) form B, nonzero part, descending: (…, rank bound) float64.
 
     Computed on the ``normalized`` form, its Grams (or core) scaled again before the eigensolver, so no intermediate
@@ -730,6 +757,8 @@ def spectrum(form: Form, name: str = "form", *, scaled: bool = False, normalized
 
     ``route``: "gram" (default, ``ROUTE``): the Gram route where it applies and its error bound holds (see the Gram
     route's section), the QR route for the batch items where it does not; "qr": the QR route throughout.
+    ``remember``: a sum's block norms from its Grams are left for the next ``form.block_norms()`` (``diagnose``, on
+    the form it prepared itself).
     """
     route = ROUTE if route is None else route
     if route not in ROUTES:
@@ -737,7 +766,7 @@ def spectrum(form: Form, name: str = "form", *, scaled: bool = False, normalized
     r = form.rank_bound
     form, e = (form, torch.zeros((), dtype=torch.int64)) if normalized_already else normalized(form)
     if route == "gram" and gram_applies(form):
-        lam, c, accepted, _ = gram_spectrum(form)
+        lam, c, accepted, _ = gram_spectrum(form, remember=remember)
         lam = lam[..., :r]
         if not bool(accepted.all()):  # the rule failed: the QR route for those items
             if accepted.ndim == 0:
