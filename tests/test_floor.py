@@ -37,6 +37,13 @@ def power_law(k: int, span: float = 1e7) -> np.ndarray:
     return span ** (-np.arange(k) / (k - 1))
 
 
+def assert_same_count(a: int, b: int, lam: np.ndarray, edge: float) -> None:
+    """Two counts of eigenvalues above ``edge`` agree, except by those within REL of the edge, where two
+    computations accurate to REL may legitimately fall on either side (on these spectra: none, so equal)."""
+    boundary = int((np.abs(np.asarray(lam) / edge - 1) <= REL).sum()) if edge > 0 else 0
+    assert abs(a - b) <= boundary, (a, b, boundary)
+
+
 def dense_eigenvalues(B: np.ndarray, r: int) -> np.ndarray:
     return np.linalg.svd(B, compute_uv=False)[:r] ** 2
 
@@ -161,6 +168,7 @@ def test_the_blocked_conversion_finds_a_nan_in_any_block_and_the_largest_entry()
     W = torch.randn(400, 300, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)  # > BLOCK_ENTRIES
     assert W.numel() > kernels.BLOCK_ENTRIES
     t, top = kernels._as_float64(W, "W")
+    # a maximum selects an entry, and bf16 → float64 is exact: no rounding anywhere, so equality is the contract
     assert torch.equal(t, W.double()) and float(top) == float(W.double().abs().max())
     W[399, 299] = math.nan
     with pytest.raises(InputError, match=r"W contains non-finite values \(1 NaN, 0 Inf\)"):
@@ -272,7 +280,8 @@ def test_smollm2_heads_and_layers_equal_dense_svds_and_diagnose_alike_by_both_ro
             m.setattr(kernels, "ROUTE", "qr")
             qr = rs.diagnose_batch(batched, null="mp")
         for a, b in zip(gram, qr, strict=True):  # every count the same, the eigenvalue fields within REL
-            assert (a.outliers, a.spikes_gap) == (b.outliers, b.spikes_gap)
+            assert_same_count(a.outliers, b.outliers, a.eigenvalues.numpy(), a.bulk_edge)
+            assert a.spikes_gap == b.spikes_gap  # an integer count of gaps (no boundary here on these spectra)
             for field in ("lambda_max", "stable_rank", "bulk_edge", "effective_rank"):
                 assert getattr(a, field) == pytest.approx(getattr(b, field), rel=REL), field
         if layer != 29:
@@ -281,7 +290,7 @@ def test_smollm2_heads_and_layers_equal_dense_svds_and_diagnose_alike_by_both_ro
         for h in DENSE_HEADS:
             ref = dense_eigenvalues(multiplied_out(heads[h].form).numpy(), 64)
             assert_spectrum(lam[h], ref)
-            assert gram[h].outliers == int((ref > gram[h].bulk_edge).sum())  # the dense spectrum, the same edge
+            assert_same_count(gram[h].outliers, int((ref > gram[h].bulk_edge).sum()), ref, gram[h].bulk_edge)
         whole = next(f for f in forms if f.kind == kind and f.head < 0)
         assert_spectrum(spectrum(prepare(whole.form)), dense_eigenvalues(multiplied_out(whole.form).numpy(), 192))
 
@@ -296,7 +305,8 @@ def test_a_sum_diagnosis_with_the_product_null_is_the_qr_routes(monkeypatch):
         m.setattr(kernels, "ROUTE", "qr")
         qr = rs.diagnose_batch(batched, draws=400)
     for a, b in zip(gram, qr, strict=True):
-        assert (a.outliers, a.spikes_gap) == (b.outliers, b.spikes_gap)
+        assert_same_count(a.outliers, b.outliers, a.eigenvalues.numpy(), a.bulk_edge)
+        assert a.spikes_gap == b.spikes_gap
         assert a.spikes == b.spikes or (math.isnan(a.spikes) and math.isnan(b.spikes))
         assert a.lambda_max == pytest.approx(b.lambda_max, rel=REL)
         assert a.stable_rank == pytest.approx(b.stable_rank, rel=REL)
